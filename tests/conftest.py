@@ -1,0 +1,30 @@
+"""Shared pytest setup. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here,
+at import time, whenever no CUDA device is available."""
+import os
+
+import pytest
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: slower than ~20 s; excluded from the default suite")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _HAS_CUDA:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
