@@ -156,6 +156,22 @@ class MixingConfig(ConfigBase):
 
 
 @dataclass
+class DeepSpeedConfig(ConfigBase):
+    """Running the pretraining through DeepSpeed (megamix.integrations.deepspeed)."""
+
+    enabled: bool = doc("Train through a DeepSpeed engine instead of the plain single-process loop.", False)
+    zero_stage: int = doc("ZeRO stage 0-3.", 1)
+    backend: str = doc("torch.distributed backend: gloo (CPU) or nccl (GPU).", "gloo")
+    skip_op_builds: bool = doc("Avoid DeepSpeed's run-time C++ op builds (shm comm, fused Adam) on CPU.",
+                               True)
+
+    def validate(self):
+        check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3 (got {self.zero_stage})")
+        check(self.backend in ("gloo", "nccl"), f"deepspeed.backend must be gloo or nccl (got {self.backend!r})")
+        return self
+
+
+@dataclass
 class MegamixConfig(ConfigBase):
     """A full megamix run."""
 
@@ -165,6 +181,7 @@ class MegamixConfig(ConfigBase):
     mixture: MixtureConfig = doc("Starting / static mixture.", default_factory=MixtureConfig)
     projection: ProjectionConfig = doc("Per-sample gradient projection.", default_factory=ProjectionConfig)
     mixing: MixingConfig = doc("Online mixing strategy.", default_factory=MixingConfig)
+    deepspeed: DeepSpeedConfig = doc("DeepSpeed engine settings.", default_factory=DeepSpeedConfig)
 
     def validate(self):
         super().validate()
@@ -175,4 +192,4 @@ class MegamixConfig(ConfigBase):
 
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "MixtureConfig",
-           "ProjectionConfig", "MixingConfig", "MegamixConfig"]
+           "ProjectionConfig", "MixingConfig", "DeepSpeedConfig", "MegamixConfig"]
