@@ -23,6 +23,9 @@ class DataConfig(ConfigBase):
     cap_mb: float = doc("Per-domain size cap in MB of raw text when building the default corpus.", 2.0)
     valid_fraction: float = doc("Fraction of each domain's documents held out for validation.", 0.05)
     seed: int = doc("Seed for the train/validation split and document sampling.", 1234)
+    eval_data_dir: str = doc("Evaluate on this data_dir's domains instead of the training ones (e.g. "
+                             "train on regrouped clusters, evaluate on the original domains). "
+                             "Empty = same as data_dir.", "")
 
     def validate(self):
         check(self.cap_mb > 0, f"data.cap_mb must be > 0 (got {self.cap_mb}); e.g. data.cap_mb=2")
@@ -125,11 +128,18 @@ class ProjectionConfig(ConfigBase):
     kind: str = doc("rademacher or gaussian.", "rademacher")
     seed: int = doc("Projection seed (identical on every rank).", 20260101)
     chunk_tokens: int = doc("Tokens per chunk in the fused linear cross-entropy.", 4096)
+    k: int = doc("Optional dense second stage: compress each k1*k2 per-sample row to k dims "
+                 "(0 = off, rows stay k1*k2).", 0)
+    backend: str = doc("Kernel backend: auto (triton on CUDA, else torch) | torch | triton.", "auto")
 
     def validate(self):
         check(self.k1 >= 1 and self.k2 >= 1, "projection.k1 and projection.k2 must be >= 1")
         check(self.kind in ("rademacher", "gaussian"),
               f"projection.kind must be rademacher or gaussian (got {self.kind!r})")
+        check(self.chunk_tokens >= 1, f"projection.chunk_tokens must be >= 1 (got {self.chunk_tokens})")
+        check(self.k >= 0, f"projection.k must be >= 0 (0 disables the second stage; got {self.k})")
+        check(self.backend in ("auto", "torch", "triton"),
+              f"projection.backend must be auto, torch or triton (got {self.backend!r})")
         return self
 
 
@@ -146,12 +156,37 @@ class MixingConfig(ConfigBase):
                                  "variance")
     dograph_clusters: int = doc("DoGraph: k for k-means in projected-gradient space (0 = number of "
                                 "domains).", 0)
+    min_count: int = doc("Guard: a domain with fewer samples than this in a round keeps its previous "
+                         "weight (its statistics are too noisy).", 1)
+    rnb_use_eval: bool = doc("R&B: align train-domain gradients with held-out eval gradients "
+                             "(snapshot.eval_sums) when present, as in the paper.", True)
+    rnb_normalize: bool = doc("R&B: divide Gp by ‖Gp‖ before the softmax (paper default).", True)
+    dograph_tau: float = doc("DoGraph temperature for the robust (softmax) and alignment objectives.", 1.0)
+    dograph_beta: float = doc("DoGraph variance objective: weight of the global-descent-direction term.",
+                              1.0)
+    dograph_iters: int = doc("DoGraph: max solver / fixed-point iterations.", 200)
+    dograph_cosine: bool = doc("DoGraph: cluster L2-normalised per-sample gradients (directions only). "
+                               "Default on: raw-gradient k-means splits by magnitude and was unstable "
+                               "under the factored projection (tests/test_strategies_exact.py).", True)
+    seed: int = doc("Seed of the strategies' deterministic k-means (identical on every rank).", 0)
     options: dict[str, float] = doc("Extra strategy-specific numeric options.", default_factory=dict)
 
     def validate(self):
         check(self.update_every >= 1, "mixing.update_every must be >= 1")
         check(0 <= self.min_weight < 1, "mixing.min_weight must be in [0, 1)")
         check(0 <= self.ema < 1, "mixing.ema must be in [0, 1)")
+        check(self.strategy in ("static", "rnb", "dograph"),
+              f"mixing.strategy must be static, rnb or dograph (got {self.strategy!r}); "
+              "see `megamix mix --list`")
+        check(self.dograph_objective in ("variance", "robust", "alignment", "uncertainty"),
+              "mixing.dograph_objective must be variance, robust, alignment or uncertainty "
+              f"(got {self.dograph_objective!r})")
+        check(self.rnb_lambda > 0, f"mixing.rnb_lambda must be > 0 (got {self.rnb_lambda})")
+        check(self.min_count >= 0, "mixing.min_count must be >= 0")
+        check(self.dograph_clusters >= 0, "mixing.dograph_clusters must be >= 0 (0 = number of domains)")
+        check(self.dograph_tau > 0, "mixing.dograph_tau must be > 0")
+        check(self.dograph_beta >= 0, "mixing.dograph_beta must be >= 0")
+        check(self.dograph_iters >= 1, "mixing.dograph_iters must be >= 1")
         return self
 
 
@@ -164,6 +199,8 @@ class DeepSpeedConfig(ConfigBase):
     backend: str = doc("torch.distributed backend: gloo (CPU) or nccl (GPU).", "gloo")
     skip_op_builds: bool = doc("Avoid DeepSpeed's run-time C++ op builds (shm comm, fused Adam) on CPU.",
                                True)
+    offload_optimizer: bool = doc("ZeRO-Offload: keep optimizer states on the CPU (needs zero_stage >= 1; "
+                                  "JIT-builds DeepSpeed's cpu_adam op once).", False)
 
     def validate(self):
         check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3 (got {self.zero_stage})")

@@ -28,3 +28,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- data fixtures (DATA)
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A real 4-domain GPT-2 token store (code_python, legal, changelogs, manpages) built in a few
+    seconds from text on this machine. Returns the ``tokens`` directory; open it with
+    ``megamix.data.store.TokenStore(tiny_store)``. The corpus lives next to it (``../corpus``)."""
+    from megamix.data.testing import build_tiny_store
+
+    return build_tiny_store(tmp_path_factory.mktemp("tiny_store"))

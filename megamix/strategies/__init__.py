@@ -1,0 +1,42 @@
+"""Online mixing strategies: static baselines, R&B Balance and DoGraph.
+
+``build_strategy(cfg, domain_names, initial_weights)`` returns the strategy named by
+``cfg.strategy`` (a :class:`megamix.config.MixingConfig`). ``STRATEGIES`` lists them with a one-line
+description (shown by ``megamix mix --list``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from megamix.strategies.base import MixingStrategy
+from megamix.strategies.baselines import StaticStrategy
+from megamix.strategies.dograph import DoGraphStrategy
+from megamix.strategies.rnb import RnBStrategy
+
+__all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "DoGraphStrategy", "STRATEGIES",
+           "build_strategy", "describe_strategies"]
+
+#: name -> (class, description)
+STRATEGIES: dict[str, tuple[type[MixingStrategy], str]] = {
+    "static": (StaticStrategy, "fixed weights (natural/uniform/temperature/explicit/file mixture)"),
+    "rnb": (RnBStrategy, "R&B Balance: p <- softmax(lambda * Gp/||Gp||) from the domain gradient Gram"),
+    "dograph": (DoGraphStrategy, "DoGraph: k-means of per-sample gradients -> cluster weights by "
+                                 "objective (variance|robust|alignment|uncertainty) -> domain weights"),
+}
+
+
+def describe_strategies() -> list[str]:
+    """One line per strategy: name and description."""
+    return [f"{name:8s} {desc}" for name, (_, desc) in STRATEGIES.items()]
+
+
+def build_strategy(cfg, domain_names: Sequence[str], initial_weights) -> MixingStrategy:
+    """The strategy named ``cfg.strategy``, validated, starting from ``initial_weights``."""
+    cfg.validate()
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"unknown mixing strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
+    if cfg.strategy != "static" and len(domain_names) * cfg.min_weight > 1:
+        from megamix.configbase import ConfigError
+        raise ConfigError(f"mixing.min_weight={cfg.min_weight} is infeasible for {len(domain_names)} "
+                          f"domains; use at most {1 / len(domain_names):.4g}")
+    return STRATEGIES[cfg.strategy][0](domain_names, initial_weights, cfg)

@@ -1,0 +1,36 @@
+"""Command-line options of the kernel microbenchmark (kept free of torch imports so that
+``megamix --help`` stays fast)."""
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def _ks(s: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x]
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(description="Fused linear-CE + gradient projection microbenchmark.")
+    p.add_argument("--cpu", action="store_true", help="CPU mode: torch path at small shapes + projection ratio")
+    p.add_argument("--V", type=_ints, default=None, help="vocab sizes, comma separated")
+    p.add_argument("--d", type=_ints, default=None, help="hidden sizes")
+    p.add_argument("--N", type=_ints, default=None, help="token counts")
+    p.add_argument("--shapes", default=None,
+                   help="explicit V:d:N list, e.g. 128256:4096:16384,32000:768:16384 (overrides --V/--d/--N)")
+    p.add_argument("--k", type=_ks, default=None, help="k1xk2 list, e.g. 32x32,64x64,128x64")
+    p.add_argument("--methods", default="fused+proj,fused,eager+proj,liger,cce")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--chunk", type=int, default=8192, help="chunk_tokens of the fused kernel")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=7)
+    p.add_argument("--time-budget", type=float, default=1e9, help="stop starting new shapes after this many s")
+    p.add_argument("--sweep-ce", action="store_true", help="also time the CE pass alone for several tile configs")
+    p.add_argument("--out-dir", default="kernels/bench/results")
+    p.add_argument("--tag", default=None, help="output file stem (default: bench_<gpu|cpu>)")
+    p.add_argument("--_cpu-case", dest="cpu_case", default=None, help=argparse.SUPPRESS)
+    return p

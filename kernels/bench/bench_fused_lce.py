@@ -1,0 +1,354 @@
+"""Microbenchmark of the fused linear cross-entropy with factored gradient projection.
+
+GPU mode (default when CUDA is present): for each (V, d, N) and k1×k2 it times, in the same run,
+- ``fused+proj k1xk2``: megamix fused LCE emitting u, w (+ the segmented per-sample reduction),
+- ``fused``: the same kernel with projection off,
+- ``eager+proj``: full logits + F.cross_entropy + autograd + a separate projection of dlogits,
+- ``liger`` / ``cce``: Liger-Kernel's fused linear CE and Apple's cut-cross-entropy, when importable,
+for ``forward`` (gradient-in-forward kernels do their GEMMs here), ``backward`` and ``full``
+(forward+backward), and reports median ms, TFLOP/s (6NVd per full step), peak extra memory and the
+projection overhead against ``fused``. Results are written as JSON + CSV with device, versions and date.
+
+CPU mode (``--cpu``): the torch path at small shapes, plus the ratio of the factored projection
+(u = P1 δ, w = P2 a, g_i = Σ u wᵀ) against materialise-then-project (G_i = Σ δ aᵀ, then P1 G_i P2ᵀ)
+at V=8k, d=512, B=16, T=128 (time, and peak memory measured in fresh subprocesses).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.bench.args import build_parser
+from kernels.domain_gram import per_sample_grads
+from kernels.fused_linear_ce import ce_delta_torch, ce_delta_triton, fused_linear_cross_entropy
+from kernels.projection import make_projection
+
+
+# ----------------------------------------------------------------------------------------------
+# timing helpers
+# ----------------------------------------------------------------------------------------------
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, dev, warmup: int, iters: int) -> list[float]:
+    """Milliseconds per call (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    out = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _peak_mb(fn, dev) -> float:
+    """Peak memory (MB) allocated by ``fn`` above what was allocated before it (CUDA only)."""
+    if dev.type != "cuda":
+        return float("nan")
+    _sync(dev)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _sync(dev)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def env_info(dev) -> dict:
+    info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "device": str(dev),
+            "host": platform.node()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# methods: each returns (forward_fn, backward_fn) closures over fresh leaf tensors
+# ----------------------------------------------------------------------------------------------
+def _leaves(h, W):
+    return h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+
+
+def make_method(name: str, h, W, y, proj, chunk: int, backend: str):
+    """Return ``(fwd, bwd)``; ``fwd()`` returns the state ``bwd(state)`` needs."""
+    hl, Wl = _leaves(h, W)
+
+    def clear():
+        hl.grad = None
+        Wl.grad = None
+
+    if name.startswith("fused"):
+        p = proj if name.startswith("fused+proj") else None
+        B = max(1, h.shape[0] // 2048)
+        sample_index = torch.arange(h.shape[0], device=h.device) // 2048
+
+        def fwd():
+            clear()
+            out = fused_linear_cross_entropy(hl, Wl, y, projection=p, chunk_tokens=chunk, backend=backend)
+            if p is not None:
+                per_sample_grads(out.u, out.w, sample_index, B, backend=backend)
+            return out.loss
+
+        return fwd, lambda loss: loss.backward()
+    if name == "eager+proj" or name == "eager":
+        P1t = proj.P1.t().contiguous().to(h.dtype) if proj is not None else None
+        P2t = proj.P2.t().contiguous().to(h.dtype) if proj is not None else None
+
+        def fwd():
+            clear()
+            logits = hl @ Wl.t()
+            logits.retain_grad()
+            return logits, F.cross_entropy(logits.float(), y)
+
+        def bwd(state):
+            logits, loss = state
+            loss.backward()
+            if name == "eager+proj":
+                u = logits.grad @ P1t
+                w = hl.detach() @ P2t
+                return u, w
+        return fwd, bwd
+    if name == "liger":
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        def fwd():
+            clear()
+            return LigerFusedLinearCrossEntropyFunction.apply(hl, Wl, y)
+        return fwd, lambda loss: loss.backward()
+    if name == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def fwd():
+            clear()
+            return linear_cross_entropy(hl, Wl, y)
+        return fwd, lambda loss: loss.backward()
+    raise ValueError(f"unknown method {name!r}")
+
+
+def bench_shape(V, d, N, ks, methods, dtype, chunk, backend, warmup, iters, dev, seed=0) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = (torch.randn(N, d, generator=g) / 2).to(dev, dtype)
+    W = (torch.randn(V, d, generator=g) / d ** 0.5).to(dev, dtype)
+    y = torch.randint(0, V, (N,), generator=g).to(dev)
+    flops = 6.0 * N * V * d
+    rows = []
+    plan = []
+    for m in methods:
+        if m == "fused+proj" or m == "eager+proj":
+            plan += [(f"{m} {k1}x{k2}", m, make_projection(V, d, k1, k2, seed=1, device=dev)) for k1, k2 in ks]
+        else:
+            plan.append((m, m, None))
+    for label, m, proj in plan:
+        row = {"V": V, "d": d, "N": N, "dtype": str(dtype).replace("torch.", ""), "method": label,
+               "chunk_tokens": chunk if m.startswith("fused") else None,
+               "k1": proj.k1 if proj is not None else None, "k2": proj.k2 if proj is not None else None}
+        try:
+            fwd, bwd = make_method(m, h, W, y, proj, chunk, backend)
+            t_full = _time(lambda: bwd(fwd()), dev, warmup, iters)
+            state_holder = []
+            t_fwd = _time(lambda: state_holder.append(fwd()) or state_holder.clear(), dev, warmup, iters)
+            bwd_times = []
+            for _ in range(iters):
+                st = fwd()
+                bwd_times += _time(lambda: bwd(st), dev, 0, 1)
+            peak = _peak_mb(lambda: bwd(fwd()), dev)
+            row.update(full_ms=statistics.median(t_full), forward_ms=statistics.median(t_fwd),
+                       backward_ms=statistics.median(bwd_times), peak_mb=peak,
+                       tflops=flops / (statistics.median(t_full) * 1e-3) / 1e12, error=None)
+        except Exception as e:  # a missing baseline is reported, not fatal
+            row.update(full_ms=None, forward_ms=None, backward_ms=None, peak_mb=None, tflops=None,
+                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    base = next((r for r in rows if r["method"] == "fused" and r["full_ms"]), None)
+    others = [r["full_ms"] for r in rows if r["method"] in ("liger", "cce", "eager") or
+              r["method"].startswith("eager")]
+    others = [o for o in others if o]
+    best = min(others) if others else None
+    for r in rows:
+        if base and r["full_ms"]:
+            r["overhead_pct_vs_fused"] = 100.0 * (r["full_ms"] / base["full_ms"] - 1.0)
+        if best and r["full_ms"]:
+            r["ratio_vs_best_baseline"] = r["full_ms"] / best
+    return rows
+
+
+def sweep_ce(dev, dtype, C=8192, V=128256, k1=64, warmup=3, iters=10) -> list[dict]:
+    """Time the CE/δ pass alone on one logits chunk for several tile configs (with and without P1)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits0 = (torch.randn(C, V, generator=g) * 2).to(dev, dtype)
+    y = torch.randint(0, V, (C,), generator=g).to(dev)
+    proj = make_projection(V, 64, k1, 16, seed=0, device=dev)
+    p1t, s1 = proj.operand("P1", dtype, dev)
+    res = []
+    cfgs = [(None, 16, 256, 8), (None, 32, 256, 8), (None, 16, 512, 8), (None, 64, 128, 8), (None, 16, 128, 4),
+            ("noproj", 16, 256, 8), ("noproj", 16, 1024, 8), ("noproj", 32, 512, 8)]
+    logits = logits0.clone()
+    for kind, bm, bv, nw in cfgs:
+        p = None if kind == "noproj" else p1t
+        try:
+            t = _time(lambda: (logits.copy_(logits0), ce_delta_triton(logits, y, 1.0 / C, -100, p, s1, block_m=bm,
+                                                                        block_v=bv, num_warps=nw)), dev, warmup, iters)
+            tc = _time(lambda: logits.copy_(logits0), dev, warmup, iters)
+            ms = statistics.median(t) - statistics.median(tc)
+            res.append({"proj": p is not None, "BM": bm, "BV": bv, "warps": nw, "ce_ms": ms,
+                        "GB_per_s": 3 * C * V * logits.element_size() / (ms * 1e-3) / 1e9})
+        except Exception as e:
+            res.append({"proj": p is not None, "BM": bm, "BV": bv, "warps": nw, "error": str(e)[:200]})
+        print(json.dumps(res[-1]), flush=True)
+    t = _time(lambda: (logits.copy_(logits0), ce_delta_torch(logits, y, 1.0 / C, -100, p1t, s1)), dev, 1, 3)
+    res.append({"proj": True, "torch_ce_ms": statistics.median(t)})
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: factored vs materialise-then-project
+# ----------------------------------------------------------------------------------------------
+def _cpu_projection_case(method: str, k1: int = 64, k2: int = 64, V=8192, d=512, B=16, T=128, reps=3) -> dict:
+    """Run one projection method from a fixed δ; returns ms and peak-RSS increase (run in a subprocess)."""
+    torch.manual_seed(0)
+    N = B * T
+    proj = make_projection(V, d, k1, k2, seed=0)
+    a = torch.randn(N, d)
+    delta = torch.softmax(torch.randn(N, V), dim=1) / N
+    sample_index = torch.arange(N) // T
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        if method == "factored":
+            u = delta @ proj.P1.t()
+            w = a @ proj.P2.t()
+            g = per_sample_grads(u, w, sample_index, B, backend="torch")
+            extra_bytes = (u.numel() + w.numel() + g.numel()) * 4
+        else:
+            G = torch.bmm(delta.view(B, T, V).transpose(1, 2), a.view(B, T, d))   # [B, V, d]
+            g = (proj.P1 @ G @ proj.P2.t()).reshape(B, -1)
+            extra_bytes = (G.numel() + B * k1 * d) * 4
+            del G
+        times.append((time.perf_counter() - t) * 1e3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": method, "ms": statistics.median(times), "peak_rss_increase_mb": (peak - base_rss) / 1024,
+            "intermediate_mb": extra_bytes / 2**20, "g_checksum": float(g.double().sum())}
+
+
+def cpu_projection_ratio(ks=((64, 64), (32, 32))) -> list[dict]:
+    """Factored vs materialise-then-project at V=8k, d=512, B=16, T=128, each method in a fresh process."""
+    results = []
+    for k1, k2 in ks:
+        out = {}
+        for m in ("factored", "materialise"):
+            r = subprocess.run([sys.executable, "-m", "kernels.bench.bench_fused_lce", "--_cpu-case",
+                                f"{m}:{k1}:{k2}"], capture_output=True, text=True, check=True)
+            out[m] = json.loads(r.stdout.strip().splitlines()[-1])
+        f, m = out["factored"], out["materialise"]
+        out["speedup"] = m["ms"] / f["ms"]
+        out["intermediate_memory_ratio"] = m["intermediate_mb"] / f["intermediate_mb"]
+        out["peak_rss_increase_mb"] = {"factored": f["peak_rss_increase_mb"], "materialise": m["peak_rss_increase_mb"]}
+        out["same_result_rel_err"] = abs(f["g_checksum"] - m["g_checksum"]) / max(abs(m["g_checksum"]), 1e-30)
+        out["shape"] = {"V": 8192, "d": 512, "B": 16, "T": 128, "k1": k1, "k2": k2}
+        results.append(out)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------
+def write_results(out_dir: Path, tag: str, meta: dict, rows: list[dict], extra: dict) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jp, cp = out_dir / f"{tag}.json", out_dir / f"{tag}.csv"
+    jp.write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
+    keys = ["V", "d", "N", "dtype", "method", "k1", "k2", "chunk_tokens", "forward_ms", "backward_ms", "full_ms",
+            "tflops", "peak_mb", "overhead_pct_vs_fused", "ratio_vs_best_baseline", "error"]
+    with cp.open("w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys + ["gpu", "torch", "triton", "date"], extrasaction="ignore")
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({**r, "gpu": meta.get("gpu", meta.get("cpu")), "torch": meta["torch"],
+                         "triton": meta["triton"], "date": meta["date"]})
+    return jp, cp
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.cpu_case:
+        m, k1, k2 = args.cpu_case.split(":")
+        print(json.dumps(_cpu_projection_case(m, int(k1), int(k2))))
+        return 0
+    cuda = torch.cuda.is_available() and not args.cpu
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if (args.dtype == "bf16" and cuda) else torch.float32
+    if cuda:
+        V = args.V or [128256, 32000, 50257, 151936]
+        d = args.d or [4096, 768, 2048]
+        N = args.N or [16384]
+        ks = args.k or [(32, 32), (64, 64), (128, 64)]
+    else:
+        V, d, N = args.V or [8192], args.d or [512], args.N or [2048]
+        ks = args.k or [(32, 32), (64, 64)]
+    methods = [m for m in args.methods.split(",") if m]
+    if not cuda:
+        methods = [m for m in methods if m not in ("liger", "cce")]
+    meta = env_info(dev)
+    meta.update(chunk_tokens=args.chunk, warmup=args.warmup, iters=args.iters, dtype=str(dtype))
+    tag = args.tag or f"bench_{'gpu' if cuda else 'cpu'}"
+    out_dir = Path(args.out_dir)
+    rows, extra = [], {}
+    t0 = time.time()
+    if args.sweep_ce and cuda:
+        extra["ce_sweep"] = sweep_ce(dev, dtype)
+        write_results(out_dir, tag, meta, rows, extra)
+    from tqdm import tqdm
+    shapes = [(v, dd, n) for v in V for dd in d for n in N]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in sh.split(":")) for sh in args.shapes.split(",") if sh]
+    for v, dd, n in tqdm(shapes, desc="bench shapes", file=sys.stderr):
+        if time.time() - t0 > args.time_budget:
+            extra.setdefault("skipped_shapes", []).append([v, dd, n])
+            continue
+        rows += bench_shape(v, dd, n, ks, methods, dtype, args.chunk, args.backend, args.warmup, args.iters, dev)
+        write_results(out_dir, tag, meta, rows, extra)
+    if not cuda:
+        extra["projection_ratio"] = cpu_projection_ratio()
+        print(json.dumps(extra["projection_ratio"], indent=1))
+    jp, cp = write_results(out_dir, tag, meta, rows, extra)
+    print(f"wrote {jp} and {cp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

@@ -1,0 +1,128 @@
+"""Random factored projection of LM-head gradients: ``g = P1 G P2ᵀ`` (optionally followed by a
+dense second stage ``R vec(g)``).
+
+``P1`` is ``k1×V`` and ``P2`` is ``k2×d`` with i.i.d. entries of variance ``1/k`` (Rademacher
+``±1/sqrt(k)`` or Gaussian ``N(0, 1/k)``), so ``E‖P1 G P2ᵀ‖² = ‖G‖²``. Matrices are drawn from a
+CPU ``torch.Generator`` seeded with ``seed`` and then moved, so every rank and device gets
+bit-identical values for the same arguments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("rademacher", "gaussian")
+
+
+def _draw(gen: torch.Generator, rows: int, cols: int, kind: str) -> torch.Tensor:
+    """Unit-variance random matrix (±1 or N(0,1)) in fp32 on CPU."""
+    if kind == "rademacher":
+        return torch.randint(0, 2, (rows, cols), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float32)
+
+
+@dataclass
+class Projection:
+    """A fixed factored projection.
+
+    Attributes:
+        P1: ``[k1, V]`` vocab-side matrix (entries of variance 1/k1).
+        P2: ``[k2, d]`` hidden-side matrix (entries of variance 1/k2).
+        R: optional ``[k, k1*k2]`` dense second stage (variance 1/k), or None.
+        kind, seed: how it was generated.
+    """
+
+    P1: torch.Tensor
+    P2: torch.Tensor
+    R: torch.Tensor | None = None
+    kind: str = "rademacher"
+    seed: int = 0
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def k1(self) -> int:
+        return self.P1.shape[0]
+
+    @property
+    def k2(self) -> int:
+        return self.P2.shape[0]
+
+    @property
+    def V(self) -> int:
+        return self.P1.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.P2.shape[1]
+
+    @property
+    def k(self) -> int:
+        """Output dimension of :meth:`finalize` (``R.shape[0]`` or ``k1*k2``)."""
+        return self.R.shape[0] if self.R is not None else self.k1 * self.k2
+
+    def to(self, device=None, dtype=None) -> "Projection":
+        """A copy on another device / dtype (values are the same draws)."""
+        def mv(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+        return Projection(mv(self.P1), mv(self.P2), mv(self.R), self.kind, self.seed)
+
+    def operand(self, which: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:
+        """``(Mᵀ contiguous [n, k] in dtype, scale)`` such that ``scale * Mᵀ`` equals ``P1ᵀ``/``P2ᵀ``.
+
+        For Rademacher matrices ``Mᵀ`` holds exact ±1 signs (exact in bf16/fp16) and ``scale`` is
+        ``1/sqrt(k)``, applied to the fp32 result; Gaussian matrices are returned as is (scale 1).
+        Results are cached per (which, dtype, device)."""
+        key = (which, dtype, str(device))
+        if key not in self._cache:
+            P = self.P1 if which == "P1" else self.P2
+            k = P.shape[0]
+            if self.kind == "rademacher":
+                scale = 1.0 / math.sqrt(k)
+                M = torch.sign(P.float())
+            else:
+                scale = 1.0
+                M = P.float()
+            self._cache[key] = (M.t().contiguous().to(device=device, dtype=dtype), scale)
+        return self._cache[key]
+
+    def project_dense(self, G: torch.Tensor) -> torch.Tensor:
+        """Materialise-then-project reference: ``P1 G P2ᵀ`` flattened (``G`` is ``[..., V, d]``)."""
+        P1 = self.P1.to(G.device, G.dtype)
+        P2 = self.P2.to(G.device, G.dtype)
+        out = P1 @ G @ P2.t()
+        return out.reshape(*G.shape[:-2], self.k1 * self.k2)
+
+    def finalize(self, g: torch.Tensor) -> torch.Tensor:
+        """Apply the optional dense second stage to per-sample rows ``g [B, k1*k2] -> [B, k]``."""
+        if g.shape[-1] != self.k1 * self.k2:
+            raise ValueError(f"finalize expects rows of k1*k2={self.k1 * self.k2}, got {tuple(g.shape)}")
+        if self.R is None:
+            return g
+        return g @ self.R.to(g.device, g.dtype).t()
+
+
+def make_projection(V: int, d: int, k1: int, k2: int, *, seed: int, kind: str = "rademacher",
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                    k: int | None = None) -> Projection:
+    """Draw a factored projection ``P1 [k1,V]``, ``P2 [k2,d]`` (and ``R [k, k1*k2]`` when ``k`` is given).
+
+    Identical on every rank for the same arguments: draws happen on a CPU generator seeded with
+    ``seed`` in the fixed order P1, P2, R. Scaled so that ``E‖P1 G P2ᵀ‖² = ‖G‖²`` (and
+    ``E‖R x‖² = ‖x‖²``).
+    """
+    for name, val in (("V", V), ("d", d), ("k1", k1), ("k2", k2)):
+        if not isinstance(val, int) or val < 1:
+            raise ValueError(f"make_projection: {name} must be a positive int, got {val!r}")
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise ValueError(f"make_projection: k must be a positive int or None, got {k!r}")
+    if kind not in KINDS:
+        raise ValueError(f"make_projection: kind must be one of {KINDS}, got {kind!r}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    P1 = _draw(gen, k1, V, kind).div_(math.sqrt(k1))
+    P2 = _draw(gen, k2, d, kind).div_(math.sqrt(k2))
+    R = _draw(gen, k, k1 * k2, kind).div_(math.sqrt(k)) if k is not None else None
+    proj = Projection(P1, P2, R, kind, int(seed))
+    return proj.to(device=device, dtype=dtype)

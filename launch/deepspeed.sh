@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# megamix pretraining with the `deepspeed` launcher (single node, or multi-node through a hostfile).
+#
+# Knobs (environment variables):
+#   CONFIG       run config YAML                            (default configs/gpt-125m.yaml)
+#   SETS         extra overrides, space separated           e.g. SETS="deepspeed.zero_stage=3"
+#   HOSTFILE     DeepSpeed hostfile ("host slots=N" lines); multi-node when set
+#                (see launch/hostfile.example; needs passwordless ssh + pdsh between the nodes)
+#   NUM_GPUS     ranks per node                             (default: all GPUs; 2 on CPU)
+#   NUM_NODES    use the first N hosts of the hostfile      (default: all)
+#   MASTER_ADDR  address of the first host                  (default: the launcher picks it)
+#   MASTER_PORT  rendezvous port                            (default 29500)
+#   BACKEND      gloo | nccl                                (default nccl with CUDA, else gloo)
+#   DRY_RUN=1    only validate config + launch geometry on every rank
+#
+# Single node:   NUM_GPUS=8 launch/deepspeed.sh
+# Multi-node:    HOSTFILE=launch/hostfile CONFIG=configs/gpt-1b.yaml launch/deepspeed.sh
+# CPU:           CONFIG=configs/tiny-cpu.yaml NUM_GPUS=2 launch/deepspeed.sh
+#                (on CPU the launcher counts NUMA nodes as devices, hence the explicit NUM_GPUS)
+set -euo pipefail
+# shellcheck source=launch/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+ARGS=(--no_local_rank --module --master_port "${MASTER_PORT:-29500}")
+if [[ -n "${HOSTFILE:-}" ]]; then
+  [[ -f "$HOSTFILE" ]] || { echo "launch: hostfile $HOSTFILE not found" >&2; exit 2; }
+  ARGS+=(--hostfile "$HOSTFILE")
+  [[ -n "${NUM_NODES:-}" ]] && ARGS+=(--num_nodes "$NUM_NODES")
+  [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")
+else
+  # no hostfile: single node; make sure the launcher does not pick up a stale /job/hostfile
+  ARGS+=(--hostfile /dev/null)
+  if [[ -z "${NUM_GPUS:-}" ]]; then
+    NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
+  fi
+fi
+[[ -n "${NUM_GPUS:-}" ]] && ARGS+=(--num_gpus "$NUM_GPUS")
+set -x
+exec deepspeed "${ARGS[@]}" megamix "${TRAIN_ARGS[@]}"

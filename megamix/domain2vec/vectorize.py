@@ -1,0 +1,119 @@
+"""Dataset vectoriser: a dataset's domain vector is the mean meta-domain distribution of N sampled
+passages (Domain2Vec eq. 3). ``V_train`` stacks the training domains' vectors as **rows**:
+``V_train[i]`` is domain i's vector, so the meta-domain distribution of mixture ``r`` is ``r @ V_train``.
+
+``vectors.json`` (written by :func:`vectorize_corpus`)::
+
+    {"domains": [..], "meta_domains": [..names..], "V_train": [[..] per domain],
+     "valid": {"domains": [..], "V_valid": [[..] per valid domain], "weights": [..],
+               "v_valid": [..]},      # v_valid = weights @ V_valid
+     "train_tokens": {domain: tokens}, "n_samples": N, "seed": s, "sample_counts": {domain: n}}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from megamix.domain2vec.classifier import MetaDomainClassifier
+from megamix.domain2vec.corpus import Passage, corpus_domains, iter_passages, sample_passages
+
+__all__ = ["domain_vector", "vectorize_corpus", "load_vectors", "DomainVectors"]
+
+
+def domain_vector(classifier: MetaDomainClassifier, passages: list[Passage] | list[str],
+                  batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Average of the classifier's probabilities over ``passages`` (texts or :class:`Passage`)."""
+    texts = [p.text if isinstance(p, Passage) else p for p in passages]
+    if not texts:
+        raise ValueError("cannot vectorise an empty dataset (0 documents)")
+    p = classifier.predict_proba(texts, batch_size=batch_size, progress=progress)
+    v = p.mean(axis=0)
+    return v / v.sum()
+
+
+class DomainVectors:
+    """Loaded ``vectors.json``: ``domains``, ``V_train [m, n]``, ``valid_domains``, ``V_valid``,
+    ``valid_weights``, ``v_valid [n]``, ``meta_names`` and ``train_tokens``."""
+
+    def __init__(self, obj: dict):
+        self.raw = obj
+        self.domains: list[str] = list(obj["domains"])
+        self.V_train = np.asarray(obj["V_train"], dtype=np.float64)
+        self.meta_names: list[str] = list(obj.get("meta_domains", []))
+        va = obj.get("valid", {})
+        self.valid_domains: list[str] = list(va.get("domains", []))
+        self.V_valid = np.asarray(va.get("V_valid", np.zeros((0, self.V_train.shape[1]))), np.float64)
+        self.valid_weights = np.asarray(va.get("weights", []), np.float64)
+        self.v_valid = np.asarray(va["v_valid"], np.float64) if "v_valid" in va else None
+        self.train_tokens: dict[str, float] = dict(obj.get("train_tokens", {}))
+        if self.V_train.ndim != 2 or self.V_train.shape[0] != len(self.domains):
+            raise ValueError(f"V_train has shape {self.V_train.shape}, expected ({len(self.domains)}, n)")
+
+    def tokens_array(self) -> np.ndarray | None:
+        if not all(d in self.train_tokens for d in self.domains):
+            return None
+        return np.asarray([self.train_tokens[d] for d in self.domains], np.float64)
+
+
+def load_vectors(path: str | Path) -> DomainVectors:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "vectors.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: run `megamix d2v vectorize` first")
+    return DomainVectors(json.loads(p.read_text()))
+
+
+def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out_path: str | Path | None,
+                     *, domains: list[str] | None = None, valid_domains: list[str] | None = None,
+                     valid_weights: dict[str, float] | None = None, n_samples: int = 1000,
+                     seed: int = 0, max_chars: int = 1024, meta_names: list[str] | None = None,
+                     train_tokens: dict[str, float] | None = None, progress: bool = True) -> dict:
+    """Vectorise every training domain (train split) and the validation set (valid splits).
+
+    The validation vector is ``v_valid = Σ_d w_d V_valid[d]`` with ``valid_weights`` (default
+    uniform), which matches a validation objective that averages per-domain losses with the same
+    weights. Sampling of each domain is seeded by ``(seed, domain index)``.
+    """
+    domains = domains or corpus_domains(data_dir, "train")
+    if valid_domains is None:
+        try:
+            valid_domains = [d for d in corpus_domains(data_dir, "valid") if d in domains] or None
+        except FileNotFoundError:
+            valid_domains = None
+    rows, counts = [], {}
+    it = list(enumerate(domains))
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="vectorise train domains", unit="domain")
+    for i, d in it:
+        ps = sample_passages(iter_passages(data_dir, d, "train", max_chars), n_samples, seed * 7919 + i)
+        if not ps:
+            raise ValueError(f"training domain {d!r} is empty (no passages in its train split)")
+        rows.append(domain_vector(classifier, ps))
+        counts[d] = len(ps)
+    obj: dict = {"domains": list(domains), "V_train": np.asarray(rows).tolist(),
+                 "meta_domains": meta_names or [str(j) for j in range(len(rows[0]))],
+                 "n_samples": n_samples, "seed": seed, "sample_counts": counts,
+                 "train_tokens": train_tokens or {}}
+    if valid_domains:
+        vrows = []
+        for i, d in enumerate(valid_domains):
+            ps = sample_passages(iter_passages(data_dir, d, "valid", max_chars), n_samples,
+                                 seed * 7919 + 100003 + i)
+            if not ps:
+                raise ValueError(f"validation domain {d!r} is empty (no passages in its valid split)")
+            vrows.append(domain_vector(classifier, ps))
+        w = np.asarray([(valid_weights or {}).get(d, 1.0) for d in valid_domains], np.float64)
+        if np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"valid_weights must be >= 0 with a positive sum (got {w})")
+        w = w / w.sum()
+        obj["valid"] = {"domains": list(valid_domains), "V_valid": np.asarray(vrows).tolist(),
+                        "weights": w.tolist(), "v_valid": (w @ np.asarray(vrows)).tolist()}
+    if out_path is not None:
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(obj, indent=1))
+    return obj

@@ -1,0 +1,285 @@
+"""``MixtureLoader``: micro-batches of token windows from the memory-mapped token store.
+
+A domain's **packed stream** is its train (or valid) ``.bin`` read as one flat token array:
+megamix's token store already ends every document with EOS, so documents are simply concatenated.
+Sample ``i`` of a domain is the window ``stream[i*T : i*T + T + 1]`` (``T = seq_len``): consecutive
+windows share one token, so every token of the stream is a training target exactly once per
+epoch, and a domain with ``N`` tokens has ``(N - 1) // T`` samples (a trailing partial window is
+dropped). Which samples are drawn, in which order and on which rank is the job of
+:class:`~megamix.loader.sampler.MixtureSampler`; see its module docstring for the semantics.
+
+A :class:`Batch` carries ``input_ids = window[:-1]`` and ``labels = window[1:]`` (no ``-100``
+in training windows, all tokens are real), the domain id, ``position_ids`` that restart at 0 at
+every document start inside the window (the first token of a window keeps its offset within its
+document), ``segment_ids`` numbering the documents inside the window (0, 1, ...), and a global
+``sample_ids`` = ``domain_offset[d] + i`` (domain offsets in loader order), which identifies the
+window independently of epoch and rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from megamix.loader.sampler import MixtureSampler
+from megamix.loader.telemetry import MixtureTelemetry
+
+IGNORE_INDEX = -100
+STATE_FORMAT = "megamix.MixtureLoader"
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Token tensors are ``[b, T]`` int64, the rest ``[b]`` int64."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    domain_ids: torch.Tensor
+    position_ids: torch.Tensor
+    sample_ids: torch.Tensor
+    segment_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on ``device``."""
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+
+class DomainWindows:
+    """Fixed ``seq_len + 1`` windows at stride ``seq_len`` over one domain split's packed stream.
+
+    Args:
+        dataset: an ``IndexedTokenDataset`` (needs ``.tokens`` and ``.doc_offsets``).
+        seq_len: T.
+    """
+
+    def __init__(self, dataset, seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.tokens = dataset.tokens
+        self.doc_offsets = np.asarray(dataset.doc_offsets, dtype=np.int64)
+        self.seq_len = int(seq_len)
+        self.num_tokens = int(len(self.tokens))
+        self.num_samples = max(0, (self.num_tokens - 1) // self.seq_len)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _layout(self, starts: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Position-in-document and document ordinal (within the window) of ``width`` tokens per start."""
+        pos = starts[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        doc = np.searchsorted(self.doc_offsets, pos, side="right") - 1
+        return pos - self.doc_offsets[doc], doc - doc[:, :1]
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows of the given sample indices: ``(tokens [b,T+1], positions [b,T+1], segments [b,T+1])``."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise IndexError(f"sample index out of range [0, {self.num_samples})")
+        W = self.seq_len + 1
+        starts = idx * self.seq_len
+        toks = np.empty((len(idx), W), dtype=np.int64)
+        for r, s in enumerate(starts.tolist()):
+            toks[r] = self.tokens[s:s + W]
+        positions, segments = self._layout(starts, W)
+        return toks, positions, segments
+
+
+def _to_batch(toks, positions, segments, domain_ids, sample_ids, labels=None) -> Batch:
+    lab = toks[:, 1:] if labels is None else labels
+    return Batch(input_ids=torch.from_numpy(np.ascontiguousarray(toks[:, :-1])),
+                 labels=torch.from_numpy(np.ascontiguousarray(lab)),
+                 domain_ids=torch.from_numpy(np.asarray(domain_ids, dtype=np.int64)),
+                 position_ids=torch.from_numpy(np.ascontiguousarray(positions[:, :-1])),
+                 sample_ids=torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+                 segment_ids=torch.from_numpy(np.ascontiguousarray(segments[:, :-1])))
+
+
+class MixtureLoader:
+    """Weighted, deterministic, resumable micro-batches from a :class:`~megamix.data.store.TokenStore`.
+
+    Args:
+        store: a ``TokenStore`` (anything with ``.domains`` and ``.dataset(domain, split)``).
+        domains: domains to mix, in this order (``None`` = ``store.domains``). Domain ids in
+            batches index this list.
+        split: ``"train"`` or ``"valid"``.
+        seq_len: tokens per training sequence (windows hold ``seq_len + 1``).
+        global_batch_size: sequences per optimizer step over all ranks.
+        micro_batch_size: sequences per forward pass on one rank; must divide
+            ``global_batch_size / world_size``.
+        weights: initial weights: a sequence in ``domains`` order or a mapping name -> weight.
+        seed: stream seed.
+        rank, world_size: this data-parallel rank.
+        max_epochs: optional cap on passes over any domain.
+        telemetry_window: steps in the "last window" telemetry shares.
+        history_limit, cache_max_size, cache_budget_bytes: passed to :class:`MixtureSampler`.
+    """
+
+    def __init__(self, store, domains: Sequence[str] | None = None, *, split: str = "train", seq_len: int,
+                 global_batch_size: int, micro_batch_size: int, weights, seed: int, rank: int = 0,
+                 world_size: int = 1, max_epochs: int | None = None, telemetry_window: int = 100,
+                 history_limit: int | None = None, cache_max_size: int = 1 << 22,
+                 cache_budget_bytes: int = 256 << 20):
+        self.domains = list(store.domains if domains is None else domains)
+        if not self.domains:
+            raise ValueError("no domains to load")
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"duplicate domains in {self.domains}")
+        unknown = [d for d in self.domains if d not in store.domains]
+        if unknown:
+            raise ValueError(f"domains {unknown} are not in the token store (it has {store.domains})")
+        if world_size < 1 or global_batch_size % world_size:
+            raise ValueError(f"global_batch_size ({global_batch_size}) must be divisible by world_size ({world_size})")
+        local = global_batch_size // world_size
+        if micro_batch_size < 1 or local % micro_batch_size:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) must divide the per-rank batch "
+                             f"global_batch_size/world_size = {local}")
+        self.store = store
+        self.split = split
+        self.seq_len = int(seq_len)
+        self.micro_batch_size = int(micro_batch_size)
+        self.windows = [DomainWindows(store.dataset(d, split), self.seq_len) for d in self.domains]
+        self.domain_sizes = np.asarray([len(w) for w in self.windows], dtype=np.int64)
+        self.domain_offsets = np.concatenate([[0], np.cumsum(self.domain_sizes)[:-1]]).astype(np.int64)
+        self.sampler = MixtureSampler(
+            self.domain_sizes.tolist(), self._weight_vector(weights), global_batch_size=global_batch_size,
+            seed=seed, rank=rank, world_size=world_size, max_epochs=max_epochs, domain_names=self.domains,
+            history_limit=history_limit, cache_max_size=cache_max_size, cache_budget_bytes=cache_budget_bytes)
+        self._telemetry = MixtureTelemetry(self.domains, telemetry_window, self.seq_len)
+
+    # ------------------------------------------------------------------ weights
+    def _weight_vector(self, weights) -> np.ndarray:
+        if isinstance(weights, Mapping):
+            extra = sorted(set(weights) - set(self.domains))
+            missing = [d for d in self.domains if d not in weights]
+            if extra or missing:
+                raise ValueError(f"weight mapping does not match the domains: unknown {extra}, missing {missing}")
+            return np.asarray([float(weights[d]) for d in self.domains])
+        return np.asarray(weights, dtype=np.float64) if not isinstance(weights, np.ndarray) else weights
+
+    def set_weights(self, weights) -> np.ndarray:
+        """New weights (sequence in domain order, or mapping) from the next step on. O(D)."""
+        return self.sampler.set_weights(self._weight_vector(weights))
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.sampler.weights
+
+    @property
+    def step(self) -> int:
+        return self.sampler.step
+
+    @property
+    def rank(self) -> int:
+        return self.sampler.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.sampler.world_size
+
+    # ------------------------------------------------------------------ batches
+    def assemble(self, domains: np.ndarray, indices: np.ndarray) -> Batch:
+        """Read the windows of ``(domain, index)`` pairs into one :class:`Batch` (rows in that order)."""
+        b, W = len(domains), self.seq_len + 1
+        toks = np.empty((b, W), dtype=np.int64)
+        pos = np.empty((b, W), dtype=np.int64)
+        seg = np.empty((b, W), dtype=np.int64)
+        for d in np.unique(domains):
+            rows = np.flatnonzero(domains == d)
+            toks[rows], pos[rows], seg[rows] = self.windows[int(d)].gather(indices[rows])
+        return _to_batch(toks, pos, seg, domains, self.domain_offsets[domains] + indices)
+
+    def next_step(self) -> list[Batch]:
+        """The micro-batches of the next optimizer step on this rank."""
+        g = self.sampler.next_global()
+        sl = self.sampler.rank_slice(g)
+        doms, idx = g.domains[sl], g.indices[sl]
+        D = len(self.domains)
+        # the weights in force for this step are still the current ones (set_weights acts on the next)
+        self._telemetry.record(np.bincount(g.domains, minlength=D), self.sampler.weights,
+                               np.bincount(doms, minlength=D))
+        m = self.micro_batch_size
+        return [self.assemble(doms[i:i + m], idx[i:i + m]) for i in range(0, len(doms), m)]
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        while True:
+            yield self.next_step()
+
+    # ------------------------------------------------------------------ telemetry, checkpoints
+    def telemetry(self) -> dict:
+        """Per-domain realised share vs target (cumulative and last window), samples seen, epochs."""
+        s = self.sampler
+        counts = s.counts
+        return self._telemetry.report(step=s.step, weights=s.weights, counts=counts,
+                                      cumulative_target=counts + s.residuals, epochs=s.epochs,
+                                      epochs_completed=s.epochs_completed())
+
+    def state_dict(self) -> dict:
+        """Global state (identical on every rank): sampler, telemetry and a data fingerprint."""
+        return {"format": STATE_FORMAT, "domains": list(self.domains), "split": self.split,
+                "seq_len": self.seq_len, "domain_sizes": self.domain_sizes.tolist(),
+                "sampler": self.sampler.state_dict(), "telemetry": self._telemetry.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict` output; world size and micro-batch size may differ."""
+        if sd.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a MixtureLoader state (format={sd.get('format')!r})")
+        if list(sd["domains"]) != self.domains:
+            raise ValueError(f"checkpoint domains {sd['domains']} differ from this loader's {self.domains}")
+        if int(sd["seq_len"]) != self.seq_len:
+            raise ValueError(f"checkpoint seq_len={sd['seq_len']} but this loader uses {self.seq_len}; "
+                             "the samples would be different windows")
+        if list(sd["domain_sizes"]) != self.domain_sizes.tolist():
+            raise ValueError("checkpoint domain sizes differ from the token store's: the data changed")
+        self.sampler.load_state_dict(sd["sampler"])
+        self._telemetry.load_state_dict(sd["telemetry"])
+
+
+def eval_batches(store, domain: str, *, seq_len: int, batch_size: int, max_batches: int | None = None,
+                 split: str = "valid", domain_id: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> Iterator[Batch]:
+    """Deterministic sequential validation windows of one domain.
+
+    Window ``i`` covers ``stream[i*T : i*T + T + 1]`` of the split's packed stream, in order; a
+    trailing partial window (at least one target) is padded with EOS and its padded labels are
+    ``-100``. Batches hold ``batch_size`` consecutive windows (the last may be smaller); with
+    ``world_size > 1`` rank r gets batches r, r+W, ... . ``max_batches`` caps the batches in total
+    (before sharding), so the evaluated set does not depend on the world size.
+
+    Args:
+        domain_id: the id put in ``domain_ids`` (default: the domain's index in ``store.domains``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
+    win = DomainWindows(store.dataset(domain, split), seq_len)
+    did = store.domains.index(domain) if domain_id is None else int(domain_id)
+    N, T = win.num_tokens, win.seq_len
+    n_full = win.num_samples
+    n_total = n_full + (1 if N - n_full * T >= 2 else 0)
+    n_batches = -(-n_total // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, int(max_batches))
+    eos = int(getattr(store, "eos_id", 0))
+    for bi in range(rank, n_batches, world_size):
+        lo, hi = bi * batch_size, min(n_total, (bi + 1) * batch_size)
+        ids = np.arange(lo, hi, dtype=np.int64)
+        full = ids[ids < n_full]
+        toks, pos, seg = win.gather(full) if len(full) else (np.empty((0, T + 1), np.int64),) * 3
+        labels = toks[:, 1:].copy()
+        if len(full) < len(ids):  # the trailing partial window
+            s = n_full * T
+            real = np.asarray(win.tokens[s:N], dtype=np.int64)
+            row = np.full(T + 1, eos, dtype=np.int64)
+            row[:len(real)] = real
+            p, g = win._layout(np.asarray([s]), T + 1)
+            lab = row[1:].copy()
+            lab[len(real) - 1:] = IGNORE_INDEX
+            toks, pos, seg = np.vstack([toks, row]), np.vstack([pos, p]), np.vstack([seg, g])
+            labels = np.vstack([labels, lab])
+        yield _to_batch(toks, pos, seg, np.full(len(ids), did), ids, labels=labels)

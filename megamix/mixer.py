@@ -1,0 +1,215 @@
+"""The Mixer: the one object a training loop holds.
+
+It owns the weighted loader, the random projection, the per-domain gradient statistics and the
+mixing strategy, and wires them together::
+
+    mixer = Mixer(cfg, store, rank=rank, world_size=world_size, group=None)
+    for step in range(start, cfg.train.steps):
+        for batch in mixer.next_step():                       # this rank's micro-batches
+            hidden = model.transformer(batch.input_ids, ...).last_hidden_state
+            loss = mixer.loss_and_stats(hidden, model.lm_head.weight, batch) / n_micro
+            loss.backward()
+        optimizer.step()
+        mixer.step(step)        # every K steps: all-reduce stats -> strategy -> new weights -> loader
+
+Two ways to get the statistics:
+- fused (``loss_and_stats``): megamix's chunked linear cross-entropy *is* the loss, and emits
+  u = P1 δ and w = P2 a on the way; no logits tensor of size N×V is kept.
+- capture (``attach(lm_head)``): a hook on an existing LM head reads δ from the normal backward
+  (any loss, any model); see :mod:`megamix.integrations.capture`.
+Both feed the same :class:`megamix.stats.DomainStats`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from megamix.config import MegamixConfig
+
+log = logging.getLogger("megamix")
+
+
+def _sample_index(batch_size: int, seq_len: int, device) -> torch.Tensor:
+    return torch.arange(batch_size, device=device).repeat_interleave(seq_len)
+
+
+class Mixer:
+    """Loader + projection + DomainStats + strategy, configured from a :class:`MegamixConfig`.
+
+    Args:
+        cfg: the run config (``data``, ``train``, ``mixture``, ``projection``, ``mixing`` sections).
+        store: a :class:`megamix.data.store.TokenStore`.
+        domains: the domains to train on (default: ``cfg.data.domains`` or every domain in the store).
+        rank, world_size: data-parallel position of this process.
+        group: the data-parallel process group used for all-reduces (None = default group when
+            torch.distributed is initialised, else no communication).
+    """
+
+    def __init__(self, cfg: MegamixConfig, store, domains: list[str] | None = None, *, rank: int = 0,
+                 world_size: int = 1, group: Any = None):
+        from megamix.loader import MixtureLoader
+        from megamix.mixture import initial_weights
+        from megamix.stats import DomainStats
+        from megamix.strategies import build_strategy
+
+        self.cfg = cfg
+        self.store = store
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.domains = list(domains or cfg.data.domains or store.domains)
+        missing = [d for d in self.domains if d not in store.domains]
+        if missing:
+            from megamix.configbase import ConfigError
+            raise ConfigError(f"domains {missing} are not in the token store {store.domains}; "
+                              "fix data.domains or rebuild the corpus (`megamix data build`)")
+        token_counts = [store.num_tokens(d, "train") for d in self.domains]
+        self.initial_weights = np.asarray(initial_weights(cfg.mixture, self.domains, token_counts),
+                                          dtype=np.float64)
+        self.loader = MixtureLoader(
+            store, self.domains, split="train", seq_len=cfg.model.seq_len,
+            global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+            weights=self.initial_weights, seed=cfg.train.seed, rank=rank, world_size=world_size)
+        p = cfg.projection
+        self.k = p.k1 * p.k2
+        self.strategy = build_strategy(cfg.mixing, self.domains, self.initial_weights)
+        self.stats = DomainStats(len(self.domains), self.k,
+                                 keep_per_sample=cfg.mixing.strategy == "dograph")
+        self.projection = None  # built lazily once V and d are known
+        self.weight_history: list[tuple[int, list[float]]] = [(0, self.initial_weights.tolist())]
+        self._capture = None
+        self._current_batch = None
+
+    # ------------------------------------------------------------------ data
+    def next_step(self):
+        """This rank's micro-batches for the next optimizer step."""
+        return self.loader.next_step()
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.asarray(self.loader.weights, dtype=np.float64)
+
+    # ------------------------------------------------------------------ statistics
+    def _ensure_projection(self, V: int, d: int, device, dtype=torch.float32):
+        from kernels.projection import make_projection
+        p = self.cfg.projection
+        if self.projection is None or self.projection.P1.shape[1] != V or self.projection.P2.shape[1] != d:
+            self.projection = make_projection(V, d, p.k1, p.k2, seed=p.seed, kind=p.kind,
+                                              device=device, dtype=dtype)
+        return self.projection
+
+    @property
+    def collecting(self) -> bool:
+        return bool(self.cfg.projection.enabled)
+
+    def loss_and_stats(self, hidden: torch.Tensor, weight: torch.Tensor, batch) -> torch.Tensor:
+        """Mean token cross-entropy of ``batch`` through the fused linear-CE; accumulates statistics.
+
+        ``hidden`` is the LM head's input [b, T, d]; ``weight`` the LM head matrix [V, d].
+        Returns the scalar loss (differentiable w.r.t. hidden and weight).
+        """
+        from kernels.fused_linear_ce import fused_linear_cross_entropy
+
+        b, T, d = hidden.shape
+        labels = batch.labels.to(hidden.device)
+        proj = self._ensure_projection(weight.shape[0], d, hidden.device) if self.collecting else None
+        out = fused_linear_cross_entropy(
+            hidden.reshape(b * T, d).float(), weight.float() if weight.dtype != torch.float32 else weight,
+            labels.reshape(-1), ignore_index=-100, reduction="mean", projection=proj,
+            chunk_tokens=self.cfg.projection.chunk_tokens)
+        self._record(out.u, out.w, out.token_loss, labels, batch)
+        return out.loss
+
+    def _record(self, u, w, token_loss, labels, batch) -> None:
+        from kernels.domain_gram import per_sample_grads
+
+        b, T = labels.shape
+        valid = (labels != -100)
+        loss_sum = (token_loss.detach().reshape(b, T) * valid).sum(1).double().cpu()
+        count = valid.sum(1).double().cpu()
+        g = None
+        if u is not None:
+            idx = _sample_index(b, T, u.device)
+            g = per_sample_grads(u.float(), w.float(), idx, b).cpu()
+        else:
+            g = torch.zeros(b, self.k, dtype=torch.float32)
+        self.stats.update(g, batch.domain_ids.cpu(), sample_ids=getattr(batch, "sample_ids", None),
+                          token_loss_sum=loss_sum, token_count=count)
+
+    def attach(self, lm_head: torch.nn.Module):
+        """Capture statistics from an existing LM head's backward instead of using our loss.
+
+        Call :meth:`set_batch` before each forward so the hook knows the samples' domains. Idempotent.
+        """
+        from megamix.integrations.capture import LMHeadGradCapture
+
+        if self._capture is not None:
+            return self._capture
+        W = lm_head.weight
+        proj = self._ensure_projection(W.shape[0], W.shape[1], W.device)
+
+        def callback(g: torch.Tensor) -> None:
+            batch = self._current_batch
+            if batch is None:
+                raise RuntimeError("Mixer.attach: call mixer.set_batch(batch) before the forward pass")
+            self.stats.update(g.float().cpu(), batch.domain_ids.cpu(),
+                              sample_ids=getattr(batch, "sample_ids", None))
+
+        self._capture = LMHeadGradCapture(lm_head, proj, callback)
+        return self._capture
+
+    def set_batch(self, batch) -> None:
+        """Tell the capture hook which batch the next forward/backward belongs to."""
+        self._current_batch = batch
+
+    def detach(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    # ------------------------------------------------------------------ updates
+    def step(self, step: int) -> dict | None:
+        """Call once after each optimizer step ``step`` (0-based).
+
+        Every ``mixing.update_every`` steps: all-reduce the statistics over data-parallel ranks, show
+        the snapshot to the strategy, push its proposal to the loader (identically on every rank)
+        and reset the accumulators. Returns a telemetry dict on update steps, else None.
+        """
+        K = self.cfg.mixing.update_every
+        if (step + 1) % K != 0:
+            return None
+        if self._dist_active():
+            self.stats.all_reduce(self.group)
+        snap = self.stats.snapshot(step + 1, self.domains)
+        self.strategy.observe(snap)
+        new = np.asarray(self.strategy.propose(step + 1), dtype=np.float64)
+        changed = not np.allclose(new, self.weights, atol=0, rtol=0)
+        if changed:
+            self.loader.set_weights(new)
+            self.weight_history.append((step + 1, new.tolist()))
+        self.stats.reset()
+        return {"snapshot": snap, "weights": new, "changed": changed}
+
+    def _dist_active(self) -> bool:
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "strategy": self.strategy.state_dict(),
+                "stats": self.stats.state_dict(), "weight_history": self.weight_history,
+                "domains": self.domains, "projection_seed": self.cfg.projection.seed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if list(sd["domains"]) != self.domains:
+            from megamix.configbase import ConfigError
+            raise ConfigError(f"checkpoint was made with domains {sd['domains']}, this run has "
+                              f"{self.domains}; use the same data.domains to resume")
+        if sd.get("projection_seed") != self.cfg.projection.seed:
+            from megamix.configbase import ConfigError
+            raise ConfigError("checkpoint used projection.seed="
+                              f"{sd.get('projection_seed')}, config has {self.cfg.projection.seed}")
+        self.loader.load_state_dict(sd["loader"])
+        self.strategy.load_state_dict(sd["strategy"])
+        self.stats.load_state_dict(sd["stats"])
+        self.weight_history = [tuple(x) for x in sd["weight_history"]]

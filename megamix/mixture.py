@@ -1,0 +1,182 @@
+"""Mixture files and static mixtures.
+
+A *mixture* is a weight per domain (all >= 0, summing to 1). This module builds the static
+baselines (natural, uniform, temperature-scaled, explicit) and reads/writes mixture JSON files::
+
+    {"domains": [..], "weights": {domain: w}, "method": "da2|regmix|natural|...", "meta": {...}}
+
+Weights are always returned as a float64 ``np.ndarray`` aligned with the ``domain_names`` passed in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["normalize", "validate_weights", "natural_weights", "uniform_weights",
+           "temperature_weights", "explicit_weights", "load_mixture", "save_mixture",
+           "initial_weights", "weights_to_dict"]
+
+
+def _sizes_array(sizes: Mapping[str, float] | Sequence[float] | np.ndarray,
+                 domain_names: Sequence[str] | None) -> np.ndarray:
+    if isinstance(sizes, Mapping):
+        if domain_names is None:
+            raise ValueError("sizes given as a mapping need domain_names to fix the order")
+        missing = [d for d in domain_names if d not in sizes]
+        if missing:
+            raise ValueError(f"no size for domains {missing}")
+        arr = np.array([float(sizes[d]) for d in domain_names], dtype=np.float64)
+    else:
+        arr = np.asarray(sizes, dtype=np.float64).reshape(-1)
+        if domain_names is not None and len(arr) != len(domain_names):
+            raise ValueError(f"{len(arr)} sizes for {len(domain_names)} domains")
+    if arr.size == 0:
+        raise ValueError("need at least one domain")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"domain sizes must be finite and >= 0, got {arr.tolist()}")
+    return arr
+
+
+def normalize(w: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``w / sum(w)`` as float64; raises ``ValueError`` on negative, non-finite or all-zero input."""
+    arr = np.asarray(w, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError("empty weight vector")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"weights must be finite, got {arr.tolist()}")
+    if np.any(arr < 0):
+        raise ValueError(f"weights must be >= 0, got {arr.tolist()}")
+    s = arr.sum()
+    if s <= 0:
+        raise ValueError("weights sum to 0; at least one domain needs a positive weight")
+    return arr / s
+
+
+def validate_weights(w: Sequence[float] | np.ndarray, num_domains: int | None = None,
+                     atol: float = 1e-6) -> np.ndarray:
+    """Check that ``w`` is a distribution (finite, >= 0, sums to 1 within ``atol``); return it as float64."""
+    arr = np.asarray(w, dtype=np.float64).reshape(-1)
+    if num_domains is not None and arr.size != num_domains:
+        raise ValueError(f"expected {num_domains} weights, got {arr.size}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"weights must be finite and >= 0, got {arr.tolist()}")
+    if abs(arr.sum() - 1.0) > atol:
+        raise ValueError(f"weights must sum to 1 (they sum to {arr.sum():.8g})")
+    return arr
+
+
+def natural_weights(sizes, domain_names: Sequence[str] | None = None) -> np.ndarray:
+    """Weights proportional to domain size (tokens or samples)."""
+    return normalize(_sizes_array(sizes, domain_names))
+
+
+def uniform_weights(num_domains: int) -> np.ndarray:
+    """Equal weight on every domain."""
+    if num_domains < 1:
+        raise ValueError("need at least one domain")
+    return np.full(num_domains, 1.0 / num_domains)
+
+
+def temperature_weights(sizes, temperature: float, domain_names: Sequence[str] | None = None) -> np.ndarray:
+    """``w ∝ size^(1/temperature)``: T=1 is natural, T→∞ tends to uniform (over non-empty domains)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+    arr = _sizes_array(sizes, domain_names)
+    out = np.zeros_like(arr)
+    pos = arr > 0
+    if not pos.any():
+        raise ValueError("every domain has size 0")
+    # in log space to avoid overflow for large sizes / small temperatures
+    logw = np.log(arr[pos]) / temperature
+    out[pos] = np.exp(logw - logw.max())
+    return normalize(out)
+
+
+def explicit_weights(weights: Mapping[str, float], domain_names: Sequence[str],
+                     renormalize: bool = False) -> np.ndarray:
+    """Weights from a ``{domain: w}`` mapping, aligned with ``domain_names``.
+
+    Every key must be a known domain. Domains missing from the mapping get 0. With
+    ``renormalize=False`` the weights must already sum to 1.
+    """
+    unknown = sorted(set(weights) - set(domain_names))
+    if unknown:
+        raise ValueError(f"mixture names unknown domains {unknown}; known: {list(domain_names)}")
+    arr = np.array([float(weights.get(d, 0.0)) for d in domain_names], dtype=np.float64)
+    return normalize(arr) if renormalize else validate_weights(arr, len(domain_names))
+
+
+def weights_to_dict(domain_names: Sequence[str], w: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """``{domain: float(weight)}``."""
+    arr = np.asarray(w, dtype=np.float64).reshape(-1)
+    if arr.size != len(domain_names):
+        raise ValueError(f"{arr.size} weights for {len(domain_names)} domains")
+    return {d: float(x) for d, x in zip(domain_names, arr)}
+
+
+def save_mixture(path: str | os.PathLike, domain_names: Sequence[str], weights, method: str,
+                 meta: dict | None = None) -> Path:
+    """Write a mixture JSON atomically and return its path. ``weights`` must be a distribution."""
+    w = validate_weights(weights, len(domain_names))
+    if len(set(domain_names)) != len(domain_names):
+        raise ValueError(f"duplicate domain names in {list(domain_names)}")
+    doc = {"domains": list(domain_names), "weights": weights_to_dict(domain_names, w),
+           "method": str(method), "meta": dict(meta or {})}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False))
+    os.replace(tmp, p)
+    return p
+
+
+def load_mixture(path: str | os.PathLike, domain_names: Sequence[str] | None = None,
+                 renormalize: bool = False) -> tuple[np.ndarray, dict]:
+    """Read and validate a mixture JSON.
+
+    Returns ``(weights aligned with domain_names, document)``. When ``domain_names`` is None the file's
+    own ``domains`` order is used. The file must name exactly the given domains (a clear
+    ``ValueError`` lists the differences). ``renormalize=True`` tolerates weights not summing to 1.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"mixture file {p} not found")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("weights"), dict):
+        raise ValueError(f"{p}: a mixture file needs a 'weights' mapping {{domain: weight}}")
+    file_domains = list(doc.get("domains") or doc["weights"].keys())
+    if set(file_domains) != set(doc["weights"]):
+        raise ValueError(f"{p}: 'domains' and the keys of 'weights' differ")
+    names = list(domain_names) if domain_names is not None else file_domains
+    missing = sorted(set(names) - set(file_domains))
+    extra = sorted(set(file_domains) - set(names))
+    if missing or extra:
+        raise ValueError(f"{p} does not match the training domains: missing {missing}, "
+                         f"unknown {extra}")
+    w = explicit_weights(doc["weights"], names, renormalize=renormalize)
+    return w, doc
+
+
+def initial_weights(mixture_cfg, domain_names: Sequence[str], sizes) -> np.ndarray:
+    """Starting weights from a :class:`megamix.config.MixtureConfig` (kind natural/uniform/temperature/
+    explicit/file). ``sizes`` are per-domain train sizes (tokens), as a mapping or aligned sequence."""
+    kind = mixture_cfg.kind
+    if kind == "natural":
+        return natural_weights(sizes, domain_names)
+    if kind == "uniform":
+        return uniform_weights(len(domain_names))
+    if kind == "temperature":
+        return temperature_weights(sizes, mixture_cfg.temperature, domain_names)
+    if kind == "explicit":
+        return explicit_weights(mixture_cfg.weights, domain_names)
+    if kind == "file":
+        return load_mixture(mixture_cfg.file, domain_names)[0]
+    raise ValueError(f"unknown mixture kind {kind!r}")

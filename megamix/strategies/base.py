@@ -1,0 +1,268 @@
+"""The :class:`MixingStrategy` interface and the guards every online strategy shares.
+
+Life cycle (driven by the Mixer, identically on every rank)::
+
+    strategy.observe(snapshot)    # all-reduced statistics of the last round of K steps
+    w = strategy.propose(step)    # new weights (sum 1, >= 0); unchanged when nothing was observed
+
+A subclass implements :meth:`MixingStrategy._raw_update`, which maps the pending snapshot to raw
+proposed weights plus an ``active`` mask (domains whose statistics were usable). The base class then
+applies the guards, in this order:
+
+1. **min count**: domains that are not active (fewer than ``cfg.min_count`` samples this round, or a
+   non-finite score) keep their previous weight; active domains share the rest of the mass in the
+   proportions the strategy proposed.
+2. **fallback**: when the strategy cannot produce a usable update (``_raw_update`` returns None,
+   e.g. ``Gp`` is zero or NaN) the previous weights are kept and the reason is logged in
+   ``last_info["fallback"]``.
+3. **EMA**: ``p ← ema·p_old + (1-ema)·p_new``.
+4. **floor**: every weight is raised to ``cfg.min_weight``; the others are scaled down together,
+   so their ratios are kept.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from typing import Any, Sequence
+
+import numpy as np
+
+from megamix.mixture import normalize
+from megamix.snapshot import StatsSnapshot
+
+log = logging.getLogger("megamix.strategies")
+
+__all__ = ["MixingStrategy", "apply_floor", "apply_ema", "keep_inactive", "merge_snapshots",
+           "snapshot_to_dict", "snapshot_from_dict", "softmax"]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax of a 1-D array."""
+    x = np.asarray(x, dtype=np.float64)
+    z = np.exp(x - x.max())
+    return z / z.sum()
+
+
+def apply_floor(w: np.ndarray, min_weight: float) -> np.ndarray:
+    """Raise every weight to at least ``min_weight`` while keeping sum 1.
+
+    Domains below the floor are set to it; the rest are scaled down together (ratios kept), repeated
+    until no domain is below the floor. Raises ``ValueError`` when ``D·min_weight > 1`` (no feasible distribution).
+    """
+    w = normalize(w)
+    d = w.size
+    if min_weight <= 0:
+        return w
+    if d * min_weight > 1 + 1e-12:
+        raise ValueError(f"min_weight={min_weight} is infeasible for {d} domains "
+                         f"(needs min_weight <= 1/{d} = {1 / d:.4g})")
+    out = w.copy()
+    fixed = np.zeros(d, dtype=bool)
+    for _ in range(d + 1):
+        low = (out < min_weight - 1e-15) & ~fixed
+        if not low.any():
+            break
+        fixed |= low
+        free = ~fixed
+        remaining = 1.0 - min_weight * fixed.sum()
+        out[fixed] = min_weight
+        if free.any():
+            base = w[free]
+            out[free] = remaining * base / base.sum() if base.sum() > 0 else remaining / free.sum()
+    return out / out.sum()
+
+
+def apply_ema(new: np.ndarray, old: np.ndarray, ema: float) -> np.ndarray:
+    """``ema·old + (1-ema)·new`` (both distributions)."""
+    if not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    return normalize(ema * np.asarray(old, np.float64) + (1.0 - ema) * np.asarray(new, np.float64))
+
+
+def keep_inactive(proposed: np.ndarray, previous: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """Inactive domains keep ``previous``; active ones share the remaining mass like ``proposed``."""
+    active = np.asarray(active, dtype=bool)
+    previous = np.asarray(previous, np.float64)
+    if active.all():
+        return normalize(proposed)
+    out = previous.copy()
+    mass = 1.0 - previous[~active].sum()
+    p = np.asarray(proposed, np.float64)[active]
+    if p.sum() <= 0 or not np.all(np.isfinite(p)):
+        return previous.copy()
+    out[active] = mass * p / p.sum()
+    return out
+
+
+def merge_snapshots(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot:
+    """Combine two rounds (b later than a): counts and sums add, per-sample rows concatenate."""
+    if a.domain_names != b.domain_names:
+        raise ValueError("cannot merge snapshots over different domains")
+    counts = a.counts + b.counts
+    sums = a.sums + b.sums
+    with np.errstate(invalid="ignore"):
+        tot = a.counts * np.nan_to_num(a.domain_loss) + b.counts * np.nan_to_num(b.domain_loss)
+        loss = np.where(counts > 0, tot / np.maximum(counts, 1), np.nan)
+    per_sample = per_dom = None
+    if a.per_sample is not None and b.per_sample is not None:
+        per_sample = np.concatenate([a.per_sample, b.per_sample])
+        per_dom = np.concatenate([a.per_sample_domain, b.per_sample_domain])
+    ev = None
+    if a.eval_sums is not None and b.eval_sums is not None:
+        ev = a.eval_sums + b.eval_sums
+    elif b.eval_sums is not None:
+        ev = b.eval_sums
+    extra = dict(a.extra)
+    extra.update(b.extra)
+    return StatsSnapshot(step=b.step, domain_names=list(b.domain_names), counts=counts, sums=sums,
+                         gram=sums @ sums.T, domain_loss=loss, per_sample=per_sample,
+                         per_sample_domain=per_dom, eval_sums=ev, extra=extra)
+
+
+def _to_py(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return {"__ndarray__": v.tolist(), "dtype": str(v.dtype)}
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, dict):
+        return {str(k): _to_py(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_to_py(x) for x in v]
+    return v
+
+
+def _from_py(v: Any) -> Any:
+    if isinstance(v, dict) and "__ndarray__" in v:
+        return np.asarray(v["__ndarray__"], dtype=v["dtype"])
+    if isinstance(v, dict):
+        return {k: _from_py(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_from_py(x) for x in v]
+    return v
+
+
+def snapshot_to_dict(s: StatsSnapshot) -> dict:
+    """A JSON-serialisable dict (numpy arrays become tagged lists)."""
+    return {f.name: _to_py(getattr(s, f.name)) for f in fields(s)}
+
+
+def snapshot_from_dict(d: dict) -> StatsSnapshot:
+    """Inverse of :func:`snapshot_to_dict`."""
+    return StatsSnapshot(**{k: _from_py(v) for k, v in d.items()})
+
+
+class MixingStrategy:
+    """Base class: observe per-round statistics, propose new weights, save/restore state.
+
+    Args:
+        domain_names: the domains, in the order weights are indexed.
+        initial_weights: starting distribution over ``domain_names``.
+        cfg: a :class:`megamix.config.MixingConfig`.
+    """
+
+    name: str = "base"
+    #: whether the strategy needs ``snapshot.per_sample`` (DomainStats(keep_per_sample=True))
+    needs_per_sample: bool = False
+
+    def __init__(self, domain_names: Sequence[str], initial_weights, cfg):
+        names = list(domain_names)
+        if not names:
+            raise ValueError("a mixing strategy needs at least one domain")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate domain names: {names}")
+        self.domain_names = names
+        self.cfg = cfg
+        w = normalize(initial_weights)
+        if w.size != len(names):
+            raise ValueError(f"{w.size} initial weights for {len(names)} domains")
+        self.weights = w
+        self.initial_weights = w.copy()
+        self.history: list[tuple[int, list[float]]] = []
+        self.rounds = 0
+        self.last_info: dict = {}
+        self._pending: StatsSnapshot | None = None
+
+    # ------------------------------------------------------------------ interface
+    def observe(self, snap: StatsSnapshot) -> None:
+        """Record one round of all-reduced statistics (merged with any not yet used)."""
+        if list(snap.domain_names) != self.domain_names:
+            raise ValueError(f"snapshot domains {snap.domain_names} differ from the strategy's "
+                             f"{self.domain_names}")
+        d = len(self.domain_names)
+        if snap.counts.shape != (d,) or snap.sums.ndim != 2 or snap.sums.shape[0] != d:
+            raise ValueError(f"snapshot shapes counts {snap.counts.shape}, sums {snap.sums.shape} "
+                             f"do not match {d} domains")
+        if self.needs_per_sample and snap.per_sample is None:
+            raise ValueError(f"strategy {self.name!r} needs per-sample gradients "
+                             "(DomainStats(keep_per_sample=True)); the snapshot has none")
+        self._pending = snap if self._pending is None else merge_snapshots(self._pending, snap)
+
+    def propose(self, step: int) -> np.ndarray:
+        """New weights over ``domain_names`` (sum 1, all >= 0). Unchanged when nothing was observed."""
+        if self._pending is None:
+            return self.weights.copy()
+        snap, self._pending = self._pending, None
+        prev = self.weights.copy()
+        info: dict = {"step": int(step), "round": self.rounds}
+        raw = self._raw_update(snap, info)
+        if raw is None:
+            new = prev
+            reason = info.get("fallback", "no usable statistics")
+            info["fallback"] = reason
+            log.warning("%s step %d: keeping previous weights (%s)", self.name, step, reason)
+        else:
+            proposed, active = raw
+            active = np.asarray(active, dtype=bool) & np.isfinite(proposed)
+            if not active.any():
+                info["fallback"] = "no domain had usable statistics this round"
+                log.warning("%s step %d: keeping previous weights (%s)", self.name, step,
+                            info["fallback"])
+                new = prev
+            else:
+                proposed = np.where(active, np.nan_to_num(proposed, nan=0.0), 0.0)
+                info["kept_previous"] = [n for n, a in zip(self.domain_names, active) if not a]
+                new = keep_inactive(proposed, prev, active)
+                info["raw"] = new.tolist()
+                new = apply_ema(new, prev, self.cfg.ema)
+        new = apply_floor(new, self.cfg.min_weight)
+        self.weights = new
+        self.rounds += 1
+        self.history.append((int(step), new.tolist()))
+        self.last_info = info
+        return new.copy()
+
+    def _raw_update(self, snap: StatsSnapshot, info: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return ``(proposed weights [D], active mask [D])`` or None to keep the previous weights
+        (set ``info["fallback"]`` to say why)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def count_mask(self, counts: np.ndarray) -> np.ndarray:
+        """Domains with at least ``cfg.min_count`` (and at least one) samples this round."""
+        return np.asarray(counts) >= max(1, int(self.cfg.min_count))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """JSON-serialisable state: weights, history, rounds, last info and any unused snapshot."""
+        return {"name": self.name, "domain_names": list(self.domain_names),
+                "weights": self.weights.tolist(), "initial_weights": self.initial_weights.tolist(),
+                "history": [[s, list(w)] for s, w in self.history], "rounds": self.rounds,
+                "last_info": _to_py(self.last_info),
+                "pending": None if self._pending is None else snapshot_to_dict(self._pending)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict` output; the domains and strategy name must match."""
+        if sd.get("name") != self.name:
+            raise ValueError(f"state is for strategy {sd.get('name')!r}, not {self.name!r}")
+        if list(sd["domain_names"]) != self.domain_names:
+            raise ValueError(f"state domains {sd['domain_names']} differ from {self.domain_names}")
+        self.weights = np.asarray(sd["weights"], dtype=np.float64)
+        self.initial_weights = np.asarray(sd["initial_weights"], dtype=np.float64)
+        self.history = [(int(s), list(w)) for s, w in sd["history"]]
+        self.rounds = int(sd["rounds"])
+        self.last_info = _from_py(sd.get("last_info", {}))
+        self._pending = None if sd.get("pending") is None else snapshot_from_dict(sd["pending"])
+
+    def __repr__(self) -> str:
+        w = ", ".join(f"{n}={x:.3f}" for n, x in zip(self.domain_names, self.weights))
+        return f"{type(self).__name__}({w})"

@@ -1,0 +1,27 @@
+"""Static baseline: the weights never change (natural / uniform / temperature / explicit / file
+mixtures are built by :mod:`megamix.mixture` and passed in as ``initial_weights``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from megamix.snapshot import StatsSnapshot
+from megamix.strategies.base import MixingStrategy
+
+__all__ = ["StaticStrategy"]
+
+
+class StaticStrategy(MixingStrategy):
+    """Keeps ``initial_weights`` forever. Observed statistics are ignored (only validated), and the
+    floor/EMA guards are *not* applied: a static mixture is used exactly as given."""
+
+    name = "static"
+
+    def observe(self, snap: StatsSnapshot) -> None:
+        if list(snap.domain_names) != self.domain_names:
+            raise ValueError(f"snapshot domains {snap.domain_names} differ from {self.domain_names}")
+
+    def propose(self, step: int) -> np.ndarray:
+        if not self.history or self.history[-1][0] != int(step):
+            self.history.append((int(step), self.weights.tolist()))
+        self.rounds += 1
+        return self.weights.copy()

@@ -1,0 +1,101 @@
+"""Megatron-compatible .bin/.idx token store."""
+import struct
+
+import numpy as np
+import pytest
+
+from megamix.data.token_store import (DTYPE_CODES, INDEX_HEADER, IndexedTokenDataset,
+                                      IndexedTokenWriter, best_dtype, read_index, write_documents)
+
+
+def _docs(rng, n=50, vmax=50257):
+    lens = rng.integers(0, 40, size=n)
+    lens[[0, 7, n - 1]] = 0  # empty documents, including first and last
+    return [rng.integers(0, vmax, size=int(k)) for k in lens]
+
+
+def test_round_trip_ragged_and_empty(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = _docs(rng)
+    with IndexedTokenWriter(tmp_path / "a", np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    ds = IndexedTokenDataset(tmp_path / "a")
+    assert len(ds) == len(docs)
+    assert ds.dtype is np.uint16
+    assert ds.num_tokens == sum(len(d) for d in docs)
+    assert ds.doc_lengths.tolist() == [len(d) for d in docs]
+    assert ds.doc_offsets[0] == 0 and ds.doc_offsets[-1] == ds.num_tokens
+    assert len(ds.doc_offsets) == len(docs) + 1
+    for i, d in enumerate(docs):
+        assert ds[i].tolist() == d.tolist()
+    assert ds[-1].tolist() == docs[-1].tolist()
+    flat = np.concatenate(docs)
+    assert np.array_equal(np.asarray(ds.tokens), flat)
+    with pytest.raises(IndexError):
+        ds[len(docs)]
+
+
+def test_megatron_index_layout_bytes(tmp_path):
+    docs = [[1, 2, 3], [], [4, 5], [65535]]
+    write_documents(tmp_path / "m", docs, np.uint16)
+    raw = (tmp_path / "m.idx").read_bytes()
+    assert raw[:9] == INDEX_HEADER == b"MMIDIDX\x00\x00"
+    assert struct.unpack_from("<Q", raw, 9)[0] == 1  # version
+    assert struct.unpack_from("<B", raw, 17)[0] == 8  # Megatron DType.uint16
+    seqs, ndoc = struct.unpack_from("<QQ", raw, 18)
+    assert (seqs, ndoc) == (4, 5)
+    off = 34
+    lengths = np.frombuffer(raw, "<i4", 4, off)
+    pointers = np.frombuffer(raw, "<i8", 4, off + 16)
+    doc_idx = np.frombuffer(raw, "<i8", 5, off + 48)
+    assert lengths.tolist() == [3, 0, 2, 1]
+    assert pointers.tolist() == [0, 6, 6, 10]  # byte offsets, 2 bytes per token
+    assert doc_idx.tolist() == [0, 1, 2, 3, 4]
+    assert len(raw) == off + 16 + 32 + 40
+    assert (tmp_path / "m.bin").read_bytes() == np.array([1, 2, 3, 4, 5, 65535], "<u2").tobytes()
+    assert read_index(tmp_path / "m.idx")["dtype"] is np.uint16
+
+
+def test_int32_codes_and_multi_sequence_documents(tmp_path):
+    assert DTYPE_CODES[np.int32] == 4 and best_dtype(50257) is np.uint16 and best_dtype(100000) is np.int32
+    # hand-write a Megatron index with 3 sequences grouped into 2 documents: [s0, s1], [s2]
+    toks = np.array([7, 8, 9, 10, 11, 12], dtype=np.int32)
+    (tmp_path / "x.bin").write_bytes(toks.tobytes())
+    lengths = np.array([2, 1, 3], "<i4")
+    pointers = np.array([0, 8, 12], "<i8")
+    doc_idx = np.array([0, 2, 3], "<i8")
+    with open(tmp_path / "x.idx", "wb") as f:
+        f.write(INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", 4) + struct.pack("<QQ", 3, 3))
+        f.write(lengths.tobytes() + pointers.tobytes() + doc_idx.tobytes())
+    ds = IndexedTokenDataset(tmp_path / "x")
+    assert len(ds) == 2 and ds.num_tokens == 6
+    assert ds[0].tolist() == [7, 8, 9] and ds[1].tolist() == [10, 11, 12]
+
+
+def test_empty_store_and_errors(tmp_path):
+    write_documents(tmp_path / "e", [], np.uint16)
+    ds = IndexedTokenDataset(tmp_path / "e")
+    assert len(ds) == 0 and ds.num_tokens == 0
+    with pytest.raises(ValueError, match="out of range"):
+        IndexedTokenWriter(tmp_path / "o", np.uint16).add_document([70000])
+    with pytest.raises(ValueError, match="unsupported"):
+        IndexedTokenWriter(tmp_path / "o2", np.uint32)
+    (tmp_path / "bad.idx").write_bytes(b"NOTANIDX" + b"\x00" * 40)
+    (tmp_path / "bad.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a Megatron"):
+        IndexedTokenDataset(tmp_path / "bad")
+    # size mismatch between .bin and .idx
+    write_documents(tmp_path / "s", [[1, 2, 3]], np.uint16)
+    (tmp_path / "s.bin").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match="bytes"):
+        IndexedTokenDataset(tmp_path / "s")
+
+
+def test_failed_writer_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with IndexedTokenWriter(tmp_path / "f", np.uint16) as w:
+            w.add_document([1, 2])
+            raise RuntimeError("boom")
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.idx").exists()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,206 @@
+"""LMHeadGradCapture: exact per-sample projections, unchanged training gradients, idempotent attach."""
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamix.integrations.capture import LMHeadGradCapture, find_lm_head, project_per_sample
+
+V, D, K1, K2 = 97, 24, 5, 3
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=V, d=D, tied=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.body = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.emb.weight
+
+    def hidden(self, ids):
+        return self.body(self.emb(ids))
+
+    def forward(self, ids):
+        return self.lm_head(self.hidden(ids))
+
+
+def _proj(seed=0, v=V, d=D):
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(P1=torch.randn(K1, v, generator=g), P2=torch.randn(K2, d, generator=g))
+
+
+def _batch(B=4, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :3] = -100
+    labels[2, -1] = -100
+    return ids, labels
+
+
+def _exact_per_sample(model, ids, labels, proj):
+    """P1 G_i P2ᵀ with G_i = d(L_i)/dW_head from torch.func (L = Σ_i L_i, mean over valid tokens)."""
+    n_valid = (labels != -100).sum()
+    with torch.no_grad():
+        hid = model.hidden(ids)
+
+    def sample_loss(W, h, y):
+        z = h @ W.t()
+        return F.cross_entropy(z, y, ignore_index=-100, reduction="sum") / n_valid
+
+    G = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(
+        model.lm_head.weight.detach(), hid, labels)
+    return torch.einsum("kv,bvd,ld->bkl", proj.P1, G, proj.P2).reshape(ids.shape[0], -1)
+
+
+def test_capture_matches_exact_per_sample_grads():
+    torch.manual_seed(0)
+    model = TinyLM()
+    proj = _proj()
+    ids, labels = _batch()
+    got = []
+    cap = LMHeadGradCapture(model.lm_head, proj, lambda g, ctx: got.append((g, ctx)), chunk_tokens=5)
+    cap.set_context("mb0")
+    logits = model(ids)
+    loss = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    assert len(got) == 1 and got[0][1] == "mb0"
+    g = got[0][0]
+    assert g.shape == (4, K1 * K2) and g.dtype == torch.float32
+    ref = _exact_per_sample(model, ids, labels, proj)
+    torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    # the per-sample rows sum to the projection of the full LM-head gradient
+    full = proj.P1 @ model.lm_head.weight.grad @ proj.P2.t()
+    torch.testing.assert_close(g.sum(0), full.reshape(-1), rtol=1e-4, atol=1e-6)
+    cap.remove()
+
+
+def test_training_grads_bit_identical_with_capture():
+    ids, labels = _batch()
+
+    def run(attach):
+        torch.manual_seed(0)
+        model = TinyLM(tied=True)
+        cap = LMHeadGradCapture(model.lm_head, _proj(), lambda g, c: None) if attach else None
+        for _ in range(2):  # two accumulation micro-steps
+            loss = F.cross_entropy(model(ids).reshape(-1, V), labels.reshape(-1)) / 2
+            loss.backward()
+        if cap:
+            assert cap.calls == 2
+            cap.remove()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    a, b = run(False), run(True)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_capture_hf_gpt2_tied_and_grad_accumulation():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=2, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    head = find_lm_head(model)
+    assert head is model.lm_head and head.weight is model.transformer.wte.weight
+    proj = _proj()
+    got = []
+    LMHeadGradCapture(head, proj, lambda g, ctx: got.append(g))
+    ids, labels = _batch(B=3, T=8)
+    hs = {}
+    h2 = head.register_forward_hook(lambda m, a, o: hs.__setitem__("a", a[0].detach()))
+    out = model(input_ids=ids, labels=ids)
+    out.logits.retain_grad()
+    (out.loss * 0.5).backward()  # a scaled loss, as under gradient accumulation
+    h2.remove()
+    ref = project_per_sample(out.logits.grad, hs["a"], proj.P1, proj.P2)
+    torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-7)
+    # HF shifts labels internally: the last position has zero gradient and contributes nothing
+    assert out.logits.grad[:, -1].abs().max() == 0
+
+
+def test_capture_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = TinyLM()
+    proj = _proj()
+    ids, labels = _batch()
+    res = {}
+    cap = LMHeadGradCapture(model.lm_head, proj, lambda g, c: res.__setitem__(c, g))
+    for mode in ("fp32", "bf16"):
+        model.zero_grad()
+        cap.set_context(mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(mode == "bf16")):
+            logits = model(ids)
+        F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1)).backward()
+    assert res["bf16"].dtype == torch.float32
+    rel = (res["bf16"] - res["fp32"]).norm() / res["fp32"].norm()
+    assert rel < 0.05, rel
+
+
+def test_attach_twice_no_double_count_and_remove():
+    model = TinyLM()
+    ids, labels = _batch()
+    calls = []
+    cap1 = LMHeadGradCapture(model.lm_head, _proj(), lambda g, c: calls.append(1))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        cap2 = LMHeadGradCapture(model.lm_head, _proj(), lambda g, c: calls.append(2))
+    assert any("replacing" in str(x.message) for x in w)
+    assert not cap1.active and cap2.active
+    assert LMHeadGradCapture.attached(model.lm_head) is cap2
+    F.cross_entropy(model(ids).reshape(-1, V), labels.reshape(-1)).backward()
+    assert calls == [2]
+    with torch.no_grad():
+        model(ids)  # no graph: nothing registered
+    cap2.remove()
+    cap2.remove()
+    assert LMHeadGradCapture.attached(model.lm_head) is None
+    F.cross_entropy(model(ids).reshape(-1, V), labels.reshape(-1)).backward()
+    assert calls == [2]
+
+
+def test_bad_inputs():
+    model = TinyLM()
+    with pytest.raises(TypeError):
+        LMHeadGradCapture("not a module", _proj(), lambda g, c: None)
+    with pytest.raises(TypeError):
+        LMHeadGradCapture(model.lm_head, SimpleNamespace(P1=None, P2=None), lambda g, c: None)
+    cap = LMHeadGradCapture(model.lm_head, _proj(v=V + 1), lambda g, c: None)
+    ids, labels = _batch()
+    with pytest.raises(ValueError, match="vocab size"):
+        F.cross_entropy(model(ids).reshape(-1, V), labels.reshape(-1)).backward()
+    cap.remove()
+    with pytest.raises(ValueError):
+        find_lm_head(nn.Linear(3, 3))
+
+
+def test_single_argument_callback():
+    model = TinyLM()
+    ids, labels = _batch()
+    got = []
+    cap = LMHeadGradCapture(model.lm_head, _proj(), got.append)
+    F.cross_entropy(model(ids).reshape(-1, V), labels.reshape(-1)).backward()
+    assert len(got) == 1 and got[0].shape == (4, K1 * K2)
+    cap.remove()
+
+
+def test_tap_seq_first_functional_head():
+    """A functional LM head (no module) in Megatron's [T, B, d] layout, fed through tap()."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    proj = _proj()
+    ids, labels = _batch()
+    got = []
+    cap = LMHeadGradCapture(None, proj, lambda g, c: got.append(g), seq_first=True)
+    h = model.hidden(ids).transpose(0, 1)                    # [T, B, d]
+    logits = torch.nn.functional.linear(h, model.lm_head.weight)   # [T, B, V]
+    cap.tap(h, logits)
+    F.cross_entropy(logits.transpose(0, 1).reshape(-1, V), labels.reshape(-1), ignore_index=-100).backward()
+    torch.testing.assert_close(got[0], _exact_per_sample(model, ids, labels, proj), rtol=1e-4, atol=1e-6)
+    cap.remove()

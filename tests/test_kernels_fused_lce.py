@@ -1,0 +1,142 @@
+"""Fused linear cross-entropy (torch and Triton-interpreter backends) against F.cross_entropy,
+explicit δ projection, and torch.func per-sample gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from kernels.domain_gram import per_sample_grads
+from kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from kernels.projection import make_projection
+from kernels.testing import assert_close
+
+# On a GPU machine the same tests run on CUDA (real Triton); on CPU under the interpreter.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+F32 = torch.float32
+BACKENDS = ["torch", "triton"]
+
+
+def _data(N, d, V, seed=0, n_ignore=3):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g)
+    W = torch.randn(V, d, generator=g) * 0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    if n_ignore:
+        y[torch.randperm(N, generator=g)[:n_ignore]] = -100
+    return h.to(DEV), W.to(DEV), y.to(DEV)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,d,V,k1,k2,chunk,reduction", [
+    (45, 24, 197, 19, 7, 16, "mean"),    # non-powers of two, 3 chunks (last partial)
+    (33, 40, 130, 16, 16, 64, "sum"),    # one chunk
+])
+def test_fused_lce_matches_torch(backend, N, d, V, k1, k2, chunk, reduction):
+    h, W, y = _data(N, d, V)
+    P = make_projection(V, d, k1, k2, seed=3, device=DEV)
+    h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    loss_ref = F.cross_entropy(h1 @ W1.t(), y, ignore_index=-100, reduction=reduction)
+    loss_ref.backward()
+    ref = fused_linear_cross_entropy_ref(h, W, y, reduction=reduction, projection=P)
+
+    h2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    out = fused_linear_cross_entropy(h2, W2, y, reduction=reduction, projection=P, chunk_tokens=chunk,
+                                     backend=backend)
+    out.loss.backward()
+    assert_close(out.loss, loss_ref, "loss", F32, DEV, "loss")
+    assert_close(out.token_loss, ref.token_loss, "loss", F32, DEV, "token_loss")
+    assert_close(h2.grad, h1.grad, "grad", F32, DEV, "dX")
+    assert_close(W2.grad, W1.grad, "grad", F32, DEV, "dW")
+    assert_close(out.u, ref.u, "proj", F32, DEV, "u")
+    assert_close(out.w, ref.w, "proj", F32, DEV, "w")
+    ignored = y == -100
+    assert torch.all(out.u[ignored] == 0) and torch.all(out.token_loss[ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_grads_identical_with_projection_on_or_off(backend):
+    h, W, y = _data(40, 20, 150, seed=1)
+    grads = []
+    for proj in (None, make_projection(150, 20, 24, 8, seed=5, device=DEV)):
+        h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h1, W1, y, projection=proj, chunk_tokens=16, backend=backend)
+        (out.loss * 3.0).backward()  # non-unit grad_output is applied in backward
+        grads.append((out.loss.detach(), h1.grad, W1.grad))
+        assert (out.u is None) == (proj is None)
+    for a, b in zip(grads[0], grads[1]):
+        assert torch.equal(a, b)
+    h3, W3 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    (F.cross_entropy(h3 @ W3.t(), y) * 3.0).backward()
+    assert_close(grads[0][2], W3.grad, "grad", F32, DEV, "3*dW")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_projected_per_sample_grads_equal_vmap_oracle(backend):
+    """g_i from (u, w) equals P1 G_i P2ᵀ where G_i = ∂loss_i/∂W from torch.func vmap(grad); samples
+    straddle chunk boundaries (T=13, chunk 16) and include padding; Σ g_i = P1 dW P2ᵀ."""
+    B, T, d, V, k1, k2 = 5, 13, 12, 101, 9, 6
+    h, W, y = _data(B * T, d, V, seed=2, n_ignore=0)
+    y = y.view(B, T)
+    y[1, 8:] = -100        # padded tail
+    y[3, :2] = -100
+    y = y.reshape(-1)
+    P = make_projection(V, d, k1, k2, seed=11, device=DEV)
+    out = fused_linear_cross_entropy(h, W.clone().requires_grad_(), y, projection=P, chunk_tokens=16,
+                                     backend=backend)
+    sample_index = torch.arange(B).repeat_interleave(T)
+    g = per_sample_grads(out.u, out.w, sample_index, B, backend=backend)
+
+    n_valid = int((y != -100).sum())
+
+    def loss_i(Wm, x, lab):  # the sample's share of the batch-mean loss
+        return F.cross_entropy(x @ Wm.t(), lab, ignore_index=-100, reduction="sum") / n_valid
+
+    G = vmap(grad(loss_i), in_dims=(None, 0, 0))(W, h.view(B, T, d), y.view(B, T))  # [B, V, d]
+    assert_close(g, P.project_dense(G), "proj", F32, DEV, "g_i vs P1 G_i P2ᵀ")
+
+    W2 = W.clone().requires_grad_()
+    F.cross_entropy(h @ W2.t(), y).backward()
+    assert_close(g.sum(0), P.project_dense(W2.grad), "proj", F32, DEV, "Σ g_i vs P1 dW P2ᵀ")
+
+
+def test_packed_documents_via_offsets():
+    """Packed documents (samples of unequal length, one row) reduced through offsets."""
+    N, d, V = 40, 10, 77
+    h, W, y = _data(N, d, V, seed=4, n_ignore=2)
+    P = make_projection(V, d, 8, 5, seed=2, device=DEV)
+    out = fused_linear_cross_entropy(h, W, y, projection=P, chunk_tokens=16, backend="torch")
+    offsets = torch.tensor([0, 7, 8, 25, 40])
+    g = per_sample_grads(out.u, out.w, offsets=offsets, backend="torch")
+    n_valid = int((y != -100).sum())
+    for i in range(4):
+        s, e = int(offsets[i]), int(offsets[i + 1])
+        Wi = W.clone().requires_grad_()
+        (F.cross_entropy(h[s:e] @ Wi.t(), y[s:e], ignore_index=-100, reduction="sum") / n_valid).backward()
+        assert_close(g[i], P.project_dense(Wi.grad), "proj", F32, DEV, f"doc {i}")
+
+
+def test_no_grad_path_and_bf16_torch_backend():
+    h, W, y = _data(30, 16, 90, seed=6)
+    P = make_projection(90, 16, 8, 4, seed=1, device=DEV)
+    with torch.no_grad():
+        out = fused_linear_cross_entropy(h, W, y, projection=P, chunk_tokens=8, backend="torch")
+    ref = fused_linear_cross_entropy_ref(h, W, y, projection=P)
+    assert_close(out.loss, ref.loss, "loss", F32, DEV, "no-grad loss")
+    outb = fused_linear_cross_entropy(h.bfloat16(), W.bfloat16(), y, projection=P, backend="torch")
+    assert abs(outb.loss.item() - ref.loss.item()) < 0.05 * ref.loss.item()
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(reduction="none"), ValueError),
+    (dict(chunk_tokens=0), ValueError),
+    (dict(backend="cuda"), ValueError),
+    (dict(projection=make_projection(91, 16, 4, 4, seed=0, device=DEV)), ValueError),
+])
+def test_fused_lce_rejects_bad_input(kwargs, exc):
+    h, W, y = _data(10, 16, 90)
+    with pytest.raises(exc):
+        fused_linear_cross_entropy(h, W, y, **kwargs)
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(h, W[:, :8], y)
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(h, W, y[:5])

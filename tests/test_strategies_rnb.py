@@ -1,0 +1,267 @@
+"""R&B Balance, the shared guards, strategy life cycle, invariances and state_dict round trips."""
+import json
+
+import numpy as np
+import pytest
+
+from megamix.config import MixingConfig
+from megamix.configbase import ConfigError
+from megamix.snapshot import StatsSnapshot
+from megamix.strategies import DoGraphStrategy, RnBStrategy, StaticStrategy, build_strategy
+from megamix.strategies.base import apply_floor, apply_ema, keep_inactive, merge_snapshots
+from megamix.strategies.exact import snapshot_from_per_sample
+from megamix.strategies.rnb import rnb_balance
+from megamix.strategies.snapshot_io import load_snapshot_npz, save_snapshot_npz
+
+NAMES = ["a", "b", "c", "d"]
+
+
+def _snap(seed=0, n_per=(20, 20, 20, 20), k=16, step=10, names=NAMES, sep=1.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(len(names), k)) * sep + rng.normal(size=k)
+    dom = np.repeat(np.arange(len(names)), n_per)
+    g = centers[dom] + 0.5 * rng.normal(size=(len(dom), k))
+    return snapshot_from_per_sample(g, dom, names, step=step, per_sample_loss=rng.uniform(1, 3, len(dom)))
+
+
+def _cfg(**kw):
+    kw.setdefault("min_weight", 0.0)
+    return MixingConfig(**kw)
+
+
+def test_rnb_matches_formula():
+    snap = _snap()
+    p0 = np.array([0.1, 0.2, 0.3, 0.4])
+    s = build_strategy(_cfg(strategy="rnb", rnb_lambda=2.0), NAMES, p0)
+    s.observe(snap)
+    w = s.propose(10)
+    m = snap.sums / snap.counts[:, None]
+    gp = (m @ m.T) @ p0
+    z = 2.0 * gp / np.linalg.norm(gp)
+    expect = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    np.testing.assert_allclose(w, expect, atol=1e-12)
+    np.testing.assert_allclose(s.history[-1][1], w)
+
+
+def test_rnb_unnormalised_option_and_lambda_sharpness():
+    m = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    p = np.array([0.6, 0.2, 0.2])
+    w1, _ = rnb_balance(m, p, 1.0)
+    w10, _ = rnb_balance(m, p, 10.0)
+    assert w10.max() > w1.max()
+    wu, gp = rnb_balance(m, p, 1.0, normalize=False)
+    np.testing.assert_allclose(np.log(wu) - np.log(wu).mean(), gp - gp.mean(), atol=1e-12)
+
+
+def test_rnb_eval_variant_uses_eval_gradients():
+    snap = _snap()
+    # eval gradient equal to domain c's train mean -> c gets the largest weight
+    mc = snap.sums[2] / snap.counts[2]
+    snap.eval_sums = np.stack([mc * 3] * 4)
+    snap.extra["eval_counts"] = np.array([3.0, 3.0, 3.0, 3.0])
+    s = build_strategy(_cfg(strategy="rnb", rnb_lambda=5.0), NAMES, np.full(4, 0.25))
+    s.observe(snap)
+    w = s.propose(10)
+    assert np.argmax(w) == 2 and s.last_info["target"] == "eval"
+    # switched off: train Gram instead
+    s2 = build_strategy(_cfg(strategy="rnb", rnb_lambda=5.0, rnb_use_eval=False), NAMES, np.full(4, 0.25))
+    s2.observe(snap)
+    assert s2.propose(10).tolist() != w.tolist() and s2.last_info["target"] == "train"
+
+
+def test_rnb_eval_group_without_points_is_dropped_and_all_empty_falls_back():
+    snap = _snap()
+    snap.eval_sums = np.zeros((4, snap.sums.shape[1]))
+    snap.eval_sums[1] = snap.sums[1]
+    snap.extra["eval_counts"] = np.array([0.0, 5.0, 0.0, 0.0])
+    s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
+    s.observe(snap)
+    w = s.propose(10)
+    assert s.last_info["eval_dropped"] == 3 and "fallback" not in s.last_info
+    assert abs(w.sum() - 1) < 1e-12
+    snap.extra["eval_counts"] = np.zeros(4)  # the paper's NaN case: no eval points anywhere
+    s.observe(snap)
+    w2 = s.propose(20)
+    np.testing.assert_allclose(w2, w)
+    assert "eval" in s.last_info["fallback"]
+
+
+@pytest.mark.parametrize("bad", ["zero", "nan"])
+def test_rnb_zero_or_nan_gram_keeps_previous(bad):
+    snap = _snap()
+    snap.sums[:] = 0.0 if bad == "zero" else np.nan
+    p0 = np.array([0.1, 0.2, 0.3, 0.4])
+    s = build_strategy(_cfg(strategy="rnb"), NAMES, p0)
+    s.observe(snap)
+    np.testing.assert_allclose(s.propose(10), p0)
+    assert s.last_info["fallback"]
+
+
+def test_min_count_keeps_previous_weight():
+    snap = _snap(n_per=(20, 2, 20, 20))
+    p0 = np.array([0.1, 0.2, 0.3, 0.4])
+    for strat in ("rnb", "dograph"):
+        s = build_strategy(_cfg(strategy=strat, min_count=5), NAMES, p0)
+        s.observe(snap)
+        w = s.propose(10)
+        assert w[1] == pytest.approx(0.2)
+        assert s.last_info["kept_previous"] == ["b"]
+        assert abs(w.sum() - 1) < 1e-12
+
+
+def test_unseen_domain_keeps_previous_and_single_domain():
+    snap = _snap(n_per=(20, 0, 20, 20))
+    s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
+    s.observe(snap)
+    assert s.propose(10)[1] == pytest.approx(0.25)
+    one = _snap(n_per=(10,), names=["only"])
+    for strat in ("rnb", "dograph"):
+        s1 = build_strategy(_cfg(strategy=strat), ["only"], [1.0])
+        s1.observe(one)
+        np.testing.assert_allclose(s1.propose(5), [1.0])
+
+
+def test_floor_and_ema():
+    w = apply_floor(np.array([0.9, 0.09, 0.01, 0.0]), 0.05)
+    assert w.min() >= 0.05 - 1e-12 and abs(w.sum() - 1) < 1e-12
+    assert w[0] / w[1] == pytest.approx(0.9 / 0.09)
+    with pytest.raises(ValueError):
+        apply_floor(np.full(4, 0.25), 0.3)
+    np.testing.assert_allclose(apply_ema(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75), [0.25, 0.75])
+    np.testing.assert_allclose(keep_inactive(np.array([0.5, 0.0, 0.5]), np.array([0.2, 0.6, 0.2]),
+                                             np.array([True, False, True])), [0.2, 0.6, 0.2])
+    snap = _snap()
+    s = build_strategy(_cfg(strategy="rnb", rnb_lambda=50.0, min_weight=0.1, ema=0.5), NAMES,
+                       np.full(4, 0.25))
+    s.observe(snap)
+    w = s.propose(10)
+    raw = np.asarray(s.last_info["raw"])
+    np.testing.assert_allclose(w, apply_floor(0.5 * raw + 0.5 * 0.25, 0.1))
+    assert w.min() >= 0.1 - 1e-12
+
+
+def test_infeasible_floor_is_a_config_error():
+    with pytest.raises(ConfigError):
+        build_strategy(MixingConfig(strategy="rnb", min_weight=0.3), NAMES, np.full(4, 0.25))
+    with pytest.raises(ConfigError):
+        build_strategy(MixingConfig(strategy="nope"), NAMES, np.full(4, 0.25))
+
+
+@pytest.mark.parametrize("strat,obj", [("rnb", "variance"), ("dograph", "variance"), ("dograph", "robust"),
+                                       ("dograph", "alignment"), ("dograph", "uncertainty")])
+def test_domain_permutation_permutes_weights(strat, obj):
+    snap = _snap(seed=4, sep=3.0)
+    p0 = np.array([0.1, 0.2, 0.3, 0.4])
+    perm = np.array([2, 0, 3, 1])  # new domain j is old domain perm[j]
+    inv = np.argsort(perm)
+    names_p = [NAMES[i] for i in perm]
+    rows = np.random.default_rng(1).permutation(len(snap.per_sample_domain))  # sample order too
+    g, dom = snap.per_sample[rows], snap.per_sample_domain[rows]
+    snap_p = snapshot_from_per_sample(g, inv[dom], names_p, step=10,
+                                      per_sample_loss=snap.extra["per_sample_loss"][rows])
+    cfg = _cfg(strategy=strat, dograph_objective=obj, rnb_lambda=3.0)
+    s = build_strategy(cfg, NAMES, p0)
+    sp = build_strategy(cfg, names_p, p0[perm])
+    s.observe(snap)
+    sp.observe(snap_p)
+    np.testing.assert_allclose(sp.propose(10), s.propose(10)[perm], atol=1e-9)
+
+
+def test_static_never_changes():
+    s = build_strategy(MixingConfig(strategy="static"), NAMES, [0.7, 0.1, 0.1, 0.1])
+    s.observe(_snap())
+    np.testing.assert_allclose(s.propose(10), [0.7, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(s.propose(20), [0.7, 0.1, 0.1, 0.1])
+    assert isinstance(s, StaticStrategy)
+
+
+def test_propose_without_observe_is_unchanged_and_domain_mismatch_errors():
+    s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
+    np.testing.assert_allclose(s.propose(10), np.full(4, 0.25))
+    with pytest.raises(ValueError, match="domains"):
+        s.observe(_snap(n_per=(5, 5), names=["x", "y"]))
+    d = build_strategy(_cfg(strategy="dograph"), NAMES, np.full(4, 0.25))
+    snap = _snap()
+    snap.per_sample = None
+    with pytest.raises(ValueError, match="per-sample"):
+        d.observe(snap)
+
+
+@pytest.mark.parametrize("strat", ["rnb", "dograph", "static"])
+def test_state_dict_round_trip_and_resume(strat):
+    cfg = _cfg(strategy=strat, ema=0.3, min_weight=0.02)
+    a = build_strategy(cfg, NAMES, np.full(4, 0.25))
+    for r in range(2):
+        a.observe(_snap(seed=r))
+        a.propose(10 * (r + 1))
+    a.observe(_snap(seed=7))  # pending, not yet proposed
+    sd = json.loads(json.dumps(a.state_dict()))  # must be JSON-serialisable
+    b = build_strategy(cfg, NAMES, np.full(4, 0.25))
+    b.load_state_dict(sd)
+    np.testing.assert_allclose(b.weights, a.weights)
+    assert b.history == a.history and b.rounds == a.rounds
+    wa, wb = a.propose(30), b.propose(30)
+    np.testing.assert_array_equal(wa, wb)
+    a.observe(_snap(seed=9))
+    b.observe(_snap(seed=9))
+    np.testing.assert_array_equal(a.propose(40), b.propose(40))
+    other = build_strategy(_cfg(strategy="rnb" if strat != "rnb" else "dograph"), NAMES, np.full(4, 0.25))
+    with pytest.raises(ValueError):
+        other.load_state_dict(sd)
+
+
+def test_merge_snapshots_adds_rounds():
+    a, b = _snap(seed=1), _snap(seed=2, step=20)
+    m = merge_snapshots(a, b)
+    np.testing.assert_allclose(m.counts, a.counts + b.counts)
+    np.testing.assert_allclose(m.sums, a.sums + b.sums)
+    assert m.per_sample.shape[0] == a.per_sample.shape[0] + b.per_sample.shape[0] and m.step == 20
+
+
+def test_snapshot_npz_round_trip(tmp_path):
+    snap = _snap()
+    snap.eval_sums = snap.sums[:2].copy()
+    snap.extra["eval_counts"] = np.array([3.0, 4.0])
+    p = save_snapshot_npz(snap, tmp_path / "s.npz")
+    back = load_snapshot_npz(p)
+    assert back.domain_names == NAMES and back.step == snap.step
+    for f in ("counts", "sums", "gram", "per_sample", "per_sample_domain", "eval_sums"):
+        np.testing.assert_allclose(getattr(back, f), getattr(snap, f))
+    np.testing.assert_allclose(back.extra["eval_counts"], [3.0, 4.0])
+    np.savez(tmp_path / "bad.npz", counts=np.ones(2))
+    with pytest.raises(ValueError, match="sums"):
+        load_snapshot_npz(tmp_path / "bad.npz")
+
+
+def test_dograph_favours_low_variance_cluster_with_uncertainty():
+    rng = np.random.default_rng(0)
+    k = 8
+    c = np.eye(k)[:2] * 20
+    dom = np.repeat([0, 1], 40)
+    noise = np.where(dom[:, None] == 0, 0.2, 2.0)
+    g = c[dom] + noise * rng.normal(size=(80, k))
+    snap = snapshot_from_per_sample(g, dom, ["calm", "noisy"])
+    s = build_strategy(_cfg(strategy="dograph", dograph_objective="uncertainty"), ["calm", "noisy"],
+                       [0.5, 0.5])
+    s.observe(snap)
+    w = s.propose(1)
+    assert w[0] > 0.9 and s.last_info["cluster_sizes"] == [40, 40]
+
+
+def test_dograph_fewer_samples_than_clusters_and_nonfinite_rows():
+    snap = _snap(n_per=(1, 1, 0, 0))
+    s = build_strategy(_cfg(strategy="dograph", dograph_clusters=6), NAMES, np.full(4, 0.25))
+    s.observe(snap)
+    w = s.propose(1)
+    assert s.last_info["clusters"] == 2 and abs(w.sum() - 1) < 1e-12
+    np.testing.assert_allclose(w[2:], [0.25, 0.25])
+    snap = _snap()
+    snap.per_sample[:] = np.nan
+    s.observe(snap)
+    np.testing.assert_allclose(s.propose(2), w)
+    assert "no (finite) per-sample" in s.last_info["fallback"]
+
+
+def test_strategy_classes():
+    assert isinstance(build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, .25)), RnBStrategy)
+    assert isinstance(build_strategy(_cfg(strategy="dograph"), NAMES, np.full(4, .25)), DoGraphStrategy)
