@@ -30,6 +30,7 @@ from kernels.projection import Projection
 from kernels.utils import HAS_TRITON, cdiv, interpreting, next_pow2, resolve_backend, tl, triton
 
 REDUCTIONS = ("mean", "sum")
+_PAD_V_ON_CPU = False  # tests flip this to exercise the CUDA-only V padding on CPU
 
 
 class LinearCEOutput(NamedTuple):
@@ -160,9 +161,11 @@ def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float, ig
         BV = block_v or 64
         warps = 4
     else:
-        BM = block_m or (32 if C >= 32 * 264 else 16)
-        BV = block_v or ((256 if BK1 <= 64 else 128) if p1t is not None else 1024)
-        warps = num_warps or 8
+        # One tile config whether or not the projection is on: the online-softmax order (hence δ and
+        # the training gradients) must not depend on it. Chosen from an H200 sweep of this pass.
+        BM = block_m or 16
+        BV = block_v or 128
+        warps = num_warps or 4
     loss = torch.empty(C, device=logits.device, dtype=torch.float32)
     u = torch.empty(C, k1, device=logits.device, dtype=torch.float32) if p1t is not None else loss
     if C > 0:
@@ -170,7 +173,8 @@ def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float, ig
             logits, logits.stride(0), labels, loss,
             p1t if p1t is not None else logits, p1t.stride(0) if p1t is not None else 0,
             u, u.stride(0), C, V, k1, float(scale), float(p1_scale), int(ignore_index),
-            HAS_PROJ=p1t is not None, BM=BM, BV=BV, BK1=BK1, DOT_IEEE=(p1t is None or p1t.dtype == torch.float32), num_warps=warps)
+            HAS_PROJ=p1t is not None, BM=BM, BV=BV, BK1=BK1,
+            DOT_IEEE=(p1t is None or p1t.dtype == torch.float32), num_warps=warps)
     return loss, (u if p1t is not None else None)
 
 
@@ -208,6 +212,13 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
     V = weight.shape[0]
     dev = hidden.device
     w_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+    # cuBLAS is several times slower when the logits row stride (V) is not 16-byte aligned (e.g.
+    # V=50257): on CUDA, pad W with zero rows to a multiple of 16; padded logits are exactly 0, the CE
+    # pass ignores them (it only touches columns < V), and their δ columns stay 0.
+    V_pad = V
+    if (hidden.is_cuda or _PAD_V_ON_CPU) and V % 16 != 0:
+        V_pad = V + (16 - V % 16)
+        w_c = torch.cat([w_c, w_c.new_zeros(V_pad - V, d)])
     valid = labels != ignore_index
     n_valid = int(valid.sum())
     if reduction == "mean":
@@ -225,11 +236,12 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
     u = torch.empty(N, projection.k1, device=dev, dtype=torch.float32) if projection is not None else None
     w = torch.empty(N, projection.k2, device=dev, dtype=torch.float32) if projection is not None else None
     dX = torch.empty_like(hidden) if need_dx else None
-    dW = torch.zeros_like(weight) if need_dw else None
+    dW = weight.new_zeros(V_pad, d) if need_dw else None
     for s in range(0, N, chunk_tokens):
         e = min(N, s + chunk_tokens)
         x = hidden[s:e]
-        logits = torch.mm(x, w_c.t())
+        logits_full = torch.mm(x, w_c.t())
+        logits = logits_full[:, :V] if V_pad != V else logits_full
         tl_c, u_c = ce(logits, labels[s:e], scale, ignore_index, p1t, p1_scale)
         token_loss[s:e] = tl_c
         if projection is not None:
@@ -238,12 +250,14 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
             if p2_scale != 1.0:
                 w[s:e].mul_(p2_scale)
         if need_dx:
-            torch.mm(logits, w_c, out=dX[s:e])
+            torch.mm(logits_full, w_c, out=dX[s:e])
         if need_dw:
-            if dW.dtype == logits.dtype:
-                dW.addmm_(logits.t(), x)
+            if dW.dtype == logits_full.dtype:
+                dW.addmm_(logits_full.t(), x)
             else:
-                dW.add_(torch.mm(logits.t(), x))
+                dW.add_(torch.mm(logits_full.t(), x))
+    if dW is not None and V_pad != V:
+        dW = dW[:V].contiguous()
     if reduction == "mean":
         loss = token_loss.sum() / n_valid if n_valid > 0 else token_loss.sum() * float("nan")
     else:

@@ -99,3 +99,22 @@ def test_failed_writer_leaves_nothing(tmp_path):
             raise RuntimeError("boom")
     assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.idx").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_byte_identical_to_megatron_core(tmp_path):
+    """When megatron-core is importable, its builder must write the very same bytes, and each reader
+    must read the other's files. (Checked against megatron-core 0.16.1.)"""
+    mi = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    import torch
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 50257, size=int(k)).astype(np.uint16) for k in rng.integers(0, 50, 30)]
+    write_documents(tmp_path / "ours", docs, np.uint16)
+    b = mi.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for d in docs:
+        b.add_item(torch.from_numpy(d.astype(np.int64)))
+        b.end_document()
+    b.finalize(str(tmp_path / "theirs.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"theirs{ext}").read_bytes()
+    m = mi.IndexedDataset(str(tmp_path / "ours"))
+    assert all(np.array_equal(m[i], docs[i]) for i in range(len(docs)))

@@ -48,27 +48,33 @@ def _setup_rank(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _resume_worker(rank: int, port: int, zero: int, data_dir: str, root: str) -> None:
-    """Uninterrupted run A; run B stops at step 3 (mid-round) and resumes to the end."""
+def _resume_worker(rank: int, port: int, zeros: list[int], data_dir: str, root: str) -> None:
+    """For each ZeRO stage: uninterrupted run A; run B stops at step 3 (mid-round) and resumes."""
     _setup_rank(rank, port)
     from megamix.integrations.deepspeed import run_deepspeed_training
 
-    res = {}
-    a = run_deepspeed_training(_cfg(data_dir, f"{root}/A", zero), rank, WORLD, progress=False)
-    b1 = run_deepspeed_training(_cfg(data_dir, f"{root}/B", zero), rank, WORLD, progress=False, stop_at_step=3)
-    b2 = run_deepspeed_training(_cfg(data_dir, f"{root}/B", zero), rank, WORLD, progress=False)
-    for name, r in (("A", a), ("B1", b1), ("B2", b2)):
-        res[name] = {"losses": r.step_losses, "weights": r.weights, "history": r.weight_history,
-                     "start": r.start_step, "steps": r.steps, "valid": r.valid_loss}
-    Path(root, f"resume_rank{rank}.json").write_text(json.dumps(res))
+    for zero in zeros:
+        res = {}
+        d = f"{root}/z{zero}"
+        a = run_deepspeed_training(_cfg(data_dir, f"{d}/A", zero), rank, WORLD, progress=False)
+        b1 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero), rank, WORLD, progress=False, stop_at_step=3)
+        b2 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero), rank, WORLD, progress=False)
+        for name, r in (("A", a), ("B1", b1), ("B2", b2)):
+            res[name] = {"losses": r.step_losses, "weights": r.weights, "history": r.weight_history,
+                         "start": r.start_step, "steps": r.steps, "valid": r.valid_loss}
+        Path(d, f"resume_rank{rank}.json").write_text(json.dumps(res))
 
 
-def _run_resume(tmp_path: Path, tiny_store: Path, zero: int) -> dict:
+def _run_resume(tmp_path: Path, tiny_store: Path, zeros: list[int]) -> dict:
+    """Runs all stages in one 2-process spawn (one import / process-group setup); results per stage."""
     mp = pytest.importorskip("torch.multiprocessing")
-    root = tmp_path / f"z{zero}"
-    root.mkdir()
-    mp.spawn(_resume_worker, args=(_free_port(), zero, str(tiny_store.parent), str(root)), nprocs=WORLD, join=True)
-    return {r: json.loads((root / f"resume_rank{r}.json").read_text()) for r in range(WORLD)} | {"root": root}
+    mp.spawn(_resume_worker, args=(_free_port(), zeros, str(tiny_store.parent), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    out = {}
+    for z in zeros:
+        root = tmp_path / f"z{z}"
+        out[z] = {r: json.loads((root / f"resume_rank{r}.json").read_text()) for r in range(WORLD)} | {"root": root}
+    return out
 
 
 def _check_resume(res: dict) -> None:
@@ -141,22 +147,24 @@ def _check_stats_vs_single_process(res: dict, tiny_store: Path, zero: int) -> No
     np.testing.assert_allclose(loss, ref.domain_loss, rtol=1e-4)
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_deepspeed_two_ranks_resume_and_stats(tmp_path, tiny_store, zero):
+def test_deepspeed_two_ranks_zero1_zero2_resume_and_stats(tmp_path, tiny_store):
     t0 = time.time()
-    res = _run_resume(tmp_path, tiny_store, zero)
-    _check_resume(res)
-    _check_stats_vs_single_process(res, tiny_store, zero)
-    print(f"ZeRO-{zero}: 2-rank runs took {time.time() - t0:.1f}s")
+    res = _run_resume(tmp_path, tiny_store, [1, 2])
+    for zero in (1, 2):
+        _check_resume(res[zero])
+        _check_stats_vs_single_process(res[zero], tiny_store, zero)
+    print(f"ZeRO-1 + ZeRO-2: 2-rank runs took {time.time() - t0:.1f}s")
 
 
-def test_deepspeed_zero3_resume(tmp_path, tiny_store):
-    res = _run_resume(tmp_path, tiny_store, 3)
-    _check_resume(res)
-    _check_stats_vs_single_process(res, tiny_store, 3)
+@pytest.mark.slow
+def test_deepspeed_zero3_resume_and_stats(tmp_path, tiny_store):
+    res = _run_resume(tmp_path, tiny_store, [3])
+    _check_resume(res[3])
+    _check_stats_vs_single_process(res[3], tiny_store, 3)
 
 
-def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int) -> None:
+def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int, repeats: int = 1,
+                   extra: tuple = ()) -> None:
     """Own loop with attach(engine, mixer): parameters bit-identical with and without megamix; timing."""
     _setup_rank(rank, port)
     from megamix.data.store import TokenStore
@@ -164,12 +172,12 @@ def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int) -
     from megamix.mixer import Mixer
     from megamix.train.model import build_model
 
-    cfg = _cfg(data_dir, f"{root}/own", 1, "mixing.strategy=static", f"train.steps={steps}")
+    cfg = _cfg(data_dir, f"{root}/own", 1, "mixing.strategy=static", f"train.steps={steps}", *extra)
     init_distributed("gloo", rank=rank, world_size=WORLD)
     store = TokenStore(Path(data_dir) / "tokens")
     V = cfg.model.vocab_size
     out = {}
-    for with_megamix in (False, True, False, True):
+    for with_megamix in (False, True) * repeats:
         torch.manual_seed(0)
         engine = create_engine(build_model(cfg.model, seed=0), cfg, WORLD)
         mixer = Mixer(cfg, store, rank=rank, world_size=WORLD)
@@ -253,3 +261,21 @@ def test_gpu_configs_validate(path, world):
     info = validate_launch(cfg, world, check_devices=False)
     assert info["gradient_accumulation_steps"] >= 1
     assert cfg.deepspeed.enabled and cfg.train.dtype == "bf16"
+
+
+@pytest.mark.slow
+def test_deepspeed_overhead_benchmark(tmp_path, tiny_store):
+    """Step-time overhead on the tiny-cpu model shape (GPT-2 2x128, seq 128, vocab 50257), ZeRO-1, 2 ranks,
+    global batch 16 = 2 ranks x micro 4 x 2 accumulation; k = 32x16. Interleaved plain/megamix runs."""
+    mp = pytest.importorskip("torch.multiprocessing")
+    extra = ("model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.seq_len=128",
+             "train.global_batch_size=16", "train.micro_batch_size=4", "projection.k1=32", "projection.k2=16")
+    steps, repeats = 8, 2
+    mp.spawn(_attach_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path), steps, repeats, extra),
+             nprocs=WORLD, join=True)
+    r = torch.load(tmp_path / "attach_rank0.pt")
+    plain = float(np.median(r["plain"]["times"]))
+    mm = float(np.median(r["megamix"]["times"]))
+    print(f"\nZeRO-1 2-rank CPU, GPT-2 2x128 seq128 gbs16, k=512: plain {plain:.3f}s/step, megamix {mm:.3f}s/step, "
+          f"overhead {100 * (mm / plain - 1):+.1f}% (median of {len(r['plain']['times'])} steps each)")
+    assert torch.equal(r["plain"]["params"], r["megamix"]["params"])

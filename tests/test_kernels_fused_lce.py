@@ -140,3 +140,21 @@ def test_fused_lce_rejects_bad_input(kwargs, exc):
         fused_linear_cross_entropy(h, W[:, :8], y)
     with pytest.raises(ValueError):
         fused_linear_cross_entropy(h, W, y[:5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_padding_path_matches(backend, monkeypatch):
+    """The CUDA-only zero-padding of W to a multiple of 16 rows (aligned GEMMs) changes nothing."""
+    import kernels.fused_linear_ce as flce
+    h, W, y = _data(30, 12, 101, seed=7)
+    P = make_projection(101, 12, 8, 4, seed=1, device=DEV)
+    res = []
+    for pad in (False, True):
+        monkeypatch.setattr(flce, "_PAD_V_ON_CPU", pad)
+        h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h1, W1, y, projection=P, chunk_tokens=16, backend=backend)
+        out.loss.backward()
+        res.append((out.loss.detach(), out.u, h1.grad, W1.grad))
+    assert res[1][3].shape == W.shape
+    for a, b, q in zip(res[0], res[1], ("loss", "proj", "grad", "grad")):
+        assert_close(b, a, q, F32, DEV, "padded vs unpadded")

@@ -1,4 +1,5 @@
-"""Real multi-process runs (torch.multiprocessing spawn, gloo): 4 ranks, then a 2-rank resume.
+"""Real multi-process runs (torch.multiprocessing spawn, gloo): 4 ranks, then a 2-rank resume
+(ranks 0 and 1 in their own process group).
 
 Checks: the ranks' slices are disjoint and together equal the single-process global batch; weights
 reach every rank bit for bit through ``broadcast_weights`` (non-zero ranks pass junk); the debug
@@ -28,45 +29,51 @@ def _loader(store_dir, rank, world, micro):
                          rank=rank, world_size=world, **CFG)
 
 
-def _worker(rank, world, init_file, store_dir, out_dir, resume_from):
+def _run(loader, rank, group, resume_from, out_dir):
+    """Train-loop stand-in: rank 0 proposes weights, every step is checked, batches are recorded."""
+    rec = {"sample_ids": [], "domain_ids": [], "input_ids": [], "weights": []}
+    if resume_from:
+        loader.load_state_dict(json.loads(Path(resume_from).read_text()))
+    while loader.step < STEPS:
+        if loader.step in SCHED:
+            proposal = SCHED[loader.step] if rank == 0 else np.random.default_rng(rank).random(4)
+            loader.set_weights(broadcast_weights(proposal, group=group, src=0))
+        verify_consistent(loader.sampler.checksum(), group=group)  # debug mode: every step
+        mbs = loader.next_step()
+        rec["sample_ids"].append(torch.cat([b.sample_ids for b in mbs]).numpy())
+        rec["domain_ids"].append(torch.cat([b.domain_ids for b in mbs]).numpy())
+        rec["input_ids"].append(torch.cat([b.input_ids for b in mbs]).numpy())
+        rec["weights"].append(loader.weights)
+        if not resume_from and loader.step == CKPT_STEP and rank == 0:
+            Path(out_dir, "ckpt.json").write_text(json.dumps(loader.state_dict()))
+    return {k: np.stack(v) for k, v in rec.items()}
+
+
+def _worker(rank, world, init_file, store_dir, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        # phase 1: all 4 ranks, checkpoint at CKPT_STEP
         loader = _loader(store_dir, rank, world, micro=2)
-        if resume_from:
-            loader.load_state_dict(json.loads(Path(resume_from).read_text()))
-        rec = {"sample_ids": [], "domain_ids": [], "input_ids": [], "weights": []}
-        while loader.step < STEPS:
-            if loader.step in SCHED:
-                proposal = SCHED[loader.step] if rank == 0 else np.random.default_rng(rank).random(4)
-                loader.set_weights(broadcast_weights(proposal, group=None, src=0))
-            verify_consistent(loader.sampler.checksum(), group=None)  # debug mode: every step
-            mbs = loader.next_step()
-            rec["sample_ids"].append(torch.cat([b.sample_ids for b in mbs]).numpy())
-            rec["domain_ids"].append(torch.cat([b.domain_ids for b in mbs]).numpy())
-            rec["input_ids"].append(torch.cat([b.input_ids for b in mbs]).numpy())
-            rec["weights"].append(loader.weights)
-            if not resume_from and loader.step == CKPT_STEP and rank == 0:
-                Path(out_dir, "ckpt.json").write_text(json.dumps(loader.state_dict()))
-        detected = False
-        if not resume_from:  # a rank that skips the broadcast must be caught by the checksum
-            if rank == 1:
-                loader.set_weights([0.9, 0.1, 0.0, 0.0])
-            try:
-                verify_consistent(loader.sampler.checksum(), group=None)
-            except RuntimeError as e:
-                detected = "differs across ranks" in str(e)
-        np.savez(Path(out_dir, f"rank{rank}.npz"), detected=detected,
-                 **{k: np.stack(v) for k, v in rec.items()})
+        rec = _run(loader, rank, None, "", out_dir)
+        detected = False  # a rank that skips the broadcast must be caught by the checksum
+        if rank == 1:
+            loader.set_weights([0.9, 0.1, 0.0, 0.0])
+        try:
+            verify_consistent(loader.sampler.checksum(), group=None)
+        except RuntimeError as e:
+            detected = "differs across ranks" in str(e)
+        np.savez(Path(out_dir, f"w4_rank{rank}.npz"), detected=detected, **rec)
+        dist.barrier()
+        # phase 2: ranks 0 and 1 resume the checkpoint as a 2-rank job (a process group of 2)
+        pair = dist.new_group([0, 1])
+        if rank < 2:
+            loader = _loader(store_dir, rank, 2, micro=4)
+            rec = _run(loader, rank, pair, str(Path(out_dir, "ckpt.json")), out_dir)
+            np.savez(Path(out_dir, f"w2_rank{rank}.npz"), **rec)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _spawn(world, tmp, store_dir, out_dir, resume_from=""):
-    out_dir.mkdir()
-    mp.spawn(_worker, args=(world, str(tmp / f"init_{world}_{out_dir.name}"), str(store_dir), str(out_dir),
-                            resume_from), nprocs=world, join=True)
-    return [np.load(out_dir / f"rank{r}.npz") for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +94,11 @@ def _reference(store_dir):
 
 
 def test_four_ranks_then_resume_on_two(store_dir, tmp_path):
+    """One spawn of 4 processes covers both world sizes (one spawn instead of two)."""
     ref, ref_loader = _reference(store_dir)
-    four = _spawn(4, tmp_path, store_dir, tmp_path / "run4")
+    mp.spawn(_worker, args=(4, str(tmp_path / "init"), str(store_dir), str(tmp_path)), nprocs=4, join=True)
+    four = [np.load(tmp_path / f"w4_rank{r}.npz") for r in range(4)]
+    two = [np.load(tmp_path / f"w2_rank{r}.npz") for r in range(2)]
     assert all(bool(r["detected"]) for r in four), "diverged weights were not detected"
     for t in range(STEPS):
         sids = np.concatenate([r["sample_ids"][t] for r in four])
@@ -107,7 +117,6 @@ def test_four_ranks_then_resume_on_two(store_dir, tmp_path):
             first = np.concatenate(ids[:upto[-1] + 1])
             assert len(np.unique(first)) == len(first) > 0, d
 
-    two = _spawn(2, tmp_path, store_dir, tmp_path / "run2", resume_from=str(tmp_path / "run4" / "ckpt.json"))
     for k, t in enumerate(range(CKPT_STEP, STEPS)):
         sids = np.concatenate([r["sample_ids"][k] for r in two])
         assert np.array_equal(sids, ref[t][0]), t

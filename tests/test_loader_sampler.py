@@ -5,7 +5,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from megamix.loader.permutation import FeistelPermutation, PermutationCache, derive_key
+from megamix.loader.permutation import FeistelPermutation, PermutationCache, derive_key, feistel_many
 from megamix.loader.sampler import (Q, DomainExhaustedError, MixtureSampler, WeightError, allocate,
                                     quantize_weights, validate_weights)
 
@@ -280,14 +280,26 @@ def test_set_weights_builds_nothing_and_huge_domains_work(monkeypatch):
     import megamix.loader.sampler as sm
     s = MixtureSampler([10**12, 10**11, 3], [1, 1, 1], global_batch_size=8, seed=0)
     s.next_global()
-    built = []
-    orig = sm.PermutationCache.lookup
-    monkeypatch.setattr(sm.PermutationCache, "lookup", lambda self, *a: built.append(a[0]) or orig(self, *a))
+    calls = []
+    orig_array, orig_many = sm.PermutationCache.array, sm.feistel_many
+    monkeypatch.setattr(sm.PermutationCache, "array", lambda self, *a: calls.append(a) or orig_array(self, *a))
+    monkeypatch.setattr(sm, "feistel_many", lambda *a: calls.append(a) or orig_many(*a))
     for k in range(100):
         s.set_weights([k + 1, 1, 1])
-    assert built == []  # a weight change touches no permutation
+    assert calls == []  # a weight change touches no permutation
     g = s.next_global()
-    assert g.indices[g.domains == 0].max() < 10**12 and s._cache.nbytes < 100
+    assert calls and g.indices[g.domains == 0].max() < 10**12 and s._cache.nbytes < 100
+
+
+def test_vectorised_feistel_matches_scalar():
+    rng = np.random.default_rng(5)
+    ns = np.asarray([1, 2, 5, 1000, 4097, 10**12], dtype=np.int64)
+    keys = [derive_key(7, i) for i in range(len(ns))]
+    which = rng.integers(0, len(ns), size=500)
+    pos = (rng.random(500) * ns[which]).astype(np.int64)
+    got = feistel_many(pos, ns[which], np.asarray(keys, dtype=np.uint64)[which])
+    want = [FeistelPermutation(int(ns[w]), keys[w])(np.asarray([p]))[0] for w, p in zip(which, pos)]
+    assert got.tolist() == want
 
 
 def test_checksum_tracks_state():

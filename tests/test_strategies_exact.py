@@ -7,6 +7,8 @@ independent ~sqrt(2/32) relative errors). Domain mean gradients are close to ran
 relative Gram error of one projection is 0.2-0.34 here. Stated tolerances (max abs weight difference,
 over 2 data seeds x 4 projection seeds): R&B (λ=1) 0.10, DoGraph (cosine clustering) 0.12.
 """
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,7 @@ def _project(G, k, seed):
     return (P1 @ G @ P2.t()).reshape(G.shape[0], -1)
 
 
+@functools.lru_cache(maxsize=None)
 def _data(seed):
     """A tiny LM head; each domain has its own hidden-state mean and its own band of target tokens."""
     g = torch.Generator().manual_seed(seed)
@@ -45,11 +48,12 @@ def _data(seed):
     lab = torch.stack([torch.randint(int(d) * band, (int(d) + 1) * band, (T,), generator=g)
                        for d in dom]).reshape(-1)
     sidx = torch.arange(B).repeat_interleave(T)
-    return h, W, lab, sidx, dom.numpy()
+    G = exact_lm_head_grads(h, W, lab, sidx, B)
+    return h, W, lab, sidx, dom.numpy(), G
 
 
 def test_exact_grads_match_autograd():
-    h, W, lab, sidx, _ = _data(0)
+    h, W, lab, sidx, _, _ = _data(0)
     lab = lab.clone()
     lab[5] = -100
     B = int(sidx.max()) + 1
@@ -68,8 +72,7 @@ def test_exact_grads_match_autograd():
 
 
 def test_projected_gram_is_unbiased():
-    h, W, lab, sidx, dom = _data(1)
-    G = exact_lm_head_grads(h, W, lab, sidx, len(dom))
+    *_, dom, G = _data(1)
     exact = snapshot_from_per_sample(G.reshape(len(dom), -1).numpy(), dom, NAMES).gram
     n = 32
     avg = sum(snapshot_from_per_sample(_project(G, 32, s).numpy(), dom, NAMES).gram for s in range(n)) / n
@@ -89,8 +92,7 @@ def test_projected_weights_agree_with_exact(strategy, objective, tol):
     p0 = np.array([0.5, 0.3, 0.2])
     worst = 0.0
     for data_seed in (1, 2):
-        h, W, lab, sidx, dom = _data(data_seed)
-        G = exact_lm_head_grads(h, W, lab, sidx, len(dom))
+        *_, dom, G = _data(data_seed)
         ge = G.reshape(len(dom), -1).numpy()
         assert ge.shape[1] == V * DH
         se = build_strategy(cfg, NAMES, p0)

@@ -265,3 +265,23 @@ def test_dograph_fewer_samples_than_clusters_and_nonfinite_rows():
 def test_strategy_classes():
     assert isinstance(build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, .25)), RnBStrategy)
     assert isinstance(build_strategy(_cfg(strategy="dograph"), NAMES, np.full(4, .25)), DoGraphStrategy)
+
+
+def test_dograph_robust_upweights_high_loss_cluster():
+    rng = np.random.default_rng(0)
+    k = 8
+    dom = np.repeat([0, 1], 30)
+    g = (np.eye(k)[:2] * 5)[dom] + 0.3 * rng.normal(size=(60, k))
+    loss = np.where(dom == 1, 4.0, 1.0)
+    cfg = _cfg(strategy="dograph", dograph_objective="robust", dograph_tau=1.0)
+    # from per-sample losses
+    s = build_strategy(cfg, ["easy", "hard"], [0.5, 0.5])
+    s.observe(snapshot_from_per_sample(g, dom, ["easy", "hard"], per_sample_loss=loss))
+    w = s.propose(1)
+    np.testing.assert_allclose(w, np.exp([1.0, 4.0]) / np.exp([1.0, 4.0]).sum(), atol=1e-9)
+    # from domain losses only (what DomainStats provides)
+    snap = snapshot_from_per_sample(g, dom, ["easy", "hard"], per_sample_loss=loss)
+    snap.extra.pop("per_sample_loss")
+    s2 = build_strategy(cfg, ["easy", "hard"], [0.5, 0.5])
+    s2.observe(snap)
+    np.testing.assert_allclose(s2.propose(1), w, atol=1e-9)

@@ -145,11 +145,13 @@ def _stream_kmeans(emb_batches, k_by_group: dict[str, int], batch_size: int, see
         x = np.concatenate(buffers[g])
         need = max(models[g].n_clusters, 1) if g in fitted else max(3 * models[g].n_clusters, batch_size)
         if len(x) >= need or (force and len(x) >= models[g].n_clusters):
-            models[g].partial_fit(x)
+            with blas_threads(1):  # the embedder (torch) keeps its own threads
+                models[g].partial_fit(x)
             fitted.add(g)
             buffers[g] = []
         elif force and g in fitted:
-            models[g].partial_fit(np.concatenate([x] * int(np.ceil(models[g].n_clusters / len(x)))))
+            with blas_threads(1):
+                models[g].partial_fit(np.concatenate([x] * int(np.ceil(models[g].n_clusters / len(x)))))
             buffers[g] = []
 
     for emb, groups in emb_batches:
@@ -286,8 +288,7 @@ def build_vocab(data_dir: str | Path, out_dir: str | Path, *, k: int = 32,
             emb[s: s + len(e)] = e
             yield e, groups[s: s + batch_size]
 
-    with blas_threads(1):
-        models = _stream_kmeans(batches(), k_by_group, batch_size=batch_size, seed=seed)
+    models = _stream_kmeans(batches(), k_by_group, batch_size=batch_size, seed=seed)
     cents, cgroups = [], []
     for g in sorted(models):
         c = models[g].cluster_centers_.astype(np.float32)

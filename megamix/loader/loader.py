@@ -70,33 +70,53 @@ class DomainWindows:
         return self.num_samples
 
     def _layout(self, starts: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Position-in-document and document ordinal (within the window) of ``width`` tokens per start."""
-        pos = starts[:, None] + np.arange(width, dtype=np.int64)[None, :]
-        doc = np.searchsorted(self.doc_offsets, pos, side="right") - 1
-        return pos - self.doc_offsets[doc], doc - doc[:, :1]
+        """Position-in-document and document ordinal (within the window) of ``width`` tokens per start.
 
-    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Windows of the given sample indices: ``(tokens [b,T+1], positions [b,T+1], segments [b,T+1])``."""
-        idx = np.asarray(indices, dtype=np.int64)
+        Only the document boundaries inside each window are looked up (two binary searches per
+        row); positions then follow from a running maximum of the boundary offsets.
+        """
+        b = len(starts)
+        offs = self.doc_offsets
+        lo = np.searchsorted(offs, starts, side="right") - 1            # document of the first token
+        hi = np.searchsorted(offs, starts + width - 1, side="right") - 1  # document of the last token
+        nb = hi - lo                                                    # boundaries inside the window
+        rows = np.repeat(np.arange(b), nb)
+        k = np.arange(int(nb.sum()), dtype=np.int64) - np.repeat(np.cumsum(nb) - nb, nb)
+        cols = offs[np.repeat(lo, nb) + 1 + k] - np.repeat(starts, nb)
+        base = np.full((b, width), np.iinfo(np.int64).min, dtype=np.int64)
+        base[:, 0] = offs[lo] - starts
+        base[rows, cols] = cols
+        np.maximum.accumulate(base, axis=1, out=base)
+        positions = np.arange(width, dtype=np.int64)[None, :] - base
+        mark = np.zeros((b, width), dtype=np.int64)
+        mark[rows, cols] = 1
+        return positions, np.cumsum(mark, axis=1, out=mark)
+
+    def _check(self, idx: np.ndarray) -> None:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
             raise IndexError(f"sample index out of range [0, {self.num_samples})")
-        W = self.seq_len + 1
-        starts = idx * self.seq_len
-        toks = np.empty((len(idx), W), dtype=np.int64)
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(input_ids, labels, positions, segments)``, each ``[b, T]`` int64, of the given samples."""
+        idx = np.asarray(indices, dtype=np.int64)
+        self._check(idx)
+        T = self.seq_len
+        starts = idx * T
+        inp = np.empty((len(idx), T), dtype=np.int64)
+        lab = np.empty((len(idx), T), dtype=np.int64)
         for r, s in enumerate(starts.tolist()):
-            toks[r] = self.tokens[s:s + W]
-        positions, segments = self._layout(starts, W)
-        return toks, positions, segments
+            inp[r] = self.tokens[s:s + T]
+            lab[r] = self.tokens[s + 1:s + T + 1]
+        positions, segments = self._layout(starts, T)
+        return inp, lab, positions, segments
 
 
-def _to_batch(toks, positions, segments, domain_ids, sample_ids, labels=None) -> Batch:
-    lab = toks[:, 1:] if labels is None else labels
-    return Batch(input_ids=torch.from_numpy(np.ascontiguousarray(toks[:, :-1])),
-                 labels=torch.from_numpy(np.ascontiguousarray(lab)),
+def _to_batch(inp, lab, positions, segments, domain_ids, sample_ids) -> Batch:
+    return Batch(input_ids=torch.from_numpy(inp), labels=torch.from_numpy(lab),
                  domain_ids=torch.from_numpy(np.asarray(domain_ids, dtype=np.int64)),
-                 position_ids=torch.from_numpy(np.ascontiguousarray(positions[:, :-1])),
+                 position_ids=torch.from_numpy(positions),
                  sample_ids=torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
-                 segment_ids=torch.from_numpy(np.ascontiguousarray(segments[:, :-1])))
+                 segment_ids=torch.from_numpy(segments))
 
 
 class MixtureLoader:
@@ -184,14 +204,13 @@ class MixtureLoader:
     # ------------------------------------------------------------------ batches
     def assemble(self, domains: np.ndarray, indices: np.ndarray) -> Batch:
         """Read the windows of ``(domain, index)`` pairs into one :class:`Batch` (rows in that order)."""
-        b, W = len(domains), self.seq_len + 1
-        toks = np.empty((b, W), dtype=np.int64)
-        pos = np.empty((b, W), dtype=np.int64)
-        seg = np.empty((b, W), dtype=np.int64)
-        for d in np.unique(domains):
+        b, T = len(domains), self.seq_len
+        out = [np.empty((b, T), dtype=np.int64) for _ in range(4)]
+        for d in np.unique(domains).tolist():
             rows = np.flatnonzero(domains == d)
-            toks[rows], pos[rows], seg[rows] = self.windows[int(d)].gather(indices[rows])
-        return _to_batch(toks, pos, seg, domains, self.domain_offsets[domains] + indices)
+            for o, part in zip(out, self.windows[d].gather(indices[rows])):
+                o[rows] = part
+        return _to_batch(*out, domains, self.domain_offsets[domains] + indices)
 
     def next_step(self) -> list[Batch]:
         """The micro-batches of the next optimizer step on this rank."""
@@ -269,17 +288,15 @@ def eval_batches(store, domain: str, *, seq_len: int, batch_size: int, max_batch
     for bi in range(rank, n_batches, world_size):
         lo, hi = bi * batch_size, min(n_total, (bi + 1) * batch_size)
         ids = np.arange(lo, hi, dtype=np.int64)
-        full = ids[ids < n_full]
-        toks, pos, seg = win.gather(full) if len(full) else (np.empty((0, T + 1), np.int64),) * 3
-        labels = toks[:, 1:].copy()
-        if len(full) < len(ids):  # the trailing partial window
+        inp, lab, pos, seg = win.gather(ids[ids < n_full])
+        if hi > n_full:  # the trailing partial window (index n_full)
             s = n_full * T
             real = np.asarray(win.tokens[s:N], dtype=np.int64)
             row = np.full(T + 1, eos, dtype=np.int64)
             row[:len(real)] = real
-            p, g = win._layout(np.asarray([s]), T + 1)
-            lab = row[1:].copy()
-            lab[len(real) - 1:] = IGNORE_INDEX
-            toks, pos, seg = np.vstack([toks, row]), np.vstack([pos, p]), np.vstack([seg, g])
-            labels = np.vstack([labels, lab])
-        yield _to_batch(toks, pos, seg, np.full(len(ids), did), ids, labels=labels)
+            row_lab = row[1:].copy()
+            row_lab[len(real) - 1:] = IGNORE_INDEX
+            p, g = win._layout(np.asarray([s]), T)
+            inp, lab = np.vstack([inp, row[None, :-1]]), np.vstack([lab, row_lab[None]])
+            pos, seg = np.vstack([pos, p]), np.vstack([seg, g])
+        yield _to_batch(inp, lab, pos, seg, np.full(len(ids), did), ids)

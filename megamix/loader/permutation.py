@@ -74,6 +74,56 @@ def hash_order(n: int, key: int) -> np.ndarray:
     return np.argsort(h, kind="stable").astype(np.int64)
 
 
+def _round_keys(keys: np.ndarray) -> list[np.ndarray]:
+    """Per-round keys ``splitmix64(key ^ r*golden)`` for an array of 64-bit keys."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    return [_mix((keys ^ np.uint64(r * _GOLDEN & _M64)) + np.uint64(_GOLDEN)) for r in range(ROUNDS)]
+
+
+def _half_bits(n: int) -> int:
+    bits = max(2, (max(int(n) - 1, 1)).bit_length())
+    return (bits + bits % 2) // 2
+
+
+def _network(x: np.ndarray, half, mask, rks) -> np.ndarray:
+    """Balanced Feistel network on ``2*half`` bits; ``half``, ``mask`` and round keys broadcast with x."""
+    left = x >> half
+    right = x & mask
+    for k in rks:
+        left, right = right, left ^ (_mix(right ^ k) & mask)
+    return (left << half) | right
+
+
+def feistel_many(pos: np.ndarray, n: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Evaluate many permutations at once: element j gets ``pi_{n[j], keys[j]}(pos[j])``.
+
+    This is how the sampler reads lazily permuted domains: one vectorised call per step for all
+    domains, instead of one call per domain. Results equal :class:`FeistelPermutation`'s.
+    """
+    pos = np.asarray(pos, dtype=np.int64)
+    n = np.asarray(n, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.uint64)
+    if pos.size == 0:
+        return pos.copy()
+    if np.any(pos < 0) or np.any(pos >= n):
+        raise IndexError("permutation positions must lie in [0, n)")
+    uniq, inv = np.unique(n, return_inverse=True)
+    half = np.asarray([_half_bits(u) for u in uniq.tolist()], dtype=np.uint64)[inv]
+    mask = (np.uint64(1) << half) - np.uint64(1)
+    rks = _round_keys(keys)
+    nn = n.astype(np.uint64)
+    y = _network(pos.astype(np.uint64), half, mask, rks)
+    out = y >= nn
+    while out.any():  # cycle walking
+        sel = np.flatnonzero(out)
+        y[sel] = _network(y[sel], half[sel], mask[sel], [k[sel] for k in rks])
+        out[sel] = y[sel] >= nn[sel]
+    small = n <= 1
+    if small.any():
+        y[small] = pos[small].astype(np.uint64)
+    return y.astype(np.int64)
+
+
 class FeistelPermutation:
     """A keyed bijection ``pi`` on ``[0, n)``.
 
@@ -89,19 +139,10 @@ class FeistelPermutation:
         if n < 0:
             raise ValueError(f"permutation size must be >= 0, got {n}")
         self.n = int(n)
-        bits = max(2, (max(self.n - 1, 1)).bit_length())
-        bits += bits % 2
-        self.half = bits // 2
+        self.half = _half_bits(self.n)
         self._half = np.uint64(self.half)
         self._mask = np.uint64((1 << self.half) - 1)
-        self._keys = [np.uint64(splitmix64(key ^ (r * _GOLDEN & _M64))) for r in range(ROUNDS)]
-
-    def _network(self, x: np.ndarray) -> np.ndarray:
-        left = x >> self._half
-        right = x & self._mask
-        for k in self._keys:
-            left, right = right, left ^ (_mix(right ^ k) & self._mask)
-        return (left << self._half) | right
+        self._keys = [np.uint64(int(k[0])) for k in _round_keys(np.asarray([key & _M64], dtype=np.uint64))]
 
     def __call__(self, idx) -> np.ndarray:
         """Permuted values of the positions ``idx`` (int array, each in ``[0, n)``) as int64."""
@@ -110,12 +151,13 @@ class FeistelPermutation:
             raise IndexError(f"permutation positions must lie in [0, {self.n})")
         if self.n <= 1:
             return x.copy()
-        y = self._network(x.astype(np.uint64))
-        out = y >= np.uint64(self.n)
+        nn = np.uint64(self.n)
+        y = _network(x.astype(np.uint64), self._half, self._mask, self._keys)
+        out = y >= nn
         while out.any():  # cycle walking: re-encrypt values that fell outside [0, n)
             sel = np.flatnonzero(out)
-            y[sel] = self._network(y[sel])
-            out[sel] = y[sel] >= np.uint64(self.n)
+            y[sel] = _network(y[sel], self._half, self._mask, self._keys)
+            out[sel] = y[sel] >= nn
         return y.astype(np.int64)
 
     def full(self, chunk: int = 1 << 20) -> np.ndarray:
@@ -148,23 +190,29 @@ class PermutationCache:
         self._arrays: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._bytes = 0
 
-    def lookup(self, n: int, key: int, cache_id: tuple[int, int], positions: np.ndarray) -> np.ndarray:
-        """``pi_key(positions)`` for a permutation of size ``n``; ``cache_id`` names it, e.g. (domain, epoch)."""
+    def array(self, n: int, key: int, cache_id: tuple[int, int]) -> np.ndarray | None:
+        """The cached full permutation (built now if it is eligible), or ``None`` if it stays lazy."""
         arr = self._arrays.get(cache_id)
         if arr is not None and len(arr) == n:
             self._arrays.move_to_end(cache_id)
-            return arr[positions].astype(np.int64, copy=False)
-        perm = FeistelPermutation(n, key)
+            return arr
         nbytes = n * (4 if n < (1 << 31) else 8)
-        if 0 < n <= self.max_cached_size and nbytes <= self.budget_bytes:
-            arr = perm.full()
-            self._arrays[cache_id] = arr
-            self._bytes += arr.nbytes
-            while self._bytes > self.budget_bytes and self._arrays:
-                _, old = self._arrays.popitem(last=False)
-                self._bytes -= old.nbytes
+        if not (0 < n <= self.max_cached_size and nbytes <= self.budget_bytes):
+            return None
+        arr = FeistelPermutation(n, key).full()
+        self._arrays[cache_id] = arr
+        self._bytes += arr.nbytes
+        while self._bytes > self.budget_bytes and self._arrays:
+            _, old = self._arrays.popitem(last=False)
+            self._bytes -= old.nbytes
+        return arr
+
+    def lookup(self, n: int, key: int, cache_id: tuple[int, int], positions: np.ndarray) -> np.ndarray:
+        """``pi_key(positions)`` for a permutation of size ``n``; ``cache_id`` names it, e.g. (domain, epoch)."""
+        arr = self.array(n, key, cache_id)
+        if arr is not None:
             return arr[positions].astype(np.int64, copy=False)
-        return perm(positions)
+        return FeistelPermutation(n, key)(positions)
 
     def clear(self) -> None:
         self._arrays.clear()

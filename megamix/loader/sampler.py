@@ -55,7 +55,7 @@ from typing import Sequence
 
 import numpy as np
 
-from megamix.loader.permutation import ROUNDS, PermutationCache, derive_key, hash_order
+from megamix.loader.permutation import ROUNDS, PermutationCache, derive_key, feistel_many, hash_order
 
 Q_BITS = 32
 Q = 1 << Q_BITS
@@ -243,6 +243,7 @@ class MixtureSampler:
         self.max_epochs = max_epochs
         self.history_limit = history_limit
         self._cache = PermutationCache(cache_max_size, cache_budget_bytes)
+        self._keys: dict[tuple[int, int], int] = {}
         D = len(sizes)
         self._step = 0
         self._cursor = np.zeros(D, dtype=np.int64)
@@ -302,26 +303,65 @@ class MixtureSampler:
         """Per-domain counts the next global batch will have (does not advance)."""
         return allocate(self._residual + self.global_batch_size * self._q, self._q > 0, self.global_batch_size)
 
-    def _positions(self, d: int, count: int, cursor: int, epoch: int):
-        """Sample indices for ``count`` draws of domain d from (cursor, epoch); crosses epochs."""
-        n = int(self.domain_sizes[d])
-        idx_parts, ep_parts = [], []
-        while count > 0:
-            if cursor >= n:
-                cursor, epoch = 0, epoch + 1
-            if self.max_epochs is not None and epoch >= self.max_epochs:
-                raise DomainExhaustedError(
-                    f"domain {self.domain_names[d]!r} ({n} samples) is exhausted: it needs more "
-                    f"samples after max_epochs={self.max_epochs} passes (at step {self._step}); "
-                    "raise max_epochs, lower its weight or add data")
-            k = min(count, n - cursor)
-            pos = np.arange(cursor, cursor + k, dtype=np.int64)
-            key = derive_key(self.seed, _TAG_DOMAIN, d, epoch)
-            idx_parts.append(self._cache.lookup(n, key, (d, epoch), pos))
-            ep_parts.append(np.full(k, epoch, dtype=np.int64))
-            cursor += k
-            count -= k
-        return idx_parts, ep_parts, cursor, epoch
+    def _key(self, d: int, epoch: int) -> int:
+        k = self._keys.get((d, epoch))
+        if k is None:
+            if len(self._keys) > 4 * self.num_domains:
+                self._keys.clear()
+            k = self._keys[(d, epoch)] = derive_key(self.seed, _TAG_DOMAIN, d, epoch)
+        return k
+
+    def _segments(self, counts: np.ndarray, cursor: np.ndarray, epoch: np.ndarray):
+        """Split each domain's draw into (domain, epoch, start, length) runs; updates cursor/epoch in place."""
+        segs = []
+        sizes = self.domain_sizes
+        for d in np.flatnonzero(counts).tolist():
+            c, cur, ep, n = int(counts[d]), int(cursor[d]), int(epoch[d]), int(sizes[d])
+            while c > 0:
+                if cur >= n:
+                    cur, ep = 0, ep + 1
+                if self.max_epochs is not None and ep >= self.max_epochs:
+                    raise DomainExhaustedError(
+                        f"domain {self.domain_names[d]!r} ({n} samples) is exhausted: it needs more "
+                        f"samples after max_epochs={self.max_epochs} passes (at step {self._step}); "
+                        "raise max_epochs, lower its weight or add data")
+                k = min(c, n - cur)
+                segs.append((d, ep, cur, k))
+                cur += k
+                c -= k
+            cursor[d], epoch[d] = cur, ep
+        return segs
+
+    def _resolve(self, segs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Domain, permuted sample index and epoch of every draw, in segment order."""
+        total = sum(s[3] for s in segs)
+        doms = np.empty(total, dtype=np.int64)
+        idx = np.empty(total, dtype=np.int64)
+        eps = np.empty(total, dtype=np.int64)
+        lazy = []  # (offset, segment) evaluated in one vectorised Feistel call
+        off = 0
+        for seg in segs:
+            d, ep, start, k = seg
+            doms[off:off + k] = d
+            eps[off:off + k] = ep
+            n = int(self.domain_sizes[d])
+            arr = self._cache.array(n, self._key(d, ep), (d, ep))
+            if arr is not None:
+                idx[off:off + k] = arr[start:start + k]
+            else:
+                lazy.append((off, seg))
+            off += k
+        if lazy:
+            lens = np.asarray([s[3] for _, s in lazy], dtype=np.int64)
+            offs = np.asarray([o for o, _ in lazy], dtype=np.int64)
+            starts = np.asarray([s[2] for _, s in lazy], dtype=np.int64)
+            ns = np.asarray([int(self.domain_sizes[s[0]]) for _, s in lazy], dtype=np.int64)
+            keys = np.asarray([self._key(s[0], s[1]) for _, s in lazy], dtype=np.uint64)
+            first = np.cumsum(lens) - lens
+            within = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(first, lens)
+            dest = np.repeat(offs, lens) + within
+            idx[dest] = feistel_many(np.repeat(starts, lens) + within, np.repeat(ns, lens), np.repeat(keys, lens))
+        return doms, idx, eps
 
     def next_global(self) -> GlobalBatch:
         """Advance one step and return the whole global batch (identical on every rank)."""
@@ -329,15 +369,9 @@ class MixtureSampler:
         target = self._residual + B * self._q
         counts = allocate(target, self._q > 0, B)
         cursor, epoch = self._cursor.copy(), self._epoch.copy()
-        dom_parts, idx_parts, ep_parts = [], [], []
-        for d in np.flatnonzero(counts):
-            ip, ep, cursor[d], epoch[d] = self._positions(int(d), int(counts[d]), int(cursor[d]), int(epoch[d]))
-            idx_parts += ip
-            ep_parts += ep
-            dom_parts.append(np.full(int(counts[d]), d, dtype=np.int64))
+        doms, idx, eps = self._resolve(self._segments(counts, cursor, epoch))
         order = hash_order(B, derive_key(self.seed, _TAG_BATCH, self._step))
-        batch = GlobalBatch(self._step, np.concatenate(dom_parts)[order],
-                            np.concatenate(idx_parts)[order], np.concatenate(ep_parts)[order])
+        batch = GlobalBatch(self._step, doms[order], idx[order], eps[order])
         # commit only after everything succeeded (an exhausted domain leaves the state untouched)
         self._residual = target - counts * Q
         self._cursor, self._epoch = cursor, epoch

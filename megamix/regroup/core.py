@@ -160,7 +160,7 @@ def embed_to_memmap(texts: Iterator[str], n: int, embedder, path: str | Path, *,
 
 
 def fit_minibatch_kmeans(emb: np.ndarray, rows: np.ndarray, k: int, *, seed: int = 0,
-                         batch_size: int = 1024, epochs: int = 5, min_steps: int = 100,
+                         batch_size: int = 1024, epochs: int = 5, min_steps: int = 30,
                          init_sample: int = 20000, progress: bool = True):
     """``MiniBatchKMeans.partial_fit`` over shuffled batches of ``emb[rows]`` (a memmap is fine).
 

@@ -18,8 +18,9 @@ Each round:
                   exact Euclidean projection onto the simplex (:func:`project_simplex`).
    ``robust``     max_π Σ_c π_c h_c + τ·H(π): the entropy-smoothed max over clusters (DRO), closed form
                   ``π = softmax(h/τ)``. ``h_c`` is the cluster's mean per-sample loss when the snapshot
-                  has ``extra["per_sample_loss"]`` ([n]); otherwise ``h_c = ‖ḡ_c‖`` (normalised), the
-                  first-order loss decrease still available on that cluster.
+                  has ``extra["per_sample_loss"]`` ([n]); else the mean of its samples' domain losses
+                  (``snapshot.domain_loss``) when those are finite; else ``h_c = ‖ḡ_c‖`` (normalised),
+                  the first-order loss decrease still available on that cluster.
    ``alignment``  fixed point of ``π = softmax(cos(ḡ_c, Σ_j π_j ḡ_j)/τ)``, found by damped fixed-point
                   iterations from the cluster-size shares: weight clusters by how well they align with
                   the aggregate update.
@@ -245,6 +246,8 @@ class DoGraphStrategy(MixingStrategy):
             return None
         counts = np.bincount(dom, minlength=d).astype(np.float64)
         active = self.count_mask(counts)
+        self._dom = dom
+        self._domain_loss = None if snap.domain_loss is None else np.asarray(snap.domain_loss, np.float64)
         m = cfg.dograph_clusters or d
         feats = x
         if cfg.dograph_cosine:
@@ -278,9 +281,13 @@ class DoGraphStrategy(MixingStrategy):
             overall = (sizes @ means) / sizes.sum()
             return variance_weights(means, overall, beta=cfg.dograph_beta, iters=max(cfg.dograph_iters, 500))
         if obj == "robust":
+            ids = np.nonzero(nonempty)[0]
+            dl = self._domain_loss
             if loss is not None:
-                ids = np.nonzero(nonempty)[0]
                 h = np.array([loss[labels == c].mean() for c in ids])
+            elif dl is not None and np.all(np.isfinite(dl[np.unique(self._dom)])):
+                # cluster hardness = its samples' average domain loss (Σ_d n_cd/n_c · loss_d)
+                h = np.array([np.mean(dl[self._dom[labels == c]]) for c in ids])
             else:
                 h = np.linalg.norm(_scale(means), axis=1)
             return robust_weights(h, cfg.dograph_tau)

@@ -44,11 +44,10 @@ def exact_lm_head_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     delta[~valid] = 0.0
     if reduction == "mean":
         delta /= max(int(valid.sum()), 1)
-    out = torch.zeros(num_samples, w.shape[0], w.shape[1], dtype=torch.float64)
-    for i in range(num_samples):
-        m = sample_index == i
-        out[i] = delta[m].t() @ h[m]
-    return out
+    # one-hot [B, N] sample membership: G = Σ_t onehot_t ⊗ δ_t a_tᵀ as a batched matmul
+    member = torch.zeros(num_samples, h.shape[0], dtype=torch.float64)
+    member[sample_index.long(), torch.arange(h.shape[0])] = 1.0
+    return torch.einsum("bn,nv,nd->bvd", member, delta, h)
 
 
 def snapshot_from_per_sample(g: np.ndarray, domain_ids: np.ndarray, domain_names: Sequence[str],

@@ -203,7 +203,7 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
                 h = hidden_states(model, batch.input_ids, batch.position_ids)
             loss = mixer.loss_and_stats(h, lm_head_weight(model), batch)
             (loss / n_micro).backward()
-            loss_acc += float(loss) / n_micro
+            loss_acc += float(loss.detach()) / n_micro
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 \
             else torch.tensor(float("nan"))
         opt.step()
