@@ -162,10 +162,13 @@ def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float, ig
         warps = 4
     else:
         # One tile config whether or not the projection is on: the online-softmax order (hence δ and
-        # the training gradients) must not depend on it. Chosen from an H200 sweep of this pass.
+        # the training gradients) must not depend on it. Chosen from an H200 sweep of this pass
+        # (kernels/bench/results/gpu_h200: 16x256/8 warps is the fastest without projection, 1.69 ms per
+        # 8192x128256 bf16 chunk, and within 6% of the fastest with k1=64, 2.74 ms).
         BM = block_m or 16
-        BV = block_v or 128
-        warps = num_warps or 4
+        BV = block_v or 256
+        warps = num_warps or 8
+    stages = {"num_stages": 2} if (BK1 >= 128 and not interpreting()) else {}
     loss = torch.empty(C, device=logits.device, dtype=torch.float32)
     u = torch.empty(C, k1, device=logits.device, dtype=torch.float32) if p1t is not None else loss
     if C > 0:
@@ -174,7 +177,7 @@ def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float, ig
             p1t if p1t is not None else logits, p1t.stride(0) if p1t is not None else 0,
             u, u.stride(0), C, V, k1, float(scale), float(p1_scale), int(ignore_index),
             HAS_PROJ=p1t is not None, BM=BM, BV=BV, BK1=BK1,
-            DOT_IEEE=(p1t is None or p1t.dtype == torch.float32), num_warps=warps)
+            DOT_IEEE=(p1t is None or p1t.dtype == torch.float32), num_warps=warps, **stages)
     return loss, (u if p1t is not None else None)
 
 
@@ -256,6 +259,7 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
                 dW.addmm_(logits_full.t(), x)
             else:
                 dW.add_(torch.mm(logits_full.t(), x))
+        del logits_full, logits  # free this chunk before the next one is allocated (peak = one chunk)
     if dW is not None and V_pad != V:
         dW = dW[:V].contiguous()
     if reduction == "mean":

@@ -191,6 +191,24 @@ class MixingConfig(ConfigBase):
 
 
 @dataclass
+class LoaderConfig(ConfigBase):
+    """The online weighted loader (megamix.loader): repetition cap, telemetry, debug checks."""
+
+    max_epochs: int = doc("Stop with a clear error when a domain would start epoch max_epochs+1 "
+                          "(0 = unlimited: reshuffle and repeat).", 0)
+    telemetry_window: int = doc("Steps in the 'last window' realised-share telemetry.", 100)
+    verify_weights: bool = doc("Debug: all-reduce a checksum to prove every rank holds the same weights "
+                               "after each update.", False)
+    history_limit: int = doc("Keep at most this many weight-history entries in checkpoints (0 = all).", 0)
+
+    def validate(self):
+        check(self.max_epochs >= 0, "loader.max_epochs must be >= 0 (0 = unlimited)")
+        check(self.telemetry_window >= 1, "loader.telemetry_window must be >= 1")
+        check(self.history_limit >= 0, "loader.history_limit must be >= 0")
+        return self
+
+
+@dataclass
 class DeepSpeedConfig(ConfigBase):
     """Running the pretraining through DeepSpeed (megamix.integrations.deepspeed)."""
 
@@ -218,6 +236,7 @@ class MegamixConfig(ConfigBase):
     mixture: MixtureConfig = doc("Starting / static mixture.", default_factory=MixtureConfig)
     projection: ProjectionConfig = doc("Per-sample gradient projection.", default_factory=ProjectionConfig)
     mixing: MixingConfig = doc("Online mixing strategy.", default_factory=MixingConfig)
+    loader: LoaderConfig = doc("Online weighted loader.", default_factory=LoaderConfig)
     deepspeed: DeepSpeedConfig = doc("DeepSpeed engine settings.", default_factory=DeepSpeedConfig)
 
     def validate(self):
@@ -229,4 +248,4 @@ class MegamixConfig(ConfigBase):
 
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "MixtureConfig",
-           "ProjectionConfig", "MixingConfig", "DeepSpeedConfig", "MegamixConfig"]
+           "ProjectionConfig", "MixingConfig", "LoaderConfig", "DeepSpeedConfig", "MegamixConfig"]

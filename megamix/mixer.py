@@ -65,12 +65,20 @@ class Mixer:
             raise ConfigError(f"domains {missing} are not in the token store {store.domains}; "
                               "fix data.domains or rebuild the corpus (`megamix data build`)")
         token_counts = [store.num_tokens(d, "train") for d in self.domains]
+        short = [d for d, n in zip(self.domains, token_counts) if n < cfg.model.seq_len + 1]
+        if short:
+            from megamix.configbase import ConfigError
+            raise ConfigError(f"domains {short} have fewer than seq_len+1={cfg.model.seq_len + 1} training "
+                              "tokens, so no sample can be drawn from them; drop them via data.domains "
+                              "or lower model.seq_len")
         self.initial_weights = np.asarray(initial_weights(cfg.mixture, self.domains, token_counts),
                                           dtype=np.float64)
         self.loader = MixtureLoader(
             store, self.domains, split="train", seq_len=cfg.model.seq_len,
             global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
-            weights=self.initial_weights, seed=cfg.train.seed, rank=rank, world_size=world_size)
+            weights=self.initial_weights, seed=cfg.train.seed, rank=rank, world_size=world_size,
+            max_epochs=cfg.loader.max_epochs or None, telemetry_window=cfg.loader.telemetry_window,
+            history_limit=cfg.loader.history_limit or None)
         p = cfg.projection
         self.k = p.k1 * p.k2
         self.strategy = build_strategy(cfg.mixing, self.domains, self.initial_weights)
@@ -184,9 +192,14 @@ class Mixer:
         snap = self.stats.snapshot(step + 1, self.domains)
         self.strategy.observe(snap)
         new = np.asarray(self.strategy.propose(step + 1), dtype=np.float64)
-        changed = not np.allclose(new, self.weights, atol=0, rtol=0)
+        if self._dist_active():
+            # Rule (see megamix.loader.sampler): rank 0 decides, everyone takes rank 0's weights.
+            from megamix.loader import broadcast_weights
+            new = np.asarray(broadcast_weights(new, self.group), dtype=np.float64)
+        changed = not np.array_equal(new, self.weights)
         if changed:
-            self.loader.set_weights(new)
+            self.loader.set_weights(new, verify=self.cfg.loader.verify_weights and self._dist_active(),
+                                    group=self.group)
             self.weight_history.append((step + 1, new.tolist()))
         self.stats.reset()
         return {"snapshot": snap, "weights": new, "changed": changed}

@@ -151,3 +151,24 @@ def test_cli_help_and_da2(world, tmp_path):
     assert doc["method"] == "da2" and abs(sum(doc["weights"].values()) - 1) < 1e-9
     for d in ("changelogs", "code_python", "legal"):
         assert doc["weights"][d] <= 0.1 + 1e-9  # data-amount cap: 100 tokens of 1000, 1 epoch
+
+
+def test_transformer_classifier_interface():
+    from megamix.domain2vec.classifier import TransformerClassifier
+
+    class LengthClassifier(TransformerClassifier):
+        """Scores by text length: short texts -> class 0, long -> class 1."""
+
+        def logits(self, texts):
+            n = np.array([len(t) for t in texts], float)
+            return np.stack([10 - n, n - 10], axis=1)
+
+        def save(self, path):
+            pass
+
+    clf = LengthClassifier(2)
+    p = clf.predict_proba(["a", "a" * 50, "abc"], batch_size=2)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    assert list(clf.predict(["a", "a" * 50])) == [0, 1]
+    v = domain_vector(clf, ["a", "b", "c" * 40, "d" * 40])
+    np.testing.assert_allclose(v, [0.5, 0.5], atol=1e-3)

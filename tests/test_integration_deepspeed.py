@@ -48,7 +48,7 @@ def _setup_rank(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _resume_worker(rank: int, port: int, zeros: list[int], data_dir: str, root: str) -> None:
+def _resume_worker(rank: int, port: int, zeros: list[int], data_dir: str, root: str, extra: tuple = ()) -> None:
     """For each ZeRO stage: uninterrupted run A; run B stops at step 3 (mid-round) and resumes."""
     _setup_rank(rank, port)
     from megamix.integrations.deepspeed import run_deepspeed_training
@@ -56,20 +56,21 @@ def _resume_worker(rank: int, port: int, zeros: list[int], data_dir: str, root: 
     for zero in zeros:
         res = {}
         d = f"{root}/z{zero}"
-        a = run_deepspeed_training(_cfg(data_dir, f"{d}/A", zero), rank, WORLD, progress=False)
-        b1 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero), rank, WORLD, progress=False, stop_at_step=3)
-        b2 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero), rank, WORLD, progress=False)
+        a = run_deepspeed_training(_cfg(data_dir, f"{d}/A", zero, *extra), rank, WORLD, progress=False)
+        b1 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero, *extra), rank, WORLD, progress=False,
+                                    stop_at_step=3)
+        b2 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero, *extra), rank, WORLD, progress=False)
         for name, r in (("A", a), ("B1", b1), ("B2", b2)):
             res[name] = {"losses": r.step_losses, "weights": r.weights, "history": r.weight_history,
                          "start": r.start_step, "steps": r.steps, "valid": r.valid_loss}
         Path(d, f"resume_rank{rank}.json").write_text(json.dumps(res))
 
 
-def _run_resume(tmp_path: Path, tiny_store: Path, zeros: list[int]) -> dict:
+def _run_resume(tmp_path: Path, tiny_store: Path, zeros: list[int], extra: tuple = ()) -> dict:
     """Runs all stages in one 2-process spawn (one import / process-group setup); results per stage."""
     mp = pytest.importorskip("torch.multiprocessing")
-    mp.spawn(_resume_worker, args=(_free_port(), zeros, str(tiny_store.parent), str(tmp_path)), nprocs=WORLD,
-             join=True)
+    mp.spawn(_resume_worker, args=(_free_port(), zeros, str(tiny_store.parent), str(tmp_path), extra),
+             nprocs=WORLD, join=True)
     out = {}
     for z in zeros:
         root = tmp_path / f"z{z}"
@@ -161,6 +162,13 @@ def test_deepspeed_zero3_resume_and_stats(tmp_path, tiny_store):
     res = _run_resume(tmp_path, tiny_store, [3])
     _check_resume(res[3])
     _check_stats_vs_single_process(res[3], tiny_store, 3)
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_zero2_resume(tmp_path, tiny_store):
+    """bf16 (DeepSpeed bf16 params, fp32 master weights): ranks agree and resume is exact."""
+    res = _run_resume(tmp_path, tiny_store, [2], extra=("train.dtype=bf16",))
+    _check_resume(res[2])
 
 
 def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int, repeats: int = 1,

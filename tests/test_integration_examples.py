@@ -70,12 +70,20 @@ def test_torchrun_script_dry_run(tmp_path):
                           env=_env(CONFIG=str(cfg), NPROC="2", DRY_RUN="1", MASTER_PORT="29671"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("dry run OK: world_size=2") == 2
-    # a geometry error is reported on every rank with a fix, and the launcher fails
+
+
+def test_cli_dry_run_reports_geometry_error(tmp_path, monkeypatch, capsys):
+    """`megamix train --dry-run` under a 2-rank launcher environment rejects an indivisible batch."""
+    if not _megamix_train_available():
+        pytest.skip("megamix train command not present")
+    from megamix.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--config", str(_write_cfg(tmp_path)), "--dry-run"]) == 0
+    assert "dry run OK: world_size=2" in capsys.readouterr().out
     bad = _write_cfg(tmp_path, train__global_batch_size=6)
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh")], capture_output=True, text=True, timeout=180,
-                          env=_env(CONFIG=str(bad), NPROC="2", DRY_RUN="1"))
-    assert proc.returncode != 0
-    assert "divisible" in proc.stderr
+    assert main(["train", "--config", str(bad), "--dry-run"]) == 2
+    assert "divisible" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -56,13 +56,16 @@ def _worker(rank, world, init_file, store_dir, out_dir):
         # phase 1: all 4 ranks, checkpoint at CKPT_STEP
         loader = _loader(store_dir, rank, world, micro=2)
         rec = _run(loader, rank, None, "", out_dir)
-        detected = False  # a rank that skips the broadcast must be caught by the checksum
-        if rank == 1:
-            loader.set_weights([0.9, 0.1, 0.0, 0.0])
+        detected = 0  # a rank that skips the broadcast must be caught by both checksums
+        try:
+            loader.set_weights([0.9, 0.1, 0.0, 0.0] if rank == 1 else [0.1, 0.9, 0.0, 0.0], verify=True)
+        except RuntimeError as e:
+            detected += "mixture weights differs across ranks" in str(e)
         try:
             verify_consistent(loader.sampler.checksum(), group=None)
         except RuntimeError as e:
-            detected = "differs across ranks" in str(e)
+            detected += "sampler state differs across ranks" in str(e)
+        loader.set_weights([0.1, 0.9, 0.0, 0.0], verify=True)  # agreeing weights pass
         np.savez(Path(out_dir, f"w4_rank{rank}.npz"), detected=detected, **rec)
         dist.barrier()
         # phase 2: ranks 0 and 1 resume the checkpoint as a 2-rank job (a process group of 2)
@@ -99,7 +102,7 @@ def test_four_ranks_then_resume_on_two(store_dir, tmp_path):
     mp.spawn(_worker, args=(4, str(tmp_path / "init"), str(store_dir), str(tmp_path)), nprocs=4, join=True)
     four = [np.load(tmp_path / f"w4_rank{r}.npz") for r in range(4)]
     two = [np.load(tmp_path / f"w2_rank{r}.npz") for r in range(2)]
-    assert all(bool(r["detected"]) for r in four), "diverged weights were not detected"
+    assert all(int(r["detected"]) == 2 for r in four), "diverged weights were not detected"
     for t in range(STEPS):
         sids = np.concatenate([r["sample_ids"][t] for r in four])
         assert np.array_equal(sids, ref[t][0]), t                                # union == global batch

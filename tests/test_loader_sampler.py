@@ -115,6 +115,7 @@ def test_changing_weights_stay_within_proven_bound():
         err = max(abs(float(T[d]) - s.counts[d]) for d in range(D))
         assert err < max(1, D - 1)          # proven: -1 < e_d and sum e = 0
         assert np.all(s.residuals > -1)
+        assert err < 1                      # measured (not proven) for these histories
 
 
 def test_weight_zero_domain_is_paid_back_later():

@@ -6,7 +6,6 @@ import pytest
 
 from megamix.config import MixingConfig
 from megamix.configbase import ConfigError
-from megamix.snapshot import StatsSnapshot
 from megamix.strategies import DoGraphStrategy, RnBStrategy, StaticStrategy, build_strategy
 from megamix.strategies.base import apply_floor, apply_ema, keep_inactive, merge_snapshots
 from megamix.strategies.exact import snapshot_from_per_sample

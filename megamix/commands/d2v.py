@@ -116,12 +116,28 @@ def register(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
 
+def _clean_errors(fn):
+    """Report bad input (ValueError, FileNotFoundError) as one line and exit status 2."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(args):
+        try:
+            return fn(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"megamix d2v {args.d2v_command}: error: {e}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
 def _offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@_clean_errors
 def run_vocab(args) -> int:
     _offline_env()
     from megamix.domain2vec.vocab import build_vocab, embedder_from_spec
@@ -140,6 +156,7 @@ def run_vocab(args) -> int:
     return 0
 
 
+@_clean_errors
 def run_classify(args) -> int:
     _offline_env()
     from megamix.domain2vec.classifier import train_classifier
@@ -149,6 +166,7 @@ def run_classify(args) -> int:
     return 0
 
 
+@_clean_errors
 def run_vectorize(args) -> int:
     _offline_env()
     from megamix.domain2vec.classifier import load_classifier
@@ -195,6 +213,7 @@ def _common(args):
     return vec, cfg, caps, alpha, meta
 
 
+@_clean_errors
 def run_da2(args) -> int:
     from megamix.domain2vec.da2 import da2_objective, dirichlet_search, distance, solve_exact
     from megamix.domain2vec.mixture_io import write_mixture
@@ -234,6 +253,7 @@ def _proxy_fn(args, cfg):
     return make_trainer_fn(cfg, root, steps=args.proxy_steps), root
 
 
+@_clean_errors
 def run_regmix(args) -> int:
     from megamix.domain2vec.mixture_io import write_mixture
     from megamix.domain2vec.regmix import D2VRegMix, domain_to_meta_losses, run_proxies, sample_mixtures
@@ -256,6 +276,7 @@ def run_regmix(args) -> int:
     return 0
 
 
+@_clean_errors
 def run_evaluate(args) -> int:
     from megamix.domain2vec.da2 import solve_exact
     from megamix.domain2vec.evaluate import evaluate_predictions, save_report
@@ -291,6 +312,7 @@ def run_evaluate(args) -> int:
     return 0
 
 
+@_clean_errors
 def run_plot(args) -> int:
     from megamix.domain2vec.plots import plot_vectors
     from megamix.domain2vec.vectorize import load_vectors

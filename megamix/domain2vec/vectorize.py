@@ -100,7 +100,11 @@ def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out
                  "train_tokens": train_tokens or {}}
     if valid_domains:
         vrows = []
-        for i, d in enumerate(valid_domains):
+        vit = list(enumerate(valid_domains))
+        if progress:
+            from tqdm import tqdm
+            vit = tqdm(vit, desc="vectorise validation domains", unit="domain")
+        for i, d in vit:
             ps = sample_passages(iter_passages(data_dir, d, "valid", max_chars), n_samples,
                                  seed * 7919 + 100003 + i)
             if not ps:

@@ -599,6 +599,13 @@ def run_deepspeed_training(cfg: MegamixConfig, rank: int, world_size: int, *, pr
         wall_seconds=wall, megamix=use_megamix)
     if rank == 0:
         (out_dir / "result.json").write_text(json.dumps(result.__dict__, indent=1, default=float))
+        if progress:
+            print(f"\nDeepSpeed ZeRO-{cfg.deepspeed.zero_stage} x{world_size}: steps {start}->{end}, "
+                  f"final per-domain validation loss (avg {result.valid_loss_avg:.4f}):")
+            for d in mixer.domains:
+                print(f"  {d:24s} {vl[d]:7.4f}   weight {result.weights[d]:.3f}")
+            print(f"throughput: {result.tokens_per_second:.0f} tokens/s; wall {wall:.0f}s; "
+                  f"metrics: {out_dir / 'metrics.jsonl'}")
     if hook is not None:
         hook.remove()
     return result

@@ -39,7 +39,7 @@ def bench_index_generation(num_domains: int, domain_size: int, global_batch_size
     s = MixtureSampler([domain_size] * num_domains, rng.dirichlet(np.ones(num_domains)),
                        global_batch_size=global_batch_size, seed=0, world_size=world_size,
                        cache_max_size=(1 << 22) if cache else 0, cache_budget_bytes=2 << 30)
-    for _ in range(3):  # warm up (builds the cached permutations of epoch 0)
+    for _ in range(20):  # warm up (builds the cached permutations of epoch 0)
         s.next_step_arrays()
 
     def go():
@@ -111,7 +111,9 @@ def conditions() -> dict:
     return {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "timer": "time.perf_counter, median of repeats"}
+            "torch_threads": torch.get_num_threads(), "load_average_1_5_15min": list(os.getloadavg()),
+            "timer": "time.perf_counter, median of repeats",
+            "note": "shared 2-core machine; other jobs may run at the same time (see load average)"}
 
 
 def run(quick: bool = False, repeats: int = 5) -> dict:

@@ -9,9 +9,10 @@ dropped). Which samples are drawn, in which order and on which rank is the job o
 :class:`~megamix.loader.sampler.MixtureSampler`; see its module docstring for the semantics.
 
 A :class:`Batch` carries ``input_ids = window[:-1]`` and ``labels = window[1:]`` (no ``-100``
-in training windows, all tokens are real), the domain id, ``position_ids`` that restart at 0 at
-every document start inside the window (the first token of a window keeps its offset within its
-document), ``segment_ids`` numbering the documents inside the window (0, 1, ...), and a global
+in training windows, all tokens are real), the domain id, ``position_ids`` that start at 0 at the
+window start and restart at 0 at every document start inside it (Megatron's
+``reset_position_ids``; positions are always ``< T``, so absolute position embeddings of size T
+suffice), ``segment_ids`` numbering the documents inside the window (0, 1, ...), and a global
 ``sample_ids`` = ``domain_offset[d] + i`` (domain offsets in loader order), which identifies the
 window independently of epoch and rank.
 """
@@ -23,6 +24,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from megamix.loader.distributed import verify_consistent, weights_checksum
 from megamix.loader.sampler import MixtureSampler
 from megamix.loader.telemetry import MixtureTelemetry
 
@@ -84,7 +86,7 @@ class DomainWindows:
         k = np.arange(int(nb.sum()), dtype=np.int64) - np.repeat(np.cumsum(nb) - nb, nb)
         cols = offs[np.repeat(lo, nb) + 1 + k] - np.repeat(starts, nb)
         base = np.full((b, width), np.iinfo(np.int64).min, dtype=np.int64)
-        base[:, 0] = offs[lo] - starts
+        base[:, 0] = 0  # every window starts at position 0 (positions stay < T, as Megatron's)
         base[rows, cols] = cols
         np.maximum.accumulate(base, axis=1, out=base)
         positions = np.arange(width, dtype=np.int64)[None, :] - base
@@ -179,11 +181,19 @@ class MixtureLoader:
             if extra or missing:
                 raise ValueError(f"weight mapping does not match the domains: unknown {extra}, missing {missing}")
             return np.asarray([float(weights[d]) for d in self.domains])
-        return np.asarray(weights, dtype=np.float64) if not isinstance(weights, np.ndarray) else weights
+        return weights  # validated (and converted) by the sampler
 
-    def set_weights(self, weights) -> np.ndarray:
-        """New weights (sequence in domain order, or mapping) from the next step on. O(D)."""
-        return self.sampler.set_weights(self._weight_vector(weights))
+    def set_weights(self, weights, *, verify: bool = False, group=None) -> np.ndarray:
+        """New weights (sequence in domain order, or mapping) from the next step on. O(D).
+
+        Pass weights that are already identical on every rank (from
+        :func:`~megamix.loader.distributed.broadcast_weights`). With ``verify=True`` (debug mode)
+        a checksum all-reduce over ``group`` raises ``RuntimeError`` if any rank's weights differ.
+        """
+        w = self.sampler.set_weights(self._weight_vector(weights))
+        if verify:
+            verify_consistent(weights_checksum(w), group=group, what="mixture weights")
+        return w
 
     @property
     def weights(self) -> np.ndarray:
@@ -221,8 +231,10 @@ class MixtureLoader:
         # the weights in force for this step are still the current ones (set_weights acts on the next)
         self._telemetry.record(np.bincount(g.domains, minlength=D), self.sampler.weights,
                                np.bincount(doms, minlength=D))
+        full = self.assemble(doms, idx)  # one read per domain for the whole local batch
         m = self.micro_batch_size
-        return [self.assemble(doms[i:i + m], idx[i:i + m]) for i in range(0, len(doms), m)]
+        return [Batch(**{f.name: getattr(full, f.name)[i:i + m] for f in fields(Batch)})
+                for i in range(0, len(doms), m)]
 
     def __iter__(self) -> Iterator[list[Batch]]:
         while True:

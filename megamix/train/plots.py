@@ -17,7 +17,7 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
     evals = [r for r in recs if r["kind"] == "eval"]
     trains = [r for r in recs if r["kind"] == "train"]
     weights = [r for r in recs if r["kind"] == "weights"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.2), gridspec_kw={"width_ratios": [1.15, 1, 1]})
 
     ax = axes[0]
     if evals:
@@ -29,7 +29,7 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
             ax.plot(xs, ys, marker="o", ms=3, label=d, color=cmap(i % 20))
         xs = [r["step"] for r in evals]
         ax.plot(xs, [r["valid_loss_avg"] for r in evals], "k--", lw=2, label="average")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="upper right")
     ax.set_title("validation loss per domain")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
@@ -54,7 +54,7 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
         ax.stackplot(xs, ys, labels=names, colors=[cmap(i % 20) for i in range(len(names))],
                      step="post")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("domain weights (sampling probability)")
     ax.set_xlabel("step")
     if title:
