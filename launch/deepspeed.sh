@@ -10,11 +10,14 @@
 #   NUM_NODES    use the first N hosts of the hostfile      (default: all)
 #   MASTER_ADDR  address of the first host                  (default: the launcher picks it)
 #   MASTER_PORT  rendezvous port                            (default 29500)
+#   NO_SSH=1     multi-node without ssh/pdsh: run this script on every node with NODE_RANK set
+#   NODE_RANK    this node's index in the hostfile (with NO_SSH=1)
 #   BACKEND      gloo | nccl                                (default nccl with CUDA, else gloo)
 #   DRY_RUN=1    only validate config + launch geometry on every rank
 #
 # Single node:   NUM_GPUS=8 launch/deepspeed.sh
 # Multi-node:    HOSTFILE=launch/hostfile CONFIG=configs/gpt-1b.yaml launch/deepspeed.sh
+#   no ssh:      HOSTFILE=launch/hostfile NO_SSH=1 NODE_RANK=<i> MASTER_ADDR=<first host> ... (on each node)
 # CPU:           CONFIG=configs/tiny-cpu.yaml NUM_GPUS=2 launch/deepspeed.sh
 #                (on CPU the launcher counts NUMA nodes as devices, hence the explicit NUM_GPUS)
 set -euo pipefail
@@ -27,6 +30,10 @@ if [[ -n "${HOSTFILE:-}" ]]; then
   ARGS+=(--hostfile "$HOSTFILE")
   [[ -n "${NUM_NODES:-}" ]] && ARGS+=(--num_nodes "$NUM_NODES")
   [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")
+  if [[ "${NO_SSH:-0}" == "1" ]]; then
+    [[ -n "${NODE_RANK:-}" ]] || { echo "launch: NO_SSH=1 needs NODE_RANK" >&2; exit 2; }
+    ARGS+=(--no_ssh --node_rank "$NODE_RANK")
+  fi
 else
   # no hostfile: single node; make sure the launcher does not pick up a stale /job/hostfile
   ARGS+=(--hostfile /dev/null)

@@ -86,6 +86,7 @@ def test_cli_dry_run_reports_geometry_error(tmp_path, monkeypatch, capsys):
     assert "divisible" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_deepspeed_launcher_script_dry_run(tmp_path):
     if not _megamix_train_available():

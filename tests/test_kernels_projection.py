@@ -63,3 +63,13 @@ def test_projection_rejects_bad_input(bad):
     args.update(bad)
     with pytest.raises(ValueError):
         make_projection(args["V"], args["d"], args["k1"], args["k2"], seed=0, kind=args["kind"], k=args["k"])
+
+
+def test_second_stage_preserves_norm_in_expectation():
+    x = torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    vals = torch.stack([make_projection(4, 4, 4, 3, seed=s, k=5, dtype=torch.float64).finalize(x).pow(2).sum(1)
+                        for s in range(500)])
+    se = vals.std(0) / math.sqrt(vals.shape[0])
+    assert ((vals.mean(0) - x.pow(2).sum(1)).abs() < MC_SIGMAS * se).all()
+    with pytest.raises(ValueError):
+        make_projection(4, 4, 4, 3, seed=0, k=5).finalize(torch.zeros(2, 11))

@@ -19,6 +19,7 @@ import argparse
 import csv
 import datetime as _dt
 import json
+import os
 import platform
 import resource
 import statistics
@@ -92,6 +93,7 @@ def env_info(dev) -> dict:
     else:
         info["cpu"] = platform.processor() or platform.machine()
         info["threads"] = torch.get_num_threads()
+        info["loadavg_1m_at_start"] = os.getloadavg()[0]  # other processes sharing the cores skew CPU timings
     return info
 
 
@@ -242,7 +244,7 @@ def sweep_ce(dev, dtype, C=8192, V=128256, k1=64, warmup=3, iters=10) -> list[di
 # ----------------------------------------------------------------------------------------------
 # CPU: factored vs materialise-then-project
 # ----------------------------------------------------------------------------------------------
-def _cpu_projection_case(method: str, k1: int = 64, k2: int = 64, V=8192, d=512, B=16, T=128, reps=3) -> dict:
+def _cpu_projection_case(method: str, k1: int = 64, k2: int = 64, V=8192, d=512, B=16, T=128, reps=5) -> dict:
     """Run one projection method from a fixed δ; returns ms and peak-RSS increase (run in a subprocess)."""
     torch.manual_seed(0)
     N = B * T
@@ -266,7 +268,7 @@ def _cpu_projection_case(method: str, k1: int = 64, k2: int = 64, V=8192, d=512,
             del G
         times.append((time.perf_counter() - t) * 1e3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"method": method, "ms": statistics.median(times), "peak_rss_increase_mb": (peak - base_rss) / 1024,
+    return {"method": method, "ms": min(times), "ms_median": statistics.median(times), "peak_rss_increase_mb": (peak - base_rss) / 1024,
             "intermediate_mb": extra_bytes / 2**20, "g_checksum": float(g.double().sum())}
 
 

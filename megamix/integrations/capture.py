@@ -101,9 +101,10 @@ class LMHeadGradCapture:
     """Hooks on an LM-head module that emit projected per-sample gradients during backward.
 
     Args:
-        lm_head: (or None, then feed it with :meth:`tap`) the module that maps hidden states ``[B,T,d]`` to logits ``[B,T,V]`` (e.g. ``nn.Linear``).
+        lm_head: the module that maps hidden states ``[B,T,d]`` to logits ``[B,T,V]`` (e.g. ``nn.Linear``).
             Its first positional input must be the hidden states and its output the logits tensor
-            (or a tuple/ModelOutput whose first element is the logits).
+            (or a tuple whose first element is the logits). None: no module hook; feed the capture
+            with :meth:`tap` instead.
         projection: an object with ``P1 [k1, V]`` and ``P2 [k2, d]`` (e.g. ``kernels.projection.Projection``).
         callback: ``callback(g, context)`` with ``g [B, k1*k2]`` fp32 (detached) and the context that was
             set with :meth:`set_context` when the forward ran. Called once per backward through the head.

@@ -250,8 +250,8 @@ class DeepSpeedMixerHook:
         if ctx is None:
             raise RuntimeError("record_loss before set_batch")
         valid = labels != ignore_index
-        ctx["loss_sum"] = (token_loss.detach().float() * valid).sum(1).double().cpu()
-        ctx["count"] = valid.sum(1).double().cpu()
+        ctx["loss_sum"] = (token_loss.detach().float() * valid).sum(1).double()
+        ctx["count"] = valid.sum(1).double()
 
     def _on_grads(self, g: torch.Tensor, ctx: dict | None) -> None:
         if ctx is None:
@@ -262,7 +262,8 @@ class DeepSpeedMixerHook:
             raise RuntimeError(f"megamix: the LM head saw {g.shape[0]} samples but the bound batch has "
                                f"{batch.domain_ids.shape[0]}; was set_batch called with the right batch?")
         self.micro_steps += 1
-        self.mixer.stats.update((g * self.scale).cpu(), batch.domain_ids.cpu(),
+        # g stays on its device: with NCCL the accumulators must live on the GPU for the all-reduce
+        self.mixer.stats.update(g * self.scale, batch.domain_ids,
                                 sample_ids=getattr(batch, "sample_ids", None),
                                 token_loss_sum=ctx["loss_sum"], token_count=ctx["count"])
 
@@ -462,9 +463,9 @@ def evaluate_engine(engine, store: Any, domains: list[str], cfg: MegamixConfig) 
     return out
 
 
-def _mean_over_ranks(x: float, world_size: int) -> float:
+def _mean_over_ranks(x: float, world_size: int, device: torch.device) -> float:
     if world_size > 1 and torch.distributed.is_initialized():
-        t = torch.tensor([x], dtype=torch.float64)
+        t = torch.tensor([x], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         return float(t.item()) / world_size
     return x
@@ -565,7 +566,7 @@ def run_deepspeed_training(cfg: MegamixConfig, rank: int, world_size: int, *, pr
             loss_acc += float(loss.detach()) / len(micro)
         update = hook.after_optimizer_step(step) if hook is not None else mixer.step(step)
         step_times.append(time.perf_counter() - ts)
-        last_loss = _mean_over_ranks(loss_acc, world_size)
+        last_loss = _mean_over_ranks(loss_acc, world_size, device)
         step_losses.append(last_loss)
         done = step + 1
         if update is not None and rank == 0:

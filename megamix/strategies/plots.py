@@ -42,6 +42,9 @@ def plot_weights(history: Sequence[tuple[int, Sequence[float]]], domain_names: S
         ax.set_xticks(range(len(domain_names)), domain_names, rotation=45, ha="right")
         ax.set_ylabel("weight")
     else:
+        # piecewise constant: each weight holds until the next update; show the last one for a round
+        steps = np.append(steps, steps[-1] + (steps[-1] - steps[-2]))
+        w = np.vstack([w, w[-1:]])
         ax.stackplot(steps, w.T, labels=list(domain_names), step="post")
         ax.set_xlabel("step")
         ax.set_ylabel("weight (stacked)")
