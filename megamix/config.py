@@ -169,6 +169,10 @@ class MixingConfig(ConfigBase):
                                "Default on: raw-gradient k-means splits by magnitude and was unstable "
                                "under the factored projection (tests/test_strategies_exact.py).", True)
     seed: int = doc("Seed of the strategies' deterministic k-means (identical on every rank).", 0)
+    eval_grad_batches: int = doc("Held-out gradient for R&B: validation batches per domain whose projected "
+                                 "gradients are computed at each update and used as the target "
+                                 "(snapshot.eval_sums). 0 = off (the training mixture's gradient is the "
+                                 "target). Costs one no-grad LM forward per batch per update.", 0)
     options: dict[str, float] = doc("Extra strategy-specific numeric options.", default_factory=dict)
 
     def validate(self):

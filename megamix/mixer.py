@@ -177,12 +177,43 @@ class Mixer:
             self._capture = None
 
     # ------------------------------------------------------------------ updates
-    def step(self, step: int) -> dict | None:
+    @torch.no_grad()
+    def eval_gradients(self, hidden_fn, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Projected gradients of held-out (validation) batches: ``(sums [D, k], counts [D])``.
+
+        ``hidden_fn(batch) -> hidden [b, T, d]`` runs the model up to the LM head; ``weight`` is the LM
+        head. Every rank computes the same deterministic batches, so no communication is needed.
+        """
+        from kernels.domain_gram import per_sample_grads
+        from kernels.fused_linear_ce import fused_linear_cross_entropy
+        from megamix.loader import eval_batches
+
+        n = self.cfg.mixing.eval_grad_batches
+        sums = np.zeros((len(self.domains), self.k))
+        counts = np.zeros(len(self.domains))
+        for i, d in enumerate(self.domains):
+            for batch in eval_batches(self.store, d, seq_len=self.cfg.model.seq_len,
+                                      batch_size=self.cfg.train.micro_batch_size, max_batches=n):
+                h = hidden_fn(batch)
+                b, T, dim = h.shape
+                proj = self._ensure_projection(weight.shape[0], dim, h.device)
+                out = fused_linear_cross_entropy(h.reshape(b * T, dim).float(), weight.float(),
+                                                 batch.labels.reshape(-1).to(h.device), ignore_index=-100,
+                                                 reduction="mean", projection=proj,
+                                                 chunk_tokens=self.cfg.projection.chunk_tokens)
+                g = per_sample_grads(out.u.float(), out.w.float(), _sample_index(b, T, h.device), b)
+                sums[i] += g.double().sum(0).cpu().numpy()
+                counts[i] += b
+        return sums, counts
+
+    def step(self, step: int, hidden_fn=None, lm_head_weight: torch.Tensor | None = None) -> dict | None:
         """Call once after each optimizer step ``step`` (0-based).
 
         Every ``mixing.update_every`` steps: all-reduce the statistics over data-parallel ranks, show
         the snapshot to the strategy, push its proposal to the loader (identically on every rank)
         and reset the accumulators. Returns a telemetry dict on update steps, else None.
+        With ``mixing.eval_grad_batches > 0``, pass ``hidden_fn`` and ``lm_head_weight`` so the
+        held-out gradient (R&B's evaluation variant) can be computed.
         """
         K = self.cfg.mixing.update_every
         if (step + 1) % K != 0:
@@ -190,6 +221,11 @@ class Mixer:
         if self._dist_active():
             self.stats.all_reduce(self.group)
         snap = self.stats.snapshot(step + 1, self.domains)
+        if self.cfg.mixing.eval_grad_batches > 0 and self.collecting:
+            if hidden_fn is None or lm_head_weight is None:
+                raise ValueError("mixing.eval_grad_batches > 0: Mixer.step needs hidden_fn and lm_head_weight")
+            snap.eval_sums, eval_counts = self.eval_gradients(hidden_fn, lm_head_weight)
+            snap.extra["eval_counts"] = eval_counts
         self.strategy.observe(snap)
         new = np.asarray(self.strategy.propose(step + 1), dtype=np.float64)
         if self._dist_active():

@@ -158,10 +158,11 @@ def test_deepspeed_two_ranks_zero1_zero2_resume_and_stats(tmp_path, tiny_store):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_resume_and_stats(tmp_path, tiny_store):
-    res = _run_resume(tmp_path, tiny_store, [3])
-    _check_resume(res[3])
-    _check_stats_vs_single_process(res[3], tiny_store, 3)
+def test_deepspeed_zero0_zero3_resume_and_stats(tmp_path, tiny_store):
+    res = _run_resume(tmp_path, tiny_store, [0, 3])
+    for zero in (0, 3):
+        _check_resume(res[zero])
+        _check_stats_vs_single_process(res[zero], tiny_store, zero)
 
 
 @pytest.mark.slow

@@ -98,6 +98,15 @@ def test_deepspeed_launcher_script_dry_run(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert out.count("dry run OK: world_size=2") == 2
+    # the hostfile (multi-node) path, run per node without ssh
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh")], capture_output=True, text=True,
+                          timeout=180, env=_env(CONFIG=str(cfg), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK="0",
+                                                MASTER_ADDR="127.0.0.1", DRY_RUN="1", MASTER_PORT="29675"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("dry run OK: world_size=2") == 2
 
 
 def test_slurm_script_syntax_and_header():

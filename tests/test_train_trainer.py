@@ -124,3 +124,28 @@ def test_eval_harness_report(data_dir, tmp_path):
     before = (tmp_path / "suite" / "runs" / "rnb__seed0" / "result.json").stat().st_mtime
     run_suite(base, methods, [0, 1], tmp_path / "suite", progress=False)
     assert (tmp_path / "suite" / "runs" / "rnb__seed0" / "result.json").stat().st_mtime == before
+
+
+def test_rnb_with_held_out_gradient(data_dir, tmp_path):
+    """R&B's evaluation variant: held-out projected gradients reach the strategy as eval_sums."""
+    from megamix.data.store import TokenStore
+    from megamix.mixer import Mixer
+    from megamix.train.model import build_model, hidden_states
+
+    cfg = _cfg(data_dir, tmp_path / "ev", "train.steps=2", "mixing.strategy=rnb", "mixing.update_every=1",
+               "mixing.eval_grad_batches=1")
+    store = TokenStore(data_dir / "tokens")
+    mixer = Mixer(cfg, store)
+    model = build_model(cfg.model, seed=0)
+    for batch in mixer.next_step():
+        h = hidden_states(model, batch.input_ids, batch.position_ids)
+        mixer.loss_and_stats(h, model.lm_head.weight, batch).backward()
+    with pytest.raises(ValueError, match="hidden_fn"):
+        Mixer(cfg, store).step(0)
+    upd = mixer.step(0, hidden_fn=lambda b: hidden_states(model, b.input_ids, b.position_ids),
+                     lm_head_weight=model.lm_head.weight.detach())
+    snap = upd["snapshot"]
+    assert snap.eval_sums.shape == (4, 32) and np.all(snap.extra["eval_counts"] > 0)
+    assert np.all(np.abs(snap.eval_sums).sum(1) > 0)
+    assert mixer.strategy.last_info.get("fallback") in (None, "")
+    assert abs(upd["weights"].sum() - 1) < 1e-9

@@ -88,6 +88,17 @@ def evaluate(model: torch.nn.Module, store, domains: list[str], cfg: MegamixConf
     return out
 
 
+def _eval_hidden(model: torch.nn.Module, batch, dtype: torch.dtype | None) -> torch.Tensor:
+    """LM-head input for a held-out batch, in eval mode (no dropout), without gradients."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(dtype):
+            return hidden_states(model, batch.input_ids, batch.position_ids).float()
+    finally:
+        model.train(was)
+
+
 def _autocast(dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return torch.autocast("cpu", enabled=False)
@@ -207,7 +218,8 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 \
             else torch.tensor(float("nan"))
         opt.step()
-        update = mixer.step(step)
+        update = mixer.step(step, hidden_fn=lambda b: _eval_hidden(model, b, dtype),
+                            lm_head_weight=lm_head_weight(model).detach())
         step_times.append(time.perf_counter() - ts)
         last_loss = loss_acc
         done = step + 1
