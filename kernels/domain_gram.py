@@ -19,7 +19,8 @@ from kernels.utils import HAS_TRITON, interpreting, next_pow2, resolve_backend, 
 # ----------------------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------------------
-def per_sample_grads_ref(u: torch.Tensor, w: torch.Tensor, sample_index: torch.Tensor, num_samples: int) -> torch.Tensor:
+def per_sample_grads_ref(u: torch.Tensor, w: torch.Tensor, sample_index: torch.Tensor,
+                         num_samples: int) -> torch.Tensor:
     """Materialised reference: ``g [B, k1*k2]`` from per-token outer products (fp64 accumulation)."""
     sample_index = sample_index.to(u.device)
     keep = sample_index >= 0

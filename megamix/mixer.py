@@ -80,7 +80,7 @@ class Mixer:
             max_epochs=cfg.loader.max_epochs or None, telemetry_window=cfg.loader.telemetry_window,
             history_limit=cfg.loader.history_limit or None)
         p = cfg.projection
-        self.k = p.k1 * p.k2
+        self.k = p.k if p.k > 0 else p.k1 * p.k2   # dimension of one projected per-sample gradient
         self.strategy = build_strategy(cfg.mixing, self.domains, self.initial_weights)
         self.stats = DomainStats(len(self.domains), self.k,
                                  keep_per_sample=cfg.mixing.strategy == "dograph")
@@ -104,7 +104,7 @@ class Mixer:
         p = self.cfg.projection
         if self.projection is None or self.projection.P1.shape[1] != V or self.projection.P2.shape[1] != d:
             self.projection = make_projection(V, d, p.k1, p.k2, seed=p.seed, kind=p.kind,
-                                              device=device, dtype=dtype)
+                                              device=device, dtype=dtype, k=p.k if p.k > 0 else None)
         return self.projection
 
     @property
@@ -125,7 +125,7 @@ class Mixer:
         out = fused_linear_cross_entropy(
             hidden.reshape(b * T, d).float(), weight.float() if weight.dtype != torch.float32 else weight,
             labels.reshape(-1), ignore_index=-100, reduction="mean", projection=proj,
-            chunk_tokens=self.cfg.projection.chunk_tokens)
+            chunk_tokens=self.cfg.projection.chunk_tokens, backend=self.cfg.projection.backend)
         self._record(out.u, out.w, out.token_loss, labels, batch)
         return out.loss
 
@@ -139,7 +139,8 @@ class Mixer:
         g = None
         if u is not None:
             idx = _sample_index(b, T, u.device)
-            g = per_sample_grads(u.float(), w.float(), idx, b).cpu()
+            g = self.projection.finalize(
+                per_sample_grads(u.float(), w.float(), idx, b, backend=self.cfg.projection.backend)).cpu()
         else:
             g = torch.zeros(b, self.k, dtype=torch.float32)
         self.stats.update(g, batch.domain_ids.cpu(), sample_ids=getattr(batch, "sample_ids", None),
@@ -200,8 +201,10 @@ class Mixer:
                 out = fused_linear_cross_entropy(h.reshape(b * T, dim).float(), weight.float(),
                                                  batch.labels.reshape(-1).to(h.device), ignore_index=-100,
                                                  reduction="mean", projection=proj,
-                                                 chunk_tokens=self.cfg.projection.chunk_tokens)
-                g = per_sample_grads(out.u.float(), out.w.float(), _sample_index(b, T, h.device), b)
+                                                 chunk_tokens=self.cfg.projection.chunk_tokens,
+                                                 backend=self.cfg.projection.backend)
+                g = proj.finalize(per_sample_grads(out.u.float(), out.w.float(), _sample_index(b, T, h.device),
+                                                   b, backend=self.cfg.projection.backend))
                 sums[i] += g.double().sum(0).cpu().numpy()
                 counts[i] += b
         return sums, counts

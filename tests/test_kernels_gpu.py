@@ -1,7 +1,6 @@
 """GPU-only checks (compiled Triton, fp32 and bf16) at shapes closer to production. Skipped on CPU."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels.domain_gram import fused_domain_stats, per_sample_grads, per_sample_grads_ref
 from kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref

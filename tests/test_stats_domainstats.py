@@ -30,7 +30,8 @@ def _expected(steps):
     g = torch.cat([s["g"] for s in steps]).double()
     dom = torch.cat([s["domain_ids"] for s in steps])
     sums, gram, counts = domain_stats_ref(g, dom, D)
-    ls = torch.zeros(D, dtype=torch.float64).index_add_(0, dom, torch.cat([s["token_loss_sum"] for s in steps]).double())
+    losses = torch.cat([s["token_loss_sum"] for s in steps]).double()
+    ls = torch.zeros(D, dtype=torch.float64).index_add_(0, dom, losses)
     tc = torch.zeros(D, dtype=torch.float64).index_add_(0, dom, torch.cat([s["token_count"] for s in steps]).double())
     return g, dom, sums, gram, counts, ls, tc
 
