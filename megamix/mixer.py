@@ -15,7 +15,7 @@ mixing strategy, and wires them together::
 Two ways to get the statistics:
 - fused (``loss_and_stats``): megamix's chunked linear cross-entropy *is* the loss, and emits
   u = P1 δ and w = P2 a on the way; no logits tensor of size N×V is kept.
-- capture (``attach(lm_head)``): a hook on an existing LM head reads δ from the normal backward
+- capture (``attach(model)``): a hook on an existing LM head reads δ from the normal backward
   (any loss, any model); see :mod:`megamix.integrations.capture`.
 Both feed the same :class:`megamix.stats.DomainStats`.
 """
@@ -85,9 +85,8 @@ class Mixer:
         self.stats = DomainStats(len(self.domains), self.k,
                                  keep_per_sample=cfg.mixing.strategy == "dograph")
         self.projection = None  # built lazily once V and d are known
+        self._grad_scale = 1.0 / (cfg.train.global_batch_size // cfg.train.micro_batch_size)
         self.weight_history: list[tuple[int, list[float]]] = [(0, self.initial_weights.tolist())]
-        self._capture = None
-        self._current_batch = None
 
     # ------------------------------------------------------------------ data
     def next_step(self):
@@ -99,6 +98,10 @@ class Mixer:
         return np.asarray(self.loader.weights, dtype=np.float64)
 
     # ------------------------------------------------------------------ statistics
+    def projection_for(self, V: int, d: int, device=None, dtype=torch.float32):
+        """The run's projection for an LM head of shape (V, d), built once from ``projection.seed``."""
+        return self._ensure_projection(V, d, device, dtype)
+
     def _ensure_projection(self, V: int, d: int, device, dtype=torch.float32):
         from kernels.projection import make_projection
         p = self.cfg.projection
@@ -143,39 +146,21 @@ class Mixer:
                 per_sample_grads(u.float(), w.float(), idx, b, backend=self.cfg.projection.backend)).cpu()
         else:
             g = torch.zeros(b, self.k, dtype=torch.float32)
+        # Scale to the sample's share of the gradient the optimizer applies (mean over micro-steps and
+        # data-parallel ranks), the same convention as the capture path.
+        g = g * self._grad_scale
         self.stats.update(g, batch.domain_ids.cpu(), sample_ids=getattr(batch, "sample_ids", None),
                           token_loss_sum=loss_sum, token_count=count)
 
-    def attach(self, lm_head: torch.nn.Module):
-        """Capture statistics from an existing LM head's backward instead of using our loss.
+    def attach(self, model: torch.nn.Module, **kwargs):
+        """Capture statistics from an existing model's LM-head backward (keep your own loss).
 
-        Call :meth:`set_batch` before each forward so the hook knows the samples' domains. Idempotent.
+        Delegates to :func:`megamix.integrations.attach` (plain ``nn.Module`` or DeepSpeed engine; works
+        under ZeRO-3). Returns the hook: call ``hook.set_batch(batch)`` before each forward and
+        ``hook.after_optimizer_step(step)`` after each optimizer step. Idempotent.
         """
-        from megamix.integrations.capture import LMHeadGradCapture
-
-        if self._capture is not None:
-            return self._capture
-        W = lm_head.weight
-        proj = self._ensure_projection(W.shape[0], W.shape[1], W.device)
-
-        def callback(g: torch.Tensor) -> None:
-            batch = self._current_batch
-            if batch is None:
-                raise RuntimeError("Mixer.attach: call mixer.set_batch(batch) before the forward pass")
-            self.stats.update(g.float().cpu(), batch.domain_ids.cpu(),
-                              sample_ids=getattr(batch, "sample_ids", None))
-
-        self._capture = LMHeadGradCapture(lm_head, proj, callback)
-        return self._capture
-
-    def set_batch(self, batch) -> None:
-        """Tell the capture hook which batch the next forward/backward belongs to."""
-        self._current_batch = batch
-
-    def detach(self) -> None:
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        from megamix.integrations import attach
+        return attach(model, self, **kwargs)
 
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
@@ -235,7 +220,8 @@ class Mixer:
             # Rule (see megamix.loader.sampler): rank 0 decides, everyone takes rank 0's weights.
             from megamix.loader import broadcast_weights
             new = np.asarray(broadcast_weights(new, self.group), dtype=np.float64)
-        changed = not np.array_equal(new, self.weights)
+        # the loader quantises weights to multiples of 2^-32; smaller differences are no change
+        changed = not np.allclose(new, self.weights, rtol=0.0, atol=1e-9)
         if changed:
             self.loader.set_weights(new, verify=self.cfg.loader.verify_weights and self._dist_active(),
                                     group=self.group)

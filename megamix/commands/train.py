@@ -34,7 +34,9 @@ def run(args) -> int:
     if args.dry_run:
         if cfg.deepspeed.enabled:
             from megamix.integrations.deepspeed import validate_launch
-            validate_launch(cfg, world)
+            info = validate_launch(cfg, world)
+            for note in info.get("notes", []):
+                print(f"# note: {note}")
         elif world > 1:
             from megamix.configbase import ConfigError
             raise ConfigError(f"WORLD_SIZE={world} but deepspeed.enabled=false: the plain trainer is "

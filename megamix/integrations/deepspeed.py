@@ -224,7 +224,7 @@ class DeepSpeedMixerHook:
                  auto_step: bool, vocab_size: int | None = None, hidden_size: int | None = None):
         V, d = (vocab_size, hidden_size) if vocab_size and hidden_size else _head_shape(lm_head)
         device = _module_device(lm_head)
-        projection = mixer._ensure_projection(V, d, device)
+        projection = mixer.projection_for(V, d, device)
         self.target = target
         self.mixer = mixer
         self.lm_head = lm_head
@@ -263,6 +263,7 @@ class DeepSpeedMixerHook:
                                f"{batch.domain_ids.shape[0]}; was set_batch called with the right batch?")
         self.micro_steps += 1
         # g stays on its device: with NCCL the accumulators must live on the GPU for the all-reduce
+        g = self.mixer.projection.finalize(g)  # optional dense second stage (projection.k)
         self.mixer.stats.update(g * self.scale, batch.domain_ids,
                                 sample_ids=getattr(batch, "sample_ids", None),
                                 token_loss_sum=ctx["loss_sum"], token_count=ctx["count"])
