@@ -185,6 +185,8 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
         _truncate_metrics(out_dir / "metrics.jsonl", start)
         if log_to_stdout:
             print(f"resumed from {ckpt.latest()} at step {start}")
+    if start == 0 and (out_dir / "metrics.jsonl").exists():
+        (out_dir / "metrics.jsonl").unlink()  # a fresh run: drop records of an earlier, unfinished one
     (out_dir / "config.yaml").write_text(cfg.to_yaml())
     logger = MetricsLogger(out_dir)
     if start == 0:
