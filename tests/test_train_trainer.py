@@ -41,6 +41,11 @@ def test_training_lowers_loss_and_writes_outputs(data_dir, tmp_path):
     # R&B moved the weights away from the natural prior at least once
     w = [r for r in recs if r["kind"] == "weights"]
     assert len(w) >= 2
+    # `megamix report` re-renders the curves and the Gram heatmap from metrics.jsonl
+    from megamix.cli import main
+    (tmp_path / "run" / "curves.png").unlink()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "gram.png").exists()
 
 
 def test_resume_is_exact(data_dir, tmp_path):

@@ -4,20 +4,30 @@ A thin wrapper over :mod:`kernels.bench.bench_fused_lce` (same options). Example
 
     megamix bench kernels --cpu                                   # CPU torch path + projection ratio
     megamix bench kernels --V 128256 --d 4096 --N 16384 --k 64x64  # on a GPU machine
+    megamix bench loader -- --quick                               # loader throughput
 """
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="Microbenchmarks (kernels).")
+    p = sub.add_parser("bench", help="Microbenchmarks (kernels, loader).")
     bsub = p.add_subparsers(dest="bench_target", metavar="TARGET")
     from kernels.bench.args import build_parser
     k = bsub.add_parser("kernels", help="Fused linear cross-entropy with gradient projection vs baselines.")
     build_parser(k)
     k.set_defaults(func=run)
+    lo = bsub.add_parser("loader", help="Weighted loader: index generation, batch assembly, weight-update cost.",
+                         add_help=False)
+    lo.add_argument("rest", nargs="*", help="options of benchmarks/loader_bench.py (--quick, --repeats, --out)")
+    lo.set_defaults(func=run_loader)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
 
 def run(args) -> int:
     from kernels.bench.bench_fused_lce import main
     return main(args)
+
+
+def run_loader(args) -> int:
+    from megamix.loader.bench import main
+    return main(list(args.rest))
