@@ -76,6 +76,7 @@ class TrainConfig(ConfigBase):
     out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, TensorBoard, plots.", "runs/tiny-cpu")
     resume: bool = doc("Resume from the latest checkpoint in out_dir if one exists.", True)
     threads: int = doc("torch CPU threads (0 = torch default).", 0)
+    device: str = doc("auto (CUDA when available, else CPU) | cpu | cuda | cuda:N.", "auto")
     loss_impl: str = doc("LM-head loss: 'fused' (megamix chunked linear-CE, emits projections) "
                          "or 'torch' (plain logits + cross_entropy).", "fused")
 
@@ -86,6 +87,8 @@ class TrainConfig(ConfigBase):
               f"train.micro_batch_size ({self.micro_batch_size})")
         check(self.lr > 0, "train.lr must be > 0")
         check(self.dtype in ("fp32", "bf16"), f"train.dtype must be fp32 or bf16 (got {self.dtype!r})")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+              f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         check(self.loss_impl in ("fused", "torch"),
               f"train.loss_impl must be 'fused' or 'torch' (got {self.loss_impl!r})")
         return self

@@ -69,13 +69,15 @@ def evaluate(model: torch.nn.Module, store, domains: list[str], cfg: MegamixConf
 
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = {}
     for d in domains:
         tot, n = 0.0, 0
         for batch in eval_batches(store, d, seq_len=cfg.model.seq_len,
                                   batch_size=cfg.train.micro_batch_size,
                                   max_batches=cfg.train.eval_batches):
-            with _autocast(dtype):
+            batch = batch.to(device)
+            with _autocast(dtype, device):
                 h = hidden_states(model, batch.input_ids, batch.position_ids)
             logits = h.float() @ lm_head_weight(model).float().t()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
@@ -93,16 +95,29 @@ def _eval_hidden(model: torch.nn.Module, batch, dtype: torch.dtype | None) -> to
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), _autocast(dtype):
+        device = next(model.parameters()).device
+        batch = batch.to(device)
+        with torch.no_grad(), _autocast(dtype, device):
             return hidden_states(model, batch.input_ids, batch.position_ids).float()
     finally:
         model.train(was)
 
 
-def _autocast(dtype: torch.dtype | None):
+def _autocast(dtype: torch.dtype | None, device: torch.device | str = "cpu"):
+    kind = torch.device(device).type
     if dtype is None or dtype == torch.float32:
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cpu", dtype=dtype)
+        return torch.autocast(kind, enabled=False)
+    return torch.autocast(kind, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from megamix.configbase import ConfigError
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
 
 
 def _avg(d: dict[str, float]) -> float:
@@ -164,7 +179,8 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
         raise ConfigError(f"token store vocabulary ({vocab}) exceeds model.vocab_size "
                           f"({cfg.model.vocab_size}); set model.vocab_size={vocab}")
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, seed=t.seed)
+    device = resolve_device(t.device)
+    model = build_model(cfg.model, seed=t.seed).to(device)
     mixer = Mixer(cfg, store)
     opt = build_optimizer(model, cfg)
     dtype = torch.bfloat16 if t.dtype == "bf16" else None
@@ -181,6 +197,8 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
         opt.load_state_dict(state["optimizer"])
         mixer.load_state_dict(state["mixer"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
         start = state["step"]
         _truncate_metrics(out_dir / "metrics.jsonl", start)
         if log_to_stdout:
@@ -212,7 +230,8 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
         opt.zero_grad(set_to_none=True)
         loss_acc = 0.0
         for batch in mixer.next_step():
-            with _autocast(dtype):
+            batch = batch.to(device)
+            with _autocast(dtype, device):
                 h = hidden_states(model, batch.input_ids, batch.position_ids)
             loss = mixer.loss_and_stats(h, lm_head_weight(model), batch)
             (loss / n_micro).backward()
@@ -248,6 +267,7 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == t.steps:
             ckpt.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                              "mixer": mixer.state_dict(), "torch_rng": torch.get_rng_state(),
+                             "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                              "step": done, "config": cfg.to_dict()})
     bar.close()
     wall = time.time() - t0
