@@ -248,6 +248,9 @@ class MegamixConfig(ConfigBase):
 
     def validate(self):
         super().validate()
+        if self.mixing.strategy != "static" and self.train.loss_impl == "torch":
+            raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs the fused loss's gradient "
+                              "statistics: set train.loss_impl=fused")
         if self.mixing.strategy != "static" and not self.projection.enabled:
             raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs gradient statistics: "
                               "set projection.enabled=true")

@@ -91,6 +91,8 @@ def test_config_errors_are_actionable(tmp_path):
         MegamixConfig.from_yaml(None, ["train.global_batch_size=10", "train.micro_batch_size=4"]).validate()
     with pytest.raises(ConfigError, match="needs gradient statistics"):
         MegamixConfig.from_yaml(None, ["mixing.strategy=rnb", "projection.enabled=false"]).validate()
+    with pytest.raises(ConfigError, match="loss_impl=fused"):
+        MegamixConfig.from_yaml(None, ["mixing.strategy=rnb", "train.loss_impl=torch"]).validate()
     with pytest.raises(ConfigError, match="expected an integer"):
         MegamixConfig.from_yaml(None, ["train.steps=many"])
 
@@ -129,6 +131,14 @@ def test_eval_harness_report(data_dir, tmp_path):
     before = (tmp_path / "suite" / "runs" / "rnb__seed0" / "result.json").stat().st_mtime
     run_suite(base, methods, [0, 1], tmp_path / "suite", progress=False)
     assert (tmp_path / "suite" / "runs" / "rnb__seed0" / "result.json").stat().st_mtime == before
+    # the interleaved overhead probe: every variant measured, ratios against plain torch CE
+    from megamix.evaluation.harness import measure_overhead
+    ov = measure_overhead(base, tmp_path / "suite", steps=4, repeats=1)
+    key = next(k for k in ov if k.startswith("overhead_vs_"))
+    assert len(ov["median_step_seconds"]) == 5 and ov[key][key[len("overhead_vs_"):]] == 0.0
+    assert all(v > 0 for v in ov["median_step_seconds"].values())
+    rep = write_report(sums, tmp_path / "suite", title="t", conditions={}, overhead=ov)
+    assert "interleaved probe" in rep.read_text()
 
 
 def test_rnb_with_held_out_gradient(data_dir, tmp_path):

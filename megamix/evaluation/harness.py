@@ -156,7 +156,8 @@ def aggregate(summaries: list[dict], baseline: str = "uniform", static: str = "u
 
 
 def write_report(summaries: list[dict], out_root: str | Path, *, title: str, conditions: dict,
-                 paper_numbers: dict | None = None, baseline: str = "uniform") -> Path:
+                 paper_numbers: dict | None = None, baseline: str = "uniform",
+                 overhead: dict | None = None) -> Path:
     """Markdown report + PNG plots under ``out_root``. Returns the report path."""
     out_root = Path(out_root)
     agg = aggregate(summaries, baseline=baseline)
@@ -186,6 +187,15 @@ def write_report(summaries: list[dict], out_root: str | Path, *, title: str, con
             vals = [v for v in a["per_domain"].get(d, []) if v is not None]
             cells.append(f"{np.mean(vals):.3f}" if vals else "n/a")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if overhead:
+        key = next(k for k in overhead if k.startswith("overhead_vs_"))
+        lines += ["", "## Step-time overhead (interleaved probe, same process, medians)", "",
+                  f"{overhead['repeats']} interleaved repeats x {overhead['steps_per_run']} steps per variant; "
+                  f"ratios against *{key[len('overhead_vs_'):]}* measured in the same call. The suite's own "
+                  "per-run step times above are confounded by whatever else ran on the machine; these are not.",
+                  "", "| variant | median step (s) | overhead |", "|---|---|---|"]
+        for k, v in overhead["median_step_seconds"].items():
+            lines.append(f"| {k} | {v:.3f} | {100 * overhead[key][k]:+.1f}% |")
     lines += ["", "## Verdict (computed, not written by hand)", ""]
     lines += _verdicts(agg, baseline)
     if paper_numbers:
@@ -288,3 +298,39 @@ def _plots(summaries: list[dict], out_root: Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+OVERHEAD_VARIANTS = [
+    ("plain torch CE (no megamix statistics)", ["train.loss_impl=torch", "mixing.strategy=static"]),
+    ("fused CE, projection off", ["projection.enabled=false", "mixing.strategy=static"]),
+    ("fused CE + projection, static", ["mixing.strategy=static"]),
+    ("R&B (fused + projection + updates)", ["mixing.strategy=rnb"]),
+    ("DoGraph (fused + projection + per-sample k-means)", ["mixing.strategy=dograph"]),
+]
+
+
+def measure_overhead(base: MegamixConfig, out_root: str | Path, *, steps: int = 40, repeats: int = 2,
+                     variants=OVERHEAD_VARIANTS) -> dict:
+    """Median optimizer-step time of each variant, interleaved (A B C .. A B C ..) so that machine load
+    hits every variant alike; ratios are against the first variant, measured in the same call."""
+    from megamix.train.metrics import read_metrics
+    from megamix.train.trainer import train
+
+    out_root = Path(out_root)
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for rep in range(repeats):
+        for i, (name, ov) in enumerate(variants):
+            rd = out_root / "overhead" / f"v{i}_rep{rep}"
+            cfg = base
+            for o in ov + [f"train.steps={steps}", "train.eval_every=0", "train.log_every=1",
+                           f"train.out_dir={rd}", "train.resume=false", "train.checkpoint_every=0"]:
+                cfg = cfg.with_override(o)
+            train(cfg, progress=False, log_to_stdout=False)
+            recs = [r for r in read_metrics(rd / "metrics.jsonl") if r["kind"] == "train"]
+            times[name] += [r["step_seconds"] for r in recs[2:]]  # skip warm-up steps
+    base_name = variants[0][0]
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    res = {"steps_per_run": steps, "repeats": repeats, "median_step_seconds": med,
+           "overhead_vs_" + base_name: {k: med[k] / med[base_name] - 1.0 for k in med}}
+    (out_root / "overhead.json").write_text(json.dumps(res, indent=1))
+    return res

@@ -233,7 +233,12 @@ def train(cfg: MegamixConfig, *, progress: bool = True, log_to_stdout: bool = Tr
             batch = batch.to(device)
             with _autocast(dtype, device):
                 h = hidden_states(model, batch.input_ids, batch.position_ids)
-            loss = mixer.loss_and_stats(h, lm_head_weight(model), batch)
+            if t.loss_impl == "torch":  # plain logits + cross_entropy: no statistics (static mixing only)
+                logits = h.float() @ lm_head_weight(model).float().t()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
+                                       ignore_index=-100)
+            else:
+                loss = mixer.loss_and_stats(h, lm_head_weight(model), batch)
             (loss / n_micro).backward()
             loss_acc += float(loss.detach()) / n_micro
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 \
