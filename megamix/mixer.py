@@ -73,6 +73,7 @@ class Mixer:
                               "or lower model.seq_len")
         self.initial_weights = np.asarray(initial_weights(cfg.mixture, self.domains, token_counts),
                                           dtype=np.float64)
+        self.max_drift = self._max_drift(cfg)
         self.loader = MixtureLoader(
             store, self.domains, split="train", seq_len=cfg.model.seq_len,
             global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
@@ -216,6 +217,8 @@ class Mixer:
             snap.extra["eval_counts"] = eval_counts
         self.strategy.observe(snap)
         new = np.asarray(self.strategy.propose(step + 1), dtype=np.float64)
+        if self.max_drift is not None:
+            new = self.apply_drift_bound(new)
         if self._dist_active():
             # Rule (see megamix.loader.sampler): rank 0 decides, everyone takes rank 0's weights.
             from megamix.loader import broadcast_weights
@@ -228,6 +231,26 @@ class Mixer:
             self.weight_history.append((step + 1, new.tolist()))
         self.stats.reset()
         return {"snapshot": snap, "weights": new, "changed": changed}
+
+    @staticmethod
+    def _max_drift(cfg: MegamixConfig) -> float | None:
+        """``meta.max_drift`` of a prior mixture file (``mixture.kind=file``), if it sets one."""
+        if cfg.mixture.kind != "file":
+            return None
+        from megamix.mixture import load_mixture
+        _, doc = load_mixture(cfg.mixture.file)
+        md = (doc.get("meta") or {}).get("max_drift")
+        return float(md) if md is not None else None
+
+    def apply_drift_bound(self, w: np.ndarray) -> np.ndarray:
+        """Project ``w`` onto ``{x: max(0, prior - max_drift) <= x <= prior + max_drift, Σx = 1}``: the
+        online strategy may move at most ``max_drift`` away from the prior in every domain."""
+        from megamix.domain2vec.da2 import project_capped_simplex
+
+        md = self.max_drift
+        lo = np.maximum(0.0, self.initial_weights - md)
+        hi = np.minimum(1.0, self.initial_weights + md)
+        return project_capped_simplex(np.asarray(w, np.float64), upper=hi, lower=lo)
 
     def _dist_active(self) -> bool:
         return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()

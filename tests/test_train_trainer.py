@@ -164,3 +164,24 @@ def test_rnb_with_held_out_gradient(data_dir, tmp_path):
     assert np.all(np.abs(snap.eval_sums).sum(1) > 0)
     assert mixer.strategy.last_info.get("fallback") in (None, "")
     assert abs(upd["weights"].sum() - 1) < 1e-9
+
+
+def test_prior_max_drift_bounds_online_weights(data_dir, tmp_path):
+    """A Domain2Vec-style prior with meta.max_drift: R&B's weights never leave prior ± max_drift."""
+    from megamix.domain2vec.mixture_io import write_mixture
+    from megamix.train.trainer import train
+
+    names = ["changelogs", "code_python", "legal", "manpages"]
+    prior = {"changelogs": 0.1, "code_python": 0.2, "legal": 0.3, "manpages": 0.4}
+    path = tmp_path / "prior.json"
+    write_mixture(path, names, [prior[n] for n in names], "da2", {}, max_drift=0.05)
+    cfg = _cfg(data_dir, tmp_path / "drift", "train.steps=6", "train.eval_every=0", "mixing.strategy=rnb",
+               "mixing.update_every=1", "mixing.rnb_lambda=20", "mixture.kind=file", f"mixture.file={path}")
+    res = train(cfg, progress=False, log_to_stdout=False)
+    recs = [json.loads(x) for x in (tmp_path / "drift" / "metrics.jsonl").read_text().splitlines()]
+    ws = [r["weights"] for r in recs if r["kind"] == "weights"]
+    assert len(ws) >= 2  # λ=20 moves the weights, the bound keeps them close to the prior
+    for w in ws:
+        for n in names:
+            assert abs(w[n] - prior[n]) <= 0.05 + 1e-6, (n, w[n])
+    assert abs(sum(res.weights.values()) - 1) < 1e-9
