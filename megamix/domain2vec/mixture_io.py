@@ -7,7 +7,8 @@ Format::
 
 ``meta.max_drift`` (optional, float in (0, 1] or null): the largest per-domain deviation
 ``|w_online_i - w_prior_i|`` that an online strategy starting from this prior should allow. It is
-advisory: strategies may enforce it, e.g. by projecting their proposal onto
+enforced by the Mixer for runs that start from this prior (``mixture.kind=file``), by projecting
+every proposal onto
 ``{x : max(0, prior - max_drift) <= x <= prior + max_drift, Σx = 1}`` with
 :func:`megamix.domain2vec.da2.project_capped_simplex`. Null means unbounded.
 """
