@@ -12,31 +12,14 @@ def register(sub) -> None:
 
 def gram_heatmap(metrics_path: Path, out_png: Path) -> Path | None:
     """Cosine-normalised domain Gram matrix of the last mixing round (None if the run never mixed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    from megamix.strategies.plots import plot_gram
     from megamix.train.metrics import read_metrics
 
-    recs = read_metrics(metrics_path)
-    mix = [r for r in recs if r["kind"] == "mixing" and r.get("gram")]
+    mix = [r for r in read_metrics(metrics_path) if r["kind"] == "mixing" and r.get("gram")]
     if not mix:
         return None
-    G = np.asarray(mix[-1]["gram"], dtype=float)
-    names = list(mix[-1]["counts"].keys())
-    dn = np.sqrt(np.clip(np.diag(G), 1e-30, None))
-    C = G / np.outer(dn, dn)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(C, cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"domain gradient cosine, round ending at step {mix[-1]['step']}")
-    fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return plot_gram(mix[-1]["gram"], list(mix[-1]["counts"].keys()), out_png,
+                     title=f"domain gradients, round ending at step {mix[-1]['step']}")
 
 
 def run(args) -> int:

@@ -283,22 +283,12 @@ def _plots(summaries: list[dict], out_root: Path) -> list[Path]:
 
     grams = [(s["method"], s) for s in summaries if s.get("last_gram") and s["method"].startswith("rnb")]
     if grams:
+        from megamix.strategies.plots import plot_gram
         m, run = grams[0]
-        G = np.asarray(run["last_gram"], dtype=float)
-        dn = np.sqrt(np.clip(np.diag(G), 1e-30, None))
-        C = G / np.outer(dn, dn)
-        fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        im = ax.imshow(C, cmap="RdBu_r", vmin=-1, vmax=1)
-        names = list(run["weights"][0][1].keys()) if run["weights"] else [str(i) for i in range(len(C))]
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(f"{m}: last-round domain gradient cosine (from the projected Gram)")
-        fig.colorbar(im)
-        fig.tight_layout()
-        p = out_root / "gram_heatmap.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        names = list(run["weights"][0][1].keys()) if run["weights"] else \
+            [str(i) for i in range(len(run["last_gram"]))]
+        paths.append(plot_gram(run["last_gram"], names, out_root / "gram_heatmap.png",
+                               title=f"{m} (seed {run['seed']}): last-round domain gradients"))
     return paths
 
 
