@@ -103,7 +103,6 @@ def _paper_table(summaries, out: Path, d2v_eval: str | None = D2V_EVAL_DEFAULT) 
         probe = out / "overhead.json"
         if probe.exists():
             o = json.loads(probe.read_text())
-            key = next(k for k in o if k.startswith("overhead_vs_"))
             med = o["median_step_seconds"]
             rnb = next(v for k, v in med.items() if k.startswith("R&B"))
             off = next(v for k, v in med.items() if k.startswith("fused CE, projection off"))

@@ -284,10 +284,23 @@ def build_corpus(data_dir: str | Path, domains: list[str] | tuple[str, ...] | No
     return update_stats(data_dir, entries)
 
 
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows of a corpus jsonl file (``{"text", "source"}`` objects); blank lines are skipped and a
+    malformed line is an error naming ``path:line``."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+            yield row
+
+
 def iter_corpus(data_dir: str | Path, domain: str, split: str) -> Iterator[dict]:
     """Rows of ``corpus/<domain>/<split>.jsonl``."""
-    path = Path(data_dir) / "corpus" / domain / f"{split}.jsonl"
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    return iter_jsonl(Path(data_dir) / "corpus" / domain / f"{split}.jsonl")

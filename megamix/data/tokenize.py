@@ -77,10 +77,8 @@ def encode_documents(texts: Iterable[str], writer: IndexedTokenWriter, *, batch_
 
 
 def _jsonl_texts(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+    from megamix.data.corpus import iter_jsonl
+    return (row["text"] for row in iter_jsonl(path))
 
 
 def tokenize_corpus(data_dir: str | Path, domains: list[str] | None = None, *, force: bool = False,

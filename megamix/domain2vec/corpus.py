@@ -70,20 +70,13 @@ def corpus_domains(data_dir: str | Path, split: str = "train") -> list[str]:
 
 def iter_jsonl_texts(path: str | Path) -> Iterator[tuple[str, str]]:
     """Yield ``(text, source)`` from a jsonl file of ``{"text", "source"}`` objects."""
+    from megamix.data.corpus import iter_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            yield obj["text"], str(obj.get("source", ""))
+    for obj in iter_jsonl(path):
+        yield obj["text"], str(obj.get("source", ""))
 
 
 def chunk_text(text: str, max_chars: int = 1024, min_chars: int = 32) -> list[str]:
