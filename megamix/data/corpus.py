@@ -284,21 +284,30 @@ def build_corpus(data_dir: str | Path, domains: list[str] | tuple[str, ...] | No
     return update_stats(data_dir, entries)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """Rows of a corpus jsonl file (``{"text", "source"}`` objects); blank lines are skipped and a
-    malformed line is an error naming ``path:line``."""
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed object)`` for every non-blank line of a jsonl file (``.gz`` too).
+    A malformed line raises ``ValueError`` naming ``path:line``."""
+    import gzip
+
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            yield row
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows of a corpus jsonl file (``{"text", "source"}`` objects); blank lines are skipped and a
+    malformed line is an error naming ``path:line``."""
+    for lineno, row in iter_json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+        yield row
 
 
 def iter_corpus(data_dir: str | Path, domain: str, split: str) -> Iterator[dict]:

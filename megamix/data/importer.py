@@ -47,26 +47,24 @@ def detect_format(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    import gzip
-    opener = gzip.open if str(path).endswith(".gz") else open
+    from megamix.data.corpus import iter_json_lines
+
     n = 0
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataImportError(f"{path}:{lineno}: not valid JSON ({e})") from e
+    try:
+        for lineno, row in iter_json_lines(path):
             if not isinstance(row, dict) or text_field not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise DataImportError(f"{path}:{lineno}: no text field {text_field!r} "
-                                   f"(fields: {keys}); pass --text-field")
+                                      f"(fields: {keys}); pass --text-field")
             if not isinstance(row[text_field], str):
                 raise DataImportError(f"{path}:{lineno}: field {text_field!r} is "
-                                   f"{type(row[text_field]).__name__}, expected a string")
+                                      f"{type(row[text_field]).__name__}, expected a string")
             n += 1
             yield row[text_field], f"{path}#{lineno}"
+    except DataImportError:
+        raise
+    except ValueError as e:  # malformed JSON line
+        raise DataImportError(str(e)) from e
     if n == 0:
         raise DataImportError(f"{path} is empty: no JSON lines found")
 
