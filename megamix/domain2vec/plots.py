@@ -9,11 +9,8 @@ import numpy as np
 __all__ = ["plot_heatmap", "plot_map", "plot_vectors"]
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from megamix.plotting import pyplot as _plt
+from megamix.plotting import save_figure
 
 
 def plot_heatmap(V: np.ndarray, row_names: list[str], col_names: list[str] | None, path: str | Path,
@@ -29,12 +26,7 @@ def plot_heatmap(V: np.ndarray, row_names: list[str], col_names: list[str] | Non
     ax.set_xlabel("meta-domain")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)
 
 
 def plot_map(V: np.ndarray, names: list[str], path: str | Path, method: str = "pca",
@@ -60,12 +52,7 @@ def plot_map(V: np.ndarray, names: list[str], path: str | Path, method: str = "p
         ax.scatter([x], [y], c="tab:red" if nm in hl else "tab:blue", s=40)
         ax.annotate(nm, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_title(f"Datasets by domain vector ({method.upper()})")
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)
 
 
 def plot_vectors(vectors, out_dir: str | Path, seed: int = 0) -> list[Path]:

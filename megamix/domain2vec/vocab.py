@@ -222,9 +222,8 @@ def elbow_report(emb: np.ndarray, groups: list[str], ks: list[int], seed: int = 
 
 
 def _plot_elbow(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from megamix.plotting import pyplot, save_figure
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, ks in report["ks"].items():
@@ -237,9 +236,7 @@ def _plot_elbow(report: dict, path: Path) -> None:
     ax.set_ylabel("inertia / inertia at smallest k")
     ax.set_title("Meta-domain vocabulary: elbow (dashed = suggested global k)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_vocab(data_dir: str | Path, out_dir: str | Path, *, k: int = 32,

@@ -230,9 +230,8 @@ def _verdicts(agg: dict, baseline: str) -> list[str]:
 
 
 def _plots(summaries: list[dict], out_root: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from megamix.plotting import pyplot, save_figure
+    plt = pyplot()
 
     paths = []
     methods = sorted({s["method"] for s in summaries})
@@ -255,11 +254,7 @@ def _plots(summaries: list[dict], out_root: Path) -> list[Path]:
         axis.set_ylabel("avg validation loss over domains")
         axis.set_title(t)
     axz.legend(fontsize=8)
-    fig.tight_layout()
-    p = out_root / "loss_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out_root / "loss_curves.png"))
 
     dyn = [m for m in methods if any(len(s["weights"]) > 1 for s in summaries if s["method"] == m)]
     if dyn:
@@ -275,11 +270,7 @@ def _plots(summaries: list[dict], out_root: Path) -> list[Path]:
             ax.set_title(f"{m}: weights (seed {run['seed']})")
             ax.set_xlabel("step")
         axes[0][0].legend(fontsize=6, loc="upper left", ncol=2)
-        fig.tight_layout()
-        p = out_root / "weight_trajectories.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out_root / "weight_trajectories.png"))
 
     grams = [(s["method"], s) for s in summaries if s.get("last_gram") and s["method"].startswith("rnb")]
     if grams:

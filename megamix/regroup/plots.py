@@ -10,9 +10,8 @@ __all__ = ["plot_regroup"]
 
 def plot_regroup(report: dict, path: str | Path) -> Path:
     """Two panels (silhouette vs k; cluster sizes stacked by source domain) written as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from megamix.plotting import pyplot, save_figure
+    plt = pyplot()
 
     per_k = report["per_k"]
     ks = sorted(int(k) for k, v in per_k.items() if "silhouette" in v)
@@ -36,9 +35,4 @@ def plot_regroup(report: dict, path: str | Path) -> Path:
     a2.set_ylabel("documents")
     a2.set_title("clusters by original domain")
     a2.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)

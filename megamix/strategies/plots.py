@@ -10,20 +10,8 @@ import numpy as np
 __all__ = ["plot_weights", "plot_gram", "plot_cluster_sizes", "plot_strategy"]
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    _plt().close(fig)
-    return p
+from megamix.plotting import pyplot as _plt
+from megamix.plotting import save_figure as _save
 
 
 def plot_weights(history: Sequence[tuple[int, Sequence[float]]], domain_names: Sequence[str],

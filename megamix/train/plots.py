@@ -9,9 +9,8 @@ from megamix.train.metrics import read_metrics
 
 def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
     """Three panels: per-domain validation loss, train loss, domain weights (stacked). Returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from megamix.plotting import pyplot, save_figure
+    plt = pyplot()
 
     recs = read_metrics(metrics_path)
     evals = [r for r in recs if r["kind"] == "eval"]
@@ -59,9 +58,4 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
     ax.set_xlabel("step")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png)
