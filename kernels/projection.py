@@ -78,7 +78,9 @@ class Projection:
         if key not in self._cache:
             P = self.P1 if which == "P1" else self.P2
             k = P.shape[0]
-            if self.kind == "rademacher":
+            # A hand-built Projection may carry Gaussian values under the default kind: only take the
+            # signs when every entry really is ±1/sqrt(k).
+            if self.kind == "rademacher" and bool(torch.all(P.float().abs() == P.float().abs().max())):
                 scale = 1.0 / math.sqrt(k)
                 M = torch.sign(P.float())
             else:
@@ -101,6 +103,56 @@ class Projection:
         if self.R is None:
             return g
         return g @ self.R.to(g.device, g.dtype).t()
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32. fp32 operands: a plain fp32 GEMM. bf16/fp16 operands: on CUDA a GEMM with an
+    fp32 output (``out_dtype``, fp32 accumulation and no rounding of the result); elsewhere, or where that
+    overload is missing, the GEMM in the operand dtype (the BLAS accumulates in fp32 and rounds the
+    result once to the operand dtype), then upcast."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    return (a @ b).float()
+
+
+def project_u(delta: torch.Tensor, projection: Projection, *, chunk_tokens: int = 4096) -> torch.Tensor:
+    """``u = δ P1ᵀ`` in fp32 for ``delta [..., V]`` (the gradient of the loss w.r.t. the logits).
+
+    bf16/fp16 ``delta`` is multiplied as it is (no fp32 copy of δ): the operand is the exact ±1 sign
+    matrix of a Rademacher ``P1`` in δ's dtype (scaled by ``1/sqrt(k1)`` afterwards, in fp32), with fp32
+    accumulation. fp32 ``delta`` uses fp32 operands. ``chunk_tokens`` rows are multiplied at a time, so
+    no temporary larger than ``chunk_tokens × k1`` is created. Returns ``[..., k1]`` fp32.
+    """
+    if delta.shape[-1] != projection.V:
+        raise ValueError(f"logit gradient has vocab size {delta.shape[-1]} but P1 is {tuple(projection.P1.shape)} "
+                         "(P1 must be [k1, V] with the LM head's output size V)")
+    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    lead = delta.shape[:-1]
+    flat = delta.reshape(-1, delta.shape[-1])
+    op_dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    p1t, scale = projection.operand("P1", op_dtype, flat.device)
+    u = torch.empty(flat.shape[0], projection.k1, device=flat.device, dtype=torch.float32)
+    for s in range(0, flat.shape[0], chunk_tokens):
+        u[s:s + chunk_tokens] = _mm_fp32(flat[s:s + chunk_tokens].to(op_dtype), p1t)
+    if scale != 1.0:
+        u.mul_(scale)
+    return u.reshape(*lead, projection.k1)
+
+
+def project_w(a: torch.Tensor, projection: Projection) -> torch.Tensor:
+    """``w = a P2ᵀ`` in fp32 for the LM-head input ``a [..., d]``. Returns ``[..., k2]``."""
+    if a.shape[-1] != projection.d:
+        raise ValueError(f"LM-head input has size {a.shape[-1]} but P2 is {tuple(projection.P2.shape)} "
+                         "(P2 must be [k2, d] with the LM head's input size d)")
+    p2t, scale = projection.operand("P2", torch.float32, a.device)
+    w = a.float() @ p2t
+    return w.mul_(scale) if scale != 1.0 else w
 
 
 def make_projection(V: int, d: int, k1: int, k2: int, *, seed: int, kind: str = "rademacher",

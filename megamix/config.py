@@ -77,8 +77,10 @@ class TrainConfig(ConfigBase):
     resume: bool = doc("Resume from the latest checkpoint in out_dir if one exists.", True)
     threads: int = doc("torch CPU threads (0 = torch default).", 0)
     device: str = doc("auto (CUDA when available, else CPU) | cpu | cuda | cuda:N.", "auto")
-    loss_impl: str = doc("LM-head loss: 'fused' (megamix chunked linear-CE, emits projections) "
-                         "or 'torch' (plain logits + cross_entropy).", "fused")
+    loss_impl: str = doc("LM-head loss and statistics path: 'fused' (megamix's chunked linear-CE kernel through "
+                         "the Hugging Face patch; no [B,T,V] logits; emits the projections), 'capture' (the "
+                         "model's own logits + cross-entropy, statistics read by a backward hook) or 'torch' "
+                         "(the model's own logits + cross-entropy, no statistics: static mixing only).", "fused")
 
     def validate(self):
         check(self.steps >= 1, "train.steps must be >= 1")
@@ -89,8 +91,8 @@ class TrainConfig(ConfigBase):
         check(self.dtype in ("fp32", "bf16"), f"train.dtype must be fp32 or bf16 (got {self.dtype!r})")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
-        check(self.loss_impl in ("fused", "torch"),
-              f"train.loss_impl must be 'fused' or 'torch' (got {self.loss_impl!r})")
+        check(self.loss_impl in ("fused", "capture", "torch"),
+              f"train.loss_impl must be 'fused', 'capture' or 'torch' (got {self.loss_impl!r})")
         return self
 
 
@@ -249,8 +251,8 @@ class MegamixConfig(ConfigBase):
     def validate(self):
         super().validate()
         if self.mixing.strategy != "static" and self.train.loss_impl == "torch":
-            raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs the fused loss's gradient "
-                              "statistics: set train.loss_impl=fused")
+            raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs gradient statistics, which "
+                              "train.loss_impl=torch does not collect: set train.loss_impl=fused (or capture)")
         if self.mixing.strategy != "static" and not self.projection.enabled:
             raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs gradient statistics: "
                               "set projection.enabled=true")

@@ -12,15 +12,16 @@ mixing strategy, and wires them together::
         optimizer.step()
         mixer.step(step)        # every K steps: all-reduce stats -> strategy -> new weights -> loader
 
-Two ways to get the statistics:
-- fused (``loss_and_stats``): megamix's chunked linear cross-entropy *is* the loss, and emits
-  u = P1 δ and w = P2 a on the way; no logits tensor of size N×V is kept.
-- capture (``attach(model)``): a hook on an existing LM head reads δ from the normal backward
-  (any loss, any model); see :mod:`megamix.integrations.capture`.
-Both feed the same :class:`megamix.stats.DomainStats`.
+Two ways to get the statistics, both feeding the same :class:`megamix.stats.DomainStats`:
+- fused (``lm_head_loss`` / ``loss_and_stats``; for Hugging Face models the one-line patch
+  :func:`megamix.integrations.hf.apply_megamix`): megamix's chunked linear cross-entropy *is* the
+  loss, and emits u = P1 δ and w = P2 a on the way; no logits tensor of size N×V is kept.
+- capture (:func:`megamix.integrations.attach`): a hook on an existing LM head reads δ from the
+  normal backward (any loss, any model).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -100,13 +101,11 @@ class Mixer:
 
     # ------------------------------------------------------------------ statistics
     def projection_for(self, V: int, d: int, device=None, dtype=torch.float32):
-        """The run's projection for an LM head of shape (V, d), built once from ``projection.seed``."""
-        return self._ensure_projection(V, d, device, dtype)
-
-    def _ensure_projection(self, V: int, d: int, device, dtype=torch.float32):
+        """The run's projection for an LM head of shape (V, d), drawn once from ``projection.seed``
+        (identical on every rank); every path (fused, capture, held-out gradients) uses it."""
         from kernels.projection import make_projection
         p = self.cfg.projection
-        if self.projection is None or self.projection.P1.shape[1] != V or self.projection.P2.shape[1] != d:
+        if self.projection is None or self.projection.V != V or self.projection.d != d:
             self.projection = make_projection(V, d, p.k1, p.k2, seed=p.seed, kind=p.kind,
                                               device=device, dtype=dtype, k=p.k if p.k > 0 else None)
         return self.projection
@@ -115,94 +114,118 @@ class Mixer:
     def collecting(self) -> bool:
         return bool(self.cfg.projection.enabled)
 
-    def loss_and_stats(self, hidden: torch.Tensor, weight: torch.Tensor, batch) -> torch.Tensor:
-        """Mean token cross-entropy of ``batch`` through the fused linear-CE; accumulates statistics.
+    def lm_head_loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     domain_ids: torch.Tensor | None = None, sample_ids: torch.Tensor | None = None, *,
+                     num_items_in_batch: int | torch.Tensor | None = None, record: bool = True) -> torch.Tensor:
+        """The LM head's cross-entropy through megamix's fused kernel, recording the statistics.
 
-        ``hidden`` is the LM head's input [b, T, d]; ``weight`` the LM head matrix [V, d].
-        Returns the scalar loss (differentiable w.r.t. hidden and weight).
+        Args:
+            hidden: the LM head's input ``[b, T, d]``.
+            weight: the LM-head matrix ``[V, d]`` (the tied embedding when tied). The head runs in the
+                weight's dtype: fp32 master weights under autocast give an fp32 head, bf16 weights
+                (DeepSpeed bf16) a bf16 head with fp32 statistics.
+            labels: next-token targets ``[b, T]`` (already shifted; -100 = ignore).
+            domain_ids, sample_ids: ``[b]``; ``domain_ids`` is required when statistics are recorded.
+            num_items_in_batch: HF Trainer's token count across gradient accumulation: the loss is then
+                ``sum / num_items_in_batch`` (else the mean over this micro-batch's valid tokens).
+            record: record statistics (only when ``projection.enabled`` and autograd is on).
+
+        Returns the scalar loss (differentiable w.r.t. hidden and weight); the full ``[b·T, V]`` logits
+        never exist.
         """
         from kernels.fused_linear_ce import fused_linear_cross_entropy
 
         b, T, d = hidden.shape
-        labels = batch.labels.to(hidden.device)
-        proj = self._ensure_projection(weight.shape[0], d, hidden.device) if self.collecting else None
+        labels = labels.to(hidden.device)
+        if labels.shape != (b, T):
+            raise ValueError(f"labels must be [{b}, {T}] like the hidden states, got {tuple(labels.shape)}")
+        record = record and self.collecting and torch.is_grad_enabled()
+        if record and domain_ids is None:
+            raise ValueError("megamix: the LM-head loss has no domain ids for its samples; bind the micro-batch "
+                             "(patch.set_batch(batch)) or pass domain_ids=")
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        proj = self.projection_for(weight.shape[0], d, hidden.device) if record else None
         out = fused_linear_cross_entropy(
-            hidden.reshape(b * T, d).float(), weight.float() if weight.dtype != torch.float32 else weight,
-            labels.reshape(-1), ignore_index=-100, reduction="mean", projection=proj,
+            hidden.reshape(b * T, d), weight, labels.reshape(-1), ignore_index=-100,
+            reduction="mean" if num_items_in_batch is None else "sum", projection=proj,
             chunk_tokens=self.cfg.projection.chunk_tokens, backend=self.cfg.projection.backend)
-        self._record(out.u, out.w, out.token_loss, labels, batch)
-        return out.loss
+        loss = out.loss
+        # Scale g to the sample's share of the gradient the optimizer applies: the mean over micro-steps
+        # and data-parallel ranks (the same convention as the capture path).
+        scale = self._grad_scale
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+            scale = 1.0 / (float(num_items_in_batch) * self.world_size)
+        if record:
+            self._record(out.u, out.w, out.token_loss, labels, domain_ids, sample_ids, scale)
+        return loss
 
-    def _record(self, u, w, token_loss, labels, batch) -> None:
+    def loss_and_stats(self, hidden: torch.Tensor, weight: torch.Tensor, batch) -> torch.Tensor:
+        """``lm_head_loss`` for a loader :class:`~megamix.loader.Batch` (labels, domain and sample ids)."""
+        return self.lm_head_loss(hidden, weight, batch.labels, batch.domain_ids,
+                                 getattr(batch, "sample_ids", None))
+
+    def _record(self, u, w, token_loss, labels, domain_ids, sample_ids, scale: float) -> None:
         from kernels.domain_gram import per_sample_grads
 
         b, T = labels.shape
         valid = (labels != -100)
         loss_sum = (token_loss.detach().reshape(b, T) * valid).sum(1).double().cpu()
         count = valid.sum(1).double().cpu()
-        g = None
-        if u is not None:
-            idx = _sample_index(b, T, u.device)
-            g = self.projection.finalize(
-                per_sample_grads(u.float(), w.float(), idx, b, backend=self.cfg.projection.backend)).cpu()
-        else:
-            g = torch.zeros(b, self.k, dtype=torch.float32)
-        # Scale to the sample's share of the gradient the optimizer applies (mean over micro-steps and
-        # data-parallel ranks), the same convention as the capture path.
-        g = g * self._grad_scale
-        self.stats.update(g, batch.domain_ids.cpu(), sample_ids=getattr(batch, "sample_ids", None),
+        g = self.projection.finalize(
+            per_sample_grads(u, w, _sample_index(b, T, u.device), b, backend=self.cfg.projection.backend)).cpu()
+        self.stats.update(g * scale, domain_ids.cpu(), sample_ids=None if sample_ids is None else sample_ids.cpu(),
                           token_loss_sum=loss_sum, token_count=count)
-
-    def attach(self, model: torch.nn.Module, **kwargs):
-        """Capture statistics from an existing model's LM-head backward (keep your own loss).
-
-        Delegates to :func:`megamix.integrations.attach` (plain ``nn.Module`` or DeepSpeed engine; works
-        under ZeRO-3). Returns the hook: call ``hook.set_batch(batch)`` before each forward and
-        ``hook.after_optimizer_step(step)`` after each optimizer step. Idempotent.
-        """
-        from megamix.integrations import attach
-        return attach(model, self, **kwargs)
 
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
-    def eval_gradients(self, hidden_fn, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def eval_gradients(self, hidden_fn, weight) -> tuple[np.ndarray, np.ndarray]:
         """Projected gradients of held-out (validation) batches: ``(sums [D, k], counts [D])``.
 
-        ``hidden_fn(batch) -> hidden [b, T, d]`` runs the model up to the LM head; ``weight`` is the LM
-        head. Every rank computes the same deterministic batches, so no communication is needed.
+        ``hidden_fn(batch) -> hidden [b, T, d]`` runs the model up to the LM head (every rank must call
+        it under ZeRO-3, whose forward gathers are collective); ``weight`` is the LM-head matrix, or a
+        zero-argument callable returning a context manager that yields it (e.g. a ZeRO-3 gather), entered
+        once after all hidden states are computed. Every rank computes the same deterministic batches, so
+        no communication is needed.
         """
         from kernels.domain_gram import per_sample_grads
         from kernels.fused_linear_ce import fused_linear_cross_entropy
         from megamix.loader import eval_batches
 
         n = self.cfg.mixing.eval_grad_batches
-        sums = np.zeros((len(self.domains), self.k))
-        counts = np.zeros(len(self.domains))
+        work = []
         for i, d in enumerate(self.domains):
             for batch in eval_batches(self.store, d, seq_len=self.cfg.model.seq_len,
                                       batch_size=self.cfg.train.micro_batch_size, max_batches=n):
-                h = hidden_fn(batch)
+                work.append((i, hidden_fn(batch), batch.labels))
+        sums = np.zeros((len(self.domains), self.k))
+        counts = np.zeros(len(self.domains))
+        ctx = weight() if callable(weight) else contextlib.nullcontext(weight)
+        with ctx as W:
+            for i, h, labels in work:
                 b, T, dim = h.shape
-                proj = self._ensure_projection(weight.shape[0], dim, h.device)
-                out = fused_linear_cross_entropy(h.reshape(b * T, dim).float(), weight.float(),
-                                                 batch.labels.reshape(-1).to(h.device), ignore_index=-100,
-                                                 reduction="mean", projection=proj,
+                h = h.to(W.dtype)
+                proj = self.projection_for(W.shape[0], dim, h.device)
+                out = fused_linear_cross_entropy(h.reshape(b * T, dim), W, labels.reshape(-1).to(h.device),
+                                                 ignore_index=-100, reduction="mean", projection=proj,
                                                  chunk_tokens=self.cfg.projection.chunk_tokens,
                                                  backend=self.cfg.projection.backend)
-                g = proj.finalize(per_sample_grads(out.u.float(), out.w.float(), _sample_index(b, T, h.device),
-                                                   b, backend=self.cfg.projection.backend))
+                g = proj.finalize(per_sample_grads(out.u, out.w, _sample_index(b, T, h.device), b,
+                                                   backend=self.cfg.projection.backend))
                 sums[i] += g.double().sum(0).cpu().numpy()
                 counts[i] += b
         return sums, counts
 
-    def step(self, step: int, hidden_fn=None, lm_head_weight: torch.Tensor | None = None) -> dict | None:
+    def step(self, step: int, hidden_fn=None, lm_head_weight=None) -> dict | None:
         """Call once after each optimizer step ``step`` (0-based).
 
         Every ``mixing.update_every`` steps: all-reduce the statistics over data-parallel ranks, show
         the snapshot to the strategy, push its proposal to the loader (identically on every rank)
         and reset the accumulators. Returns a telemetry dict on update steps, else None.
-        With ``mixing.eval_grad_batches > 0``, pass ``hidden_fn`` and ``lm_head_weight`` so the
-        held-out gradient (R&B's evaluation variant) can be computed.
+        With ``mixing.eval_grad_batches > 0``, pass ``hidden_fn`` and ``lm_head_weight`` (a tensor, or a
+        callable returning a context manager that yields it) so the held-out gradient (R&B's evaluation
+        variant) can be computed; see :meth:`eval_gradients`.
         """
         K = self.cfg.mixing.update_every
         if (step + 1) % K != 0:

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamix.integrations.capture import LMHeadGradCapture, find_lm_head, project_per_sample
+from kernels.domain_gram import per_sample_grads
+from kernels.projection import Projection, project_u, project_w
+from kernels.testing import assert_close
+from megamix.integrations.hook import LMHeadGradCapture, find_lm_head
 
 V, D, K1, K2 = 97, 24, 5, 3
 
@@ -32,7 +33,13 @@ class TinyLM(nn.Module):
 
 def _proj(seed=0, v=V, d=D):
     g = torch.Generator().manual_seed(seed)
-    return SimpleNamespace(P1=torch.randn(K1, v, generator=g), P2=torch.randn(K2, d, generator=g))
+    return Projection(torch.randn(K1, v, generator=g), torch.randn(K2, d, generator=g), kind="gaussian")
+
+
+def project_per_sample(delta, a, proj):
+    """Reference: g_i = Σ_t (P1 δ_t)(P2 a_t)ᵀ with explicit per-sample outer products."""
+    u, w = project_u(delta, proj), project_w(a, proj)
+    return torch.einsum("btk,btl->bkl", u, w).reshape(delta.shape[0], -1)
 
 
 def _batch(B=4, T=7, seed=1):
@@ -107,8 +114,8 @@ def test_capture_hf_gpt2_tied_and_grad_accumulation():
     cfg = transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=2, n_positions=16)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg)
-    head = find_lm_head(model)
-    assert head is model.lm_head and head.weight is model.transformer.wte.weight
+    head, seq_first = find_lm_head(model)
+    assert head is model.lm_head and head.weight is model.transformer.wte.weight and not seq_first
     proj = _proj()
     got = []
     LMHeadGradCapture(head, proj, lambda g, ctx: got.append(g))
@@ -119,7 +126,7 @@ def test_capture_hf_gpt2_tied_and_grad_accumulation():
     out.logits.retain_grad()
     (out.loss * 0.5).backward()  # a scaled loss, as under gradient accumulation
     h2.remove()
-    ref = project_per_sample(out.logits.grad, hs["a"], proj.P1, proj.P2)
+    ref = project_per_sample(out.logits.grad, hs["a"], proj)
     torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-7)
     # HF shifts labels internally: the last position has zero gradient and contributes nothing
     assert out.logits.grad[:, -1].abs().max() == 0
@@ -170,14 +177,16 @@ def test_bad_inputs():
     with pytest.raises(TypeError):
         LMHeadGradCapture("not a module", _proj(), lambda g, c: None)
     with pytest.raises(TypeError):
-        LMHeadGradCapture(model.lm_head, SimpleNamespace(P1=None, P2=None), lambda g, c: None)
+        LMHeadGradCapture(model.lm_head, object(), lambda g, c: None)
     cap = LMHeadGradCapture(model.lm_head, _proj(v=V + 1), lambda g, c: None)
     ids, labels = _batch()
     with pytest.raises(ValueError, match="vocab size"):
         F.cross_entropy(model(ids).reshape(-1, V), labels.reshape(-1)).backward()
     cap.remove()
-    with pytest.raises(ValueError):
-        find_lm_head(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="could not find the LM head"):
+        find_lm_head(nn.Sequential(nn.ReLU()))
+    bare = nn.Linear(3, 3)
+    assert find_lm_head(bare) == (bare, False)
 
 
 def test_single_argument_callback():
@@ -210,9 +219,9 @@ def test_capture_matches_mixer_fused_path(tiny_store):
     """The generic capture and the Mixer's fused linear-CE path give the same per-domain sums."""
     from megamix.config import MegamixConfig
     from megamix.data.store import TokenStore
-    from megamix.integrations.deepspeed import attach
+    from megamix.integrations import attach
     from megamix.mixer import Mixer
-    from megamix.train.model import build_model, hidden_states, lm_head_weight
+    from megamix.train.model import build_model
 
     cfg = MegamixConfig.from_yaml(None, overrides=[
         f"data.data_dir={tiny_store.parent}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
@@ -225,7 +234,8 @@ def test_capture_matches_mixer_fused_path(tiny_store):
         mixer = Mixer(cfg, store)
         batch = mixer.next_step()[0]
         if mode == "fused":
-            mixer.loss_and_stats(hidden_states(model, batch.input_ids, None), lm_head_weight(model), batch).backward()
+            hidden = model.transformer(input_ids=batch.input_ids).last_hidden_state
+            mixer.loss_and_stats(hidden, model.lm_head.weight, batch).backward()
         else:
             hook = attach(model, mixer, dp_world_size=1, auto_step=False)
             hook.set_batch(batch)
@@ -235,3 +245,59 @@ def test_capture_matches_mixer_fused_path(tiny_store):
         sums[mode] = mixer.stats.sums.clone()
     assert sums["capture"].abs().max() > 0
     torch.testing.assert_close(sums["capture"], sums["fused"], rtol=1e-4, atol=1e-5 * float(sums["fused"].abs().max()))
+
+
+class MegatronStyleLM(nn.Module):
+    """A model laid out like megatron-core's GPTModel: the body runs [s, b, h] and ``output_layer`` maps
+    it to [s, b, V] logits (a ColumnParallelLinear returns (logits, bias); here a Linear)."""
+
+    def __init__(self, vocab, d):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.body = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+        self.output_layer = nn.Linear(d, vocab, bias=False)
+
+    def hidden(self, ids):                       # [b, s] -> [s, b, h]
+        return self.body(self.emb(ids)).transpose(0, 1)
+
+    def forward(self, ids):
+        return self.output_layer(self.hidden(ids))   # [s, b, V]
+
+
+def test_attach_recognises_megatron_seq_first_layout(tiny_store):
+    """seq_len == micro-batch: only the layout says which axis is the sample. attach() must reduce over the
+    sequence axis of Megatron's [s, b, h] output layer; reading it as [b, s, h] gives per-position rows."""
+    from megamix.config import MegamixConfig
+    from megamix.data.store import TokenStore
+    from megamix.integrations import attach
+    from megamix.mixer import Mixer
+
+    b = s = 8
+    cfg = MegamixConfig.from_yaml(None, overrides=[
+        f"data.data_dir={tiny_store.parent}", f"model.seq_len={s}", f"train.global_batch_size={b}",
+        f"train.micro_batch_size={b}", "projection.k1=4", "projection.k2=3", "mixing.strategy=dograph"]).validate()
+    store = TokenStore(tiny_store)
+    torch.manual_seed(0)
+    model = MegatronStyleLM(V, 16)         # token ids folded into a small vocabulary: exact fp32 references
+    mixer = Mixer(cfg, store)
+    hook = attach(model, mixer)
+    assert hook.seq_first and hook.lm_head is model.output_layer
+    batch = mixer.next_step()[0]
+    ids, labels = batch.input_ids % V, batch.labels % V
+    hook.set_batch(batch)
+    logits = model(ids)                                                # [s, b, V]
+    n_valid = labels.numel()
+    F.cross_entropy(logits.transpose(0, 1).reshape(-1, V), labels.reshape(-1), reduction="sum").div(n_valid).backward()
+    hook.remove()
+    rows = mixer.stats.snapshot(1, mixer.domains).per_sample                # [b, k]
+    with torch.no_grad():
+        hid = model.hidden(ids).transpose(0, 1)                           # [b, s, h]
+
+    def sample_loss(W, h, y):
+        return F.cross_entropy(h @ W.t(), y, reduction="sum") / n_valid
+
+    G = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(
+        model.output_layer.weight.detach(), hid, labels)
+    proj = mixer.projection
+    exact = torch.einsum("kv,bvd,ld->bkl", proj.P1.double(), G.double(), proj.P2.double()).reshape(b, -1)
+    assert_close(torch.as_tensor(rows), exact * mixer._grad_scale, "proj", torch.float32, "cpu", "per-sample rows")

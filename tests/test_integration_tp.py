@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import os
 import socket
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megamix.integrations.capture import LMHeadGradCapture
+from kernels.projection import Projection
+from megamix.integrations.hook import LMHeadGradCapture
 from megamix.integrations.tensor_parallel import (vocab_parallel_capture, vocab_parallel_cross_entropy,
                                                   vocab_range)
 
@@ -30,7 +29,7 @@ def _data():
     a = torch.randn(B, T, D, generator=g)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[1, :2] = -100
-    proj = SimpleNamespace(P1=torch.randn(K1, V, generator=g), P2=torch.randn(K2, D, generator=g))
+    proj = Projection(torch.randn(K1, V, generator=g), torch.randn(K2, D, generator=g), kind="gaussian")
     return W, a, labels, proj
 
 

@@ -25,7 +25,7 @@ def data_dir(tiny_store):
 
 
 def test_training_lowers_loss_and_writes_outputs(data_dir, tmp_path):
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     cfg = _cfg(data_dir, tmp_path / "run", "train.steps=12", "train.eval_every=6",
                "mixing.strategy=rnb", "mixing.update_every=3")
@@ -49,7 +49,7 @@ def test_training_lowers_loss_and_writes_outputs(data_dir, tmp_path):
 
 
 def test_resume_is_exact(data_dir, tmp_path):
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     common = ("mixing.strategy=rnb", "mixing.update_every=2", "train.eval_every=0",
               "train.checkpoint_every=3")
@@ -67,14 +67,14 @@ def test_resume_is_exact(data_dir, tmp_path):
 def test_projection_does_not_change_training(data_dir, tmp_path):
     """Same seed, static mixture: identical parameters after 3 steps with projection on and off."""
     from megamix.train.model import build_model
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     a = _cfg(data_dir, tmp_path / "on", "train.steps=3", "projection.enabled=true", "train.eval_every=0")
     b = _cfg(data_dir, tmp_path / "off", "train.steps=3", "projection.enabled=false", "train.eval_every=0")
     train(a, progress=False, log_to_stdout=False)
     train(b, progress=False, log_to_stdout=False)
-    sa = torch.load(tmp_path / "on" / "checkpoints" / "step_0000003.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "off" / "checkpoints" / "step_0000003.pt", weights_only=False)["model"]
+    sa = torch.load(tmp_path / "on" / "checkpoints" / "step_0000003" / "model.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "off" / "checkpoints" / "step_0000003" / "model.pt", weights_only=False)["model"]
     assert build_model  # imported for clarity: both runs build the same seeded model
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
@@ -98,7 +98,7 @@ def test_config_errors_are_actionable(tmp_path):
 
 
 def test_missing_domain_is_a_clear_error(data_dir, tmp_path):
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     cfg = _cfg(data_dir, tmp_path / "x", "train.steps=1", "data.domains=[code_python,novels]")
     with pytest.raises(ConfigError, match="novels"):
@@ -145,7 +145,10 @@ def test_rnb_with_held_out_gradient(data_dir, tmp_path):
     """R&B's evaluation variant: held-out projected gradients reach the strategy as eval_sums."""
     from megamix.data.store import TokenStore
     from megamix.mixer import Mixer
-    from megamix.train.model import build_model, hidden_states
+    from megamix.train.model import build_model
+
+    def hidden_states(model, ids, pos):
+        return model.transformer(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
 
     cfg = _cfg(data_dir, tmp_path / "ev", "train.steps=2", "mixing.strategy=rnb", "mixing.update_every=1",
                "mixing.eval_grad_batches=1")
@@ -169,7 +172,7 @@ def test_rnb_with_held_out_gradient(data_dir, tmp_path):
 def test_prior_max_drift_bounds_online_weights(data_dir, tmp_path):
     """A Domain2Vec-style prior with meta.max_drift: R&B's weights never leave prior ± max_drift."""
     from megamix.domain2vec.mixture_io import write_mixture
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     names = ["changelogs", "code_python", "legal", "manpages"]
     prior = {"changelogs": 0.1, "code_python": 0.2, "legal": 0.3, "manpages": 0.4}

@@ -31,28 +31,18 @@ def run(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(args)
     rank, world = _dist_env()
+    from megamix.train.backend import make_backend
+
+    backend = make_backend(cfg, rank, world)
     if args.dry_run:
-        if cfg.deepspeed.enabled:
-            from megamix.integrations.deepspeed import validate_launch
-            info = validate_launch(cfg, world)
-            for note in info.get("notes", []):
+        notes = backend.check(cfg)
+        if rank == 0:
+            for note in notes:
                 print(f"# note: {note}")
-        elif world > 1:
-            from megamix.configbase import ConfigError
-            raise ConfigError(f"WORLD_SIZE={world} but deepspeed.enabled=false: the plain trainer is "
-                              "single-process; set deepspeed.enabled=true for multi-rank runs")
-        print(cfg.to_yaml(), end="")
-        print(f"# dry run OK: world_size={world}, config valid, nothing trained")
+            print(cfg.to_yaml(), end="")
+            print(f"# dry run OK: backend={backend.name}, world_size={world}, config valid, nothing trained")
         return 0
-    if cfg.deepspeed.enabled:
-        from megamix.integrations.deepspeed import run_deepspeed_training
-        run_deepspeed_training(cfg, rank=rank, world_size=world)
-        return 0
-    from megamix.train.trainer import train
-    res = train(cfg, progress=not args.no_progress)
-    print(f"\nfinal per-domain validation loss (avg {res.valid_loss_avg:.4f}):")
-    for d, v in sorted(res.valid_loss.items(), key=lambda kv: kv[0]):
-        print(f"  {d:24s} {v:7.4f}   weight {res.weights.get(d, float('nan')):.3f}")
-    print(f"throughput: {res.tokens_per_second:.0f} tokens/s; wall {res.wall_seconds:.0f}s")
-    print(f"plot: {res.plot}\nmetrics: {res.out_dir}/metrics.jsonl")
+    from megamix.train.loop import train
+
+    train(cfg, backend=backend, progress=not args.no_progress)
     return 0

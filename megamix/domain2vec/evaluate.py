@@ -30,7 +30,7 @@ def make_trainer_fn(base_cfg, out_root: str | Path, *, steps: int | None = None,
     ``mixture.kind=explicit``, ``mixing.strategy=static``, gradient projection off, no checkpoints,
     no resume, evaluation only at the end, and ``train.out_dir=<out_root>/proxy_<index>``.
     """
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     root = Path(out_root)
 

@@ -64,7 +64,7 @@ def run_proxies(mixtures: np.ndarray, train_fn: Callable[[dict[str, float], int]
                 *, cache_path: str | Path | None = None, progress: bool = True) -> list[ProxyRun]:
     """Train one proxy per mixture row with the injected ``train_fn(weights: {domain: w}, index)``,
     which returns per-domain validation losses (a mapping, or an object with ``.valid_loss`` such as
-    ``megamix.train.trainer.TrainResult``).
+    ``megamix.train.loop.TrainResult``).
 
     With ``cache_path`` (jsonl), finished proxies are appended as they complete and reused on a rerun
     with the same mixtures, so long sweeps can resume.

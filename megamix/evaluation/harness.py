@@ -66,7 +66,7 @@ def run_dir(out_root: Path, method: str, seed: int) -> Path:
 def run_suite(base: MegamixConfig, methods: list[Method], seeds: list[int], out_root: str | Path,
               *, eval_data_dir: str | None = None, progress: bool = True) -> list[dict]:
     """Train every (method, seed); returns one summary dict per run. Existing results are reused."""
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def measure_overhead(base: MegamixConfig, out_root: str | Path, *, steps: int = 
     """Median optimizer-step time of each variant, interleaved (A B C .. A B C ..) so that machine load
     hits every variant alike; ratios are against the first variant, measured in the same call."""
     from megamix.train.metrics import read_metrics
-    from megamix.train.trainer import train
+    from megamix.train.loop import train
 
     out_root = Path(out_root)
     times: dict[str, list[float]] = {name: [] for name, _ in variants}

@@ -1,19 +1,17 @@
-"""Integrations of megamix into existing training stacks.
+"""How megamix plugs into existing training stacks. Each module needs only a :class:`megamix.mixer.Mixer`.
 
-- :mod:`megamix.integrations.capture`: generic projected per-sample LM-head gradient capture (hooks).
-- :mod:`megamix.integrations.deepspeed`: DeepSpeed engines, ``attach(engine_or_model, mixer)``,
-  checkpoints, launch validation and the multi-rank training loop (the only module importing deepspeed).
+- :mod:`megamix.integrations.hf`: the one-line fused-LM-head patch for Hugging Face causal LMs
+  (``apply_megamix(model, mixer)``): megamix owns the loss, no ``[B, T, V]`` logits, Triton on GPU.
+- :mod:`megamix.integrations.hook`: the capture path (``attach(model, mixer)``): hooks on any LM head
+  read δ from your own loss's backward (HF, Megatron ``[s, b, h]``, DeepSpeed engines, any loss).
+- :mod:`megamix.integrations.deepspeed`: DeepSpeed glue (ds_config, launch checks, init, engine, ZeRO-3
+  parameters, engine checkpoint files); the only module that imports deepspeed.
 - :mod:`megamix.integrations.tensor_parallel`: vocab-parallel (Megatron TP) LM heads.
 - :mod:`megamix.integrations.apex_compat`: optional NVIDIA apex with torch fallbacks.
+
+The training loop (:mod:`megamix.train`) is built on these; they never import it.
 """
-from megamix.integrations.capture import LMHeadGradCapture, find_lm_head
+from megamix.integrations.hf import apply_megamix
+from megamix.integrations.hook import LMHeadGradCapture, MixerHook, attach, find_lm_head
 
-
-def attach(engine_or_model, mixer, **kwargs):
-    """Hook a :class:`megamix.mixer.Mixer` to a plain model or a DeepSpeed engine (see
-    :func:`megamix.integrations.deepspeed.attach`; deepspeed itself is not imported)."""
-    from megamix.integrations.deepspeed import attach as _attach
-    return _attach(engine_or_model, mixer, **kwargs)
-
-
-__all__ = ["LMHeadGradCapture", "find_lm_head", "attach"]
+__all__ = ["apply_megamix", "attach", "find_lm_head", "LMHeadGradCapture", "MixerHook"]

@@ -17,14 +17,14 @@ Megatron), because the capture all-reduces inside it.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megamix.integrations.capture import GradCallback, LMHeadGradCapture, ProjectionLike
+from kernels.projection import Projection
+from megamix.integrations.hook import GradCallback, LMHeadGradCapture
 
 
 def vocab_range(vocab_size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
@@ -93,7 +93,7 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
     return _VocabParallelCE.apply(logits_shard, labels, int(vocab_start), group, int(ignore_index))
 
 
-def vocab_parallel_capture(lm_head_shard: nn.Module | None, projection: ProjectionLike, callback: GradCallback, *,
+def vocab_parallel_capture(lm_head_shard: nn.Module | None, projection: Projection, callback: GradCallback, *,
                            vocab_start: int, vocab_end: int, group: Any = None,
                            chunk_tokens: int = 4096, seq_first: bool = False) -> LMHeadGradCapture:
     """Attach a capture to a vocab-parallel LM-head shard.
@@ -112,7 +112,8 @@ def vocab_parallel_capture(lm_head_shard: nn.Module | None, projection: Projecti
     V = projection.P1.shape[1]
     if not 0 <= vocab_start < vocab_end <= V:
         raise ValueError(f"vocab range [{vocab_start}, {vocab_end}) is outside P1's {V} columns")
-    shard = SimpleNamespace(P1=projection.P1[:, vocab_start:vocab_end].contiguous(), P2=projection.P2)
+    shard = Projection(projection.P1[:, vocab_start:vocab_end].contiguous(), projection.P2, projection.R,
+                       projection.kind, projection.seed)
 
     def all_reduce_u(u: torch.Tensor) -> torch.Tensor:
         return _all_reduce(u.contiguous(), dist.ReduceOp.SUM, group)

@@ -1,1 +1,5 @@
-"""Training loops: the single-process trainer (CPU demo) and shared pieces used by the DeepSpeed path."""
+"""The one training loop (:func:`megamix.train.loop.train`) over execution backends (plain PyTorch,
+DeepSpeed), with one checkpoint layout, one evaluation and one result type."""
+from megamix.train.loop import TrainResult, train
+
+__all__ = ["train", "TrainResult"]

@@ -24,34 +24,6 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
     return model
 
 
-def window_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document-relative positions -> positions that restart at 0 at the window start and at every
-    document start inside the window (so they stay < seq_len for the position embedding)."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    seg = torch.cumsum(starts.long(), dim=1)
-    first = seg == 1
-    return torch.where(first, position_ids - position_ids[:, :1], position_ids)
-
-
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """Final hidden states a [B, T, d] (after the final layer norm), i.e. the LM head's input.
-
-    ``position_ids`` are the loader's document-relative positions; they are converted with
-    :func:`window_positions`. Attention is not masked across documents packed into one window.
-    """
-    if position_ids is not None:
-        position_ids = window_positions(position_ids)
-    out = model.transformer(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
-
-
-def lm_head_weight(model: nn.Module) -> torch.Tensor:
-    """The LM head matrix W [V, d] (the tied embedding when embeddings are tied)."""
-    return model.lm_head.weight
-
-
 def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     emb = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
