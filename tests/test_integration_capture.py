@@ -215,8 +215,10 @@ def test_tap_seq_first_functional_head():
     cap.remove()
 
 
-def test_capture_matches_mixer_fused_path(tiny_store):
-    """The generic capture and the Mixer's fused linear-CE path give the same per-domain sums."""
+@pytest.mark.parametrize("k", [0, 6])
+def test_capture_matches_mixer_fused_path(tiny_store, k):
+    """The generic capture and the Mixer's fused linear-CE path give the same per-domain sums, also with the
+    projection's dense second stage (projection.k > 0), which both paths apply."""
     from megamix.config import MegamixConfig
     from megamix.data.store import TokenStore
     from megamix.integrations import attach
@@ -226,7 +228,7 @@ def test_capture_matches_mixer_fused_path(tiny_store):
     cfg = MegamixConfig.from_yaml(None, overrides=[
         f"data.data_dir={tiny_store.parent}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
         "model.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=4", "projection.k1=8",
-        "projection.k2=4"]).validate()
+        "projection.k2=4", f"projection.k={k}"]).validate()
     store = TokenStore(tiny_store)
     sums = {}
     for mode in ("fused", "capture"):
@@ -243,7 +245,7 @@ def test_capture_matches_mixer_fused_path(tiny_store):
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1)).backward()
             hook.remove()
         sums[mode] = mixer.stats.sums.clone()
-    assert sums["capture"].abs().max() > 0
+    assert sums["capture"].shape[1] == (k or 8 * 4) and sums["capture"].abs().max() > 0
     torch.testing.assert_close(sums["capture"], sums["fused"], rtol=1e-4, atol=1e-5 * float(sums["fused"].abs().max()))
 
 

@@ -1,8 +1,9 @@
-"""DeepSpeed integration: 2-rank gloo runs on CPU (ZeRO-1/2/3) with online mixing.
+"""The one training loop on the DeepSpeed backend: 2-rank gloo runs on CPU (ZeRO 0-3) with online mixing.
 
 Checked: weights identical on all ranks; round statistics equal a single-process run over the same
-global batches; exact resume from a checkpoint; training unchanged by attaching megamix; step-time
-overhead (printed, and written to <tmp>/overhead.json).
+global batches; exact resume from a checkpoint; the fused LM head under ZeRO-3 with tied embeddings;
+held-out gradients (mixing.eval_grad_batches); the PNG report and the recorded LM-head path; training
+unchanged by attaching the capture to your own DeepSpeed loop; step-time overhead.
 """
 from __future__ import annotations
 
@@ -51,18 +52,21 @@ def _setup_rank(rank: int, port: int) -> None:
 def _resume_worker(rank: int, port: int, zeros: list[int], data_dir: str, root: str, extra: tuple = ()) -> None:
     """For each ZeRO stage: uninterrupted run A; run B stops at step 3 (mid-round) and resumes."""
     _setup_rank(rank, port)
-    from megamix.integrations.deepspeed import run_deepspeed_training
+    from megamix.train.loop import train
 
     for zero in zeros:
         res = {}
         d = f"{root}/z{zero}"
-        a = run_deepspeed_training(_cfg(data_dir, f"{d}/A", zero, *extra), rank, WORLD, progress=False)
-        b1 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero, *extra), rank, WORLD, progress=False,
-                                    stop_at_step=3)
-        b2 = run_deepspeed_training(_cfg(data_dir, f"{d}/B", zero, *extra), rank, WORLD, progress=False)
+
+        def run(name, **kw):
+            return train(_cfg(data_dir, f"{d}/{name}", zero, *extra), rank=rank, world_size=WORLD, progress=False,
+                         log_to_stdout=False, **kw)
+
+        a, b1, b2 = run("A"), run("B", stop_at_step=3), run("B")
         for name, r in (("A", a), ("B1", b1), ("B2", b2)):
             res[name] = {"losses": r.step_losses, "weights": r.weights, "history": r.weight_history,
-                         "start": r.start_step, "steps": r.steps, "valid": r.valid_loss}
+                         "start": r.start_step, "steps": r.steps, "valid": r.valid_loss, "path": r.lm_head_path,
+                         "backend": r.backend}
         Path(d, f"resume_rank{rank}.json").write_text(json.dumps(res))
 
 
@@ -78,8 +82,11 @@ def _run_resume(tmp_path: Path, tiny_store: Path, zeros: list[int], extra: tuple
     return out
 
 
-def _check_resume(res: dict) -> None:
+def _check_resume(res: dict, path: str = "fused") -> None:
     r0, r1 = res[0], res[1]
+    assert r0["A"]["backend"] == "deepspeed" and r0["A"]["path"] == path
+    assert json.loads((res["root"] / "A" / "result.json").read_text())["lm_head_path"] == path
+    assert (res["root"] / "A" / "curves.png").stat().st_size > 10_000
     # identical weights (and weight history) on all ranks
     assert r0["A"]["history"] == r1["A"]["history"]
     assert r0["A"]["weights"] == r1["A"]["weights"]
@@ -97,10 +104,10 @@ def _check_resume(res: dict) -> None:
 def _single_process_reference(cfg: MegamixConfig, store_dir: Path, steps: int) -> list:
     """Plain-torch single process over the same global batches; returns the mixing snapshots."""
     from megamix.data.store import TokenStore
-    from megamix.integrations.deepspeed import attach, model_positions
+    from megamix.integrations import attach
     from megamix.mixer import Mixer
+    from megamix.train.loop import build_optimizer, lr_at
     from megamix.train.model import build_model
-    from megamix.train.trainer import build_optimizer, lr_at
 
     torch.manual_seed(cfg.train.seed)
     store = TokenStore(store_dir)
@@ -116,8 +123,7 @@ def _single_process_reference(cfg: MegamixConfig, store_dir: Path, steps: int) -
         micro = mixer.next_step()
         for batch in micro:
             hook.set_batch(batch)
-            logits = model(input_ids=batch.input_ids, position_ids=model_positions(batch, model),
-                           use_cache=False).logits
+            logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
             tok = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), batch.labels.reshape(-1),
                                                     reduction="none").reshape(batch.labels.shape)
             hook.record_loss(tok, batch.labels)
@@ -148,28 +154,94 @@ def _check_stats_vs_single_process(res: dict, tiny_store: Path, zero: int) -> No
     np.testing.assert_allclose(loss, ref.domain_loss, rtol=1e-4)
 
 
-def test_deepspeed_two_ranks_zero1_zero2_resume_and_stats(tmp_path, tiny_store):
+def _check_matches_plain_backend(res: dict, plain) -> None:
+    """The same run on the plain single-process backend (same global batches, 4 micro-steps instead of
+    2 ranks x 2): the losses of every step and the final validation losses agree to fp32 round-off, so the
+    DeepSpeed path trains the same model (a missing or doubled LM-head gradient would show at step 2)."""
+    a = res[0]["A"]
+    np.testing.assert_allclose(a["losses"], plain.step_losses, rtol=2e-5)
+    names = sorted(plain.valid_loss)
+    np.testing.assert_allclose([a["valid"][d] for d in names], [plain.valid_loss[d] for d in names], rtol=2e-5)
+
+
+def test_deepspeed_two_ranks_zero1_zero3_fused_tied_resume_and_stats(tmp_path, tiny_store):
+    """The default path: the fused LM head (tied GPT-2 embeddings, 2 accumulation micro-steps per rank) on
+    ZeRO-1 and on ZeRO-3, where the head weight is partitioned and registered with DeepSpeed."""
+    from megamix.train.loop import train
+
     t0 = time.time()
-    res = _run_resume(tmp_path, tiny_store, [1, 2])
-    for zero in (1, 2):
+    res = _run_resume(tmp_path, tiny_store, [1, 3])
+    plain = train(_cfg(str(tiny_store.parent), str(tmp_path / "plain"), 1, "deepspeed.enabled=false"),
+                  progress=False, log_to_stdout=False)
+    assert plain.backend == "torch" and plain.lm_head_path == "fused"
+    for zero in (1, 3):
         _check_resume(res[zero])
         _check_stats_vs_single_process(res[zero], tiny_store, zero)
-    print(f"ZeRO-1 + ZeRO-2: 2-rank runs took {time.time() - t0:.1f}s")
+        _check_matches_plain_backend(res[zero], plain)
+    print(f"ZeRO-1 + ZeRO-3: 2-rank runs took {time.time() - t0:.1f}s")
 
 
 @pytest.mark.slow
-def test_deepspeed_zero0_zero3_resume_and_stats(tmp_path, tiny_store):
-    res = _run_resume(tmp_path, tiny_store, [0, 3])
-    for zero in (0, 3):
+def test_deepspeed_zero0_zero2_resume_and_stats(tmp_path, tiny_store):
+    res = _run_resume(tmp_path, tiny_store, [0, 2])
+    for zero in (0, 2):
         _check_resume(res[zero])
         _check_stats_vs_single_process(res[zero], tiny_store, zero)
 
 
-@pytest.mark.slow
-def test_deepspeed_bf16_zero2_resume(tmp_path, tiny_store):
-    """bf16 (DeepSpeed bf16 params, fp32 master weights): ranks agree and resume is exact."""
-    res = _run_resume(tmp_path, tiny_store, [2], extra=("train.dtype=bf16",))
-    _check_resume(res[2])
+def _runs_worker(rank: int, port: int, data_dir: str, root: str, runs: list) -> None:
+    """Run each ``(name, zero, overrides, train kwargs)`` through the loop; results to <root>/<name>_rankR.json."""
+    _setup_rank(rank, port)
+    from megamix.train.loop import train
+
+    for name, zero, extra, kw in runs:
+        r = train(_cfg(data_dir, f"{root}/{name}", zero, *extra), rank=rank, world_size=WORLD, progress=False,
+                  log_to_stdout=False, **kw)
+        Path(root, f"{name}_rank{rank}.json").write_text(json.dumps(
+            {"losses": r.step_losses, "weights": r.weights, "history": r.weight_history, "valid": r.valid_loss,
+             "path": r.lm_head_path, "start": r.start_step}))
+
+
+def _spawn_runs(tmp_path: Path, tiny_store: Path, runs: list) -> dict:
+    mp = pytest.importorskip("torch.multiprocessing")
+    mp.spawn(_runs_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path), runs), nprocs=WORLD, join=True)
+    return {name: [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in range(WORLD)]
+            for name, *_ in runs}
+
+
+def test_deepspeed_zero3_untied_held_out_gradients_match_plain(tmp_path, tiny_store):
+    """ZeRO-3, untied LM head, R&B on held-out gradients (mixing.eval_grad_batches, which gathers the
+    partitioned head weight at each update): same losses and the same weight history as the plain backend."""
+    from megamix.train.loop import train
+
+    extra = ("model.tie_embeddings=false", "mixing.eval_grad_batches=1", "train.steps=4", "mixing.rnb_lambda=5")
+    res = _spawn_runs(tmp_path, tiny_store, [("z3", 3, extra, {})])["z3"]
+    assert res[0]["history"] == res[1]["history"] and len(res[0]["history"]) >= 2
+    plain = train(_cfg(str(tiny_store.parent), str(tmp_path / "plain"), 1, "deepspeed.enabled=false", *extra),
+                  progress=False, log_to_stdout=False)
+    np.testing.assert_allclose(res[0]["losses"], plain.step_losses, rtol=2e-5)
+    assert len(plain.weight_history) == len(res[0]["history"])
+    for (s_ds, w_ds), (s_pl, w_pl) in zip(res[0]["history"], plain.weight_history):
+        assert s_ds == s_pl
+        np.testing.assert_allclose(w_ds, w_pl, atol=1e-6)
+
+
+def test_deepspeed_bf16_fused_and_capture_paths(tmp_path, tiny_store):
+    """bf16 engine (bf16 params, fp32 master weights), ZeRO-3 and ZeRO-2: the fused head runs in bf16 and
+    resumes exactly; the capture path (train.loss_impl=capture) records its path and trains alike."""
+    bf = ("train.dtype=bf16",)
+    runs = [("fz3", 3, bf, {}), ("fz3b", 3, bf, {"stop_at_step": 3}), ("fz3b", 3, bf, {}),
+            ("cz2", 2, bf + ("train.loss_impl=capture",), {}), ("fz2", 2, bf, {})]
+    res = _spawn_runs(tmp_path, tiny_store, runs)
+    full, resumed = res["fz3"][0], res["fz3b"][0]
+    assert full["path"] == "fused" and res["cz2"][0]["path"] == "capture"
+    assert resumed["start"] == 3 and resumed["losses"] == full["losses"][3:]
+    assert resumed["weights"] == full["weights"] and resumed["history"] == full["history"]
+    assert res["fz3"][0]["history"] == res["fz3"][1]["history"]
+    assert all(np.isfinite(full["losses"]))
+    # the same bf16 model trained through the fused head and through HF's logits + CE (capture): bf16
+    # rounding differs between the two, so agreement is to a few parts in a thousand
+    np.testing.assert_allclose(res["fz2"][0]["losses"], res["cz2"][0]["losses"], rtol=2e-2)
 
 
 def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int, repeats: int = 1,
@@ -177,18 +249,23 @@ def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int, r
     """Own loop with attach(engine, mixer): parameters bit-identical with and without megamix; timing."""
     _setup_rank(rank, port)
     from megamix.data.store import TokenStore
-    from megamix.integrations.deepspeed import attach, create_engine, init_distributed, model_positions
+    from megamix.integrations import attach
     from megamix.mixer import Mixer
+    from megamix.train.backend import DeepSpeedBackend
+    from megamix.train.loop import build_optimizer, lr_at
     from megamix.train.model import build_model
 
     cfg = _cfg(data_dir, f"{root}/own", 1, "mixing.strategy=static", f"train.steps={steps}", *extra)
-    init_distributed("gloo", rank=rank, world_size=WORLD)
     store = TokenStore(Path(data_dir) / "tokens")
     V = cfg.model.vocab_size
     out = {}
     for with_megamix in (False, True) * repeats:
         torch.manual_seed(0)
-        engine = create_engine(build_model(cfg.model, seed=0), cfg, WORLD)
+        backend = DeepSpeedBackend(rank, WORLD)
+        backend.init(cfg)
+        model = build_model(cfg.model, seed=0)
+        backend.setup(model, build_optimizer(model, cfg), lambda s: lr_at(s, cfg), cfg)
+        engine = backend.engine
         mixer = Mixer(cfg, store, rank=rank, world_size=WORLD)
         hook = attach(engine, mixer) if with_megamix else None
         if hook is not None:
@@ -199,8 +276,7 @@ def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int, r
             for batch in mixer.next_step():
                 if hook is not None:
                     hook.set_batch(batch)
-                logits = engine(input_ids=batch.input_ids, position_ids=model_positions(batch, engine.module),
-                                use_cache=False).logits
+                logits = engine(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), batch.labels.reshape(-1))
                 engine.backward(loss)
                 engine.step()  # with megamix: mixer.step runs inside at the accumulation boundary

@@ -69,7 +69,7 @@ def test_torchrun_script_dry_run(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh")], capture_output=True, text=True, timeout=180,
                           env=_env(CONFIG=str(cfg), NPROC="2", DRY_RUN="1", MASTER_PORT="29671"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("dry run OK: world_size=2") == 2
+    assert proc.stdout.count("dry run OK: backend=deepspeed, world_size=2") == 1  # rank 0 reports, every rank checks
 
 
 def test_cli_dry_run_reports_geometry_error(tmp_path, monkeypatch, capsys):
@@ -80,7 +80,7 @@ def test_cli_dry_run_reports_geometry_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "--config", str(_write_cfg(tmp_path)), "--dry-run"]) == 0
-    assert "dry run OK: world_size=2" in capsys.readouterr().out
+    assert "dry run OK: backend=deepspeed, world_size=2" in capsys.readouterr().out
     bad = _write_cfg(tmp_path, train__global_batch_size=6)
     assert main(["train", "--config", str(bad), "--dry-run"]) == 2
     assert "divisible" in capsys.readouterr().err
@@ -97,7 +97,7 @@ def test_deepspeed_launcher_script_dry_run(tmp_path):
                           timeout=180, env=_env(CONFIG=str(cfg), NUM_GPUS="2", DRY_RUN="1", MASTER_PORT="29673"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert out.count("dry run OK: world_size=2") == 2
+    assert out.count("dry run OK: backend=deepspeed, world_size=2") == 1  # rank 0 reports, every rank checks
     # the hostfile (multi-node) path, run per node without ssh
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
@@ -106,7 +106,7 @@ def test_deepspeed_launcher_script_dry_run(tmp_path):
                                                 MASTER_ADDR="127.0.0.1", DRY_RUN="1", MASTER_PORT="29675"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert out.count("dry run OK: world_size=2") == 2
+    assert out.count("dry run OK: backend=deepspeed, world_size=2") == 1  # rank 0 reports, every rank checks
 
 
 def test_slurm_script_syntax_and_header():

@@ -73,3 +73,30 @@ def test_second_stage_preserves_norm_in_expectation():
     assert ((vals.mean(0) - x.pow(2).sum(1)).abs() < MC_SIGMAS * se).all()
     with pytest.raises(ValueError):
         make_projection(4, 4, 4, 3, seed=0, k=5).finalize(torch.zeros(2, 11))
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_project_u_and_w_low_precision_operands(kind):
+    """u = δ P1ᵀ over chunks: fp32 δ is exact to the reference; bf16/fp16 δ is multiplied without an fp32
+    copy (bf16/fp16 operands, fp32 result) and stays within the bf16 tolerance."""
+    from kernels.projection import project_u, project_w
+    from kernels.testing import assert_close
+
+    torch.manual_seed(0)
+    proj = make_projection(300, 24, 16, 8, seed=3, kind=kind)
+    delta = torch.randn(2, 37, 300) * 1e-3
+    a = torch.randn(2, 37, 24)
+    ref_u = delta.double() @ proj.P1.double().t()
+    u = project_u(delta, proj, chunk_tokens=10)
+    assert u.shape == (2, 37, 16) and u.dtype == torch.float32
+    assert_close(u, ref_u, "proj", torch.float32, "cpu", "u fp32")
+    for dt in (torch.bfloat16, torch.float16):
+        u_lp = project_u(delta.to(dt), proj, chunk_tokens=10)
+        assert u_lp.dtype == torch.float32
+        assert_close(u_lp, delta.to(dt).double() @ proj.P1.double().t(), "proj", torch.bfloat16, "cpu", f"u {dt}")
+    w = project_w(a, proj)
+    assert_close(w, a.double() @ proj.P2.double().t(), "proj", torch.float32, "cpu", "w")
+    with pytest.raises(ValueError, match="vocab size"):
+        project_u(torch.zeros(3, 299), proj)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        project_u(delta, proj, chunk_tokens=0)

@@ -1,6 +1,6 @@
 """Proxy training and evaluation of DA² / Domain2Vec+RegMix against real training runs.
 
-:func:`make_trainer_fn` wraps ``megamix.train.trainer.train`` as a ``train_fn`` for
+:func:`make_trainer_fn` wraps ``megamix.train.loop.train`` as a ``train_fn`` for
 :func:`megamix.domain2vec.regmix.run_proxies`: one small static-mixture run per mixture.
 :func:`evaluate_predictions` trains proxies on a set of mixtures and reports how well DA² distances
 (and, with enough runs, cross-validated Domain2Vec+RegMix predictions) rank the actual validation

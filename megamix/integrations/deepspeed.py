@@ -171,9 +171,9 @@ def register_external(module: nn.Module, param: torch.nn.Parameter) -> None:
     backward) although ``param`` belongs to another module. No-op for a parameter ZeRO-3 does not manage."""
     if not is_zero3_param(param):
         return
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
-    register_external_parameter(module, param)
+    deepspeed.zero.register_external_parameter(module, param)
 
 
 @contextlib.contextmanager
@@ -183,9 +183,9 @@ def gathered_parameter(param: torch.Tensor):
     if not is_zero3_param(param):
         yield param
         return
-    from deepspeed.zero import GatheredParameters
+    import deepspeed
 
-    with GatheredParameters([param], modifier_rank=None):
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
         yield param
 
 

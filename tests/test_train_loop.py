@@ -1,5 +1,5 @@
-"""The single-process trainer: loss goes down, exact resume, config errors, projection does not
-change training, CLI dry run, eval harness report."""
+"""The one training loop (megamix.train.loop) on the plain backend: loss goes down, exact resume, config errors,
+projection does not change training, CLI dry run, eval harness report."""
 import json
 from pathlib import Path
 
