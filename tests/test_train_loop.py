@@ -188,3 +188,30 @@ def test_prior_max_drift_bounds_online_weights(data_dir, tmp_path):
         for n in names:
             assert abs(w[n] - prior[n]) <= 0.05 + 1e-6, (n, w[n])
     assert abs(sum(res.weights.values()) - 1) < 1e-9
+
+
+def test_lm_head_paths_recorded_and_capture_fallback(data_dir, tmp_path, monkeypatch):
+    """train.loss_impl picks the LM-head path (recorded in result.json and the run record); the capture path
+    trains the same model as the fused one (fp32 round-off), and a model class the fused patch does not
+    support falls back to the capture path."""
+    import megamix.train.loop as loop
+
+    common = ("train.steps=3", "train.eval_every=0", "mixing.strategy=rnb", "mixing.update_every=1")
+    runs = {impl: loop.train(_cfg(data_dir, tmp_path / impl, f"train.loss_impl={impl}", *common), progress=False,
+                             log_to_stdout=False) for impl in ("fused", "capture")}
+    for impl, res in runs.items():
+        assert res.lm_head_path == impl
+        assert json.loads((tmp_path / impl / "result.json").read_text())["lm_head_path"] == impl
+        run_rec = json.loads((tmp_path / impl / "metrics.jsonl").read_text().splitlines()[0])
+        assert run_rec["kind"] == "run" and run_rec["lm_head_path"] == impl and run_rec["backend"] == "torch"
+    np.testing.assert_allclose(runs["capture"].step_losses, runs["fused"].step_losses, rtol=1e-5)
+    for (s1, w1), (s2, w2) in zip(runs["capture"].weight_history, runs["fused"].weight_history):
+        assert s1 == s2
+        np.testing.assert_allclose(w1, w2, atol=1e-4)
+
+    def unsupported(model):
+        raise TypeError(f"{type(model).__name__} is not supported (test)")
+
+    monkeypatch.setattr(loop, "check_supported", unsupported)
+    res = loop.train(_cfg(data_dir, tmp_path / "fallback", *common), progress=False, log_to_stdout=False)
+    assert res.lm_head_path == "capture" and len(res.weight_history) >= 2
