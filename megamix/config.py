@@ -5,9 +5,9 @@ YAML files in ``configs/`` fill these; ``--set section.key=value`` overrides sin
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from megamix import simplex
 from megamix.configbase import ConfigBase, ConfigError, check, doc
 
 MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
@@ -113,11 +113,10 @@ class MixtureConfig(ConfigBase):
         if self.kind == "explicit":
             check(len(self.weights) > 0, "mixture.kind=explicit needs mixture.weights "
                                          "(e.g. --set 'mixture.weights={code_python: 0.5, legal: 0.5}')")
-            bad = {k: v for k, v in self.weights.items() if not (v >= 0 and math.isfinite(v))}
-            check(not bad, f"mixture.weights must be finite and >= 0; bad entries: {bad}")
-            s = sum(self.weights.values())
-            check(abs(s - 1.0) < 1e-6, f"mixture.weights must sum to 1 (they sum to {s:.6g}); "
-                                       "normalise them or use mixture.kind=temperature/uniform")
+            try:
+                simplex.validate(list(self.weights.values()), names=list(self.weights))
+            except ValueError as e:
+                raise ConfigError(f"mixture.{e}; normalise them or use mixture.kind=temperature/uniform") from None
         if self.kind == "file":
             check(bool(self.file), "mixture.kind=file needs mixture.file=<path to mixture json>")
         return self

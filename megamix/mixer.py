@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from megamix.config import MegamixConfig
+from megamix.simplex import unchanged
 
 log = logging.getLogger("megamix")
 
@@ -52,7 +53,7 @@ class Mixer:
     def __init__(self, cfg: MegamixConfig, store, domains: list[str] | None = None, *, rank: int = 0,
                  world_size: int = 1, group: Any = None):
         from megamix.loader import MixtureLoader
-        from megamix.mixture import initial_weights
+        from megamix.mixture import initial_weights, prior_max_drift
         from megamix.stats import DomainStats
         from megamix.strategies import build_strategy
 
@@ -74,7 +75,7 @@ class Mixer:
                               "or lower model.seq_len")
         self.initial_weights = np.asarray(initial_weights(cfg.mixture, self.domains, token_counts),
                                           dtype=np.float64)
-        self.max_drift = self._max_drift(cfg)
+        self.max_drift = prior_max_drift(cfg.mixture)
         self.loader = MixtureLoader(
             store, self.domains, split="train", seq_len=cfg.model.seq_len,
             global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
@@ -83,12 +84,11 @@ class Mixer:
             history_limit=cfg.loader.history_limit or None)
         p = cfg.projection
         self.k = p.k if p.k > 0 else p.k1 * p.k2   # dimension of one projected per-sample gradient
-        self.strategy = build_strategy(cfg.mixing, self.domains, self.initial_weights)
+        self.strategy = build_strategy(cfg.mixing, self.domains, self.initial_weights, max_drift=self.max_drift)
         self.stats = DomainStats(len(self.domains), self.k,
                                  keep_per_sample=cfg.mixing.strategy == "dograph")
         self.projection = None  # built lazily once V and d are known
         self._grad_scale = 1.0 / (cfg.train.global_batch_size // cfg.train.micro_batch_size)
-        self.weight_history: list[tuple[int, list[float]]] = [(0, self.initial_weights.tolist())]
 
     # ------------------------------------------------------------------ data
     def next_step(self):
@@ -98,6 +98,12 @@ class Mixer:
     @property
     def weights(self) -> np.ndarray:
         return np.asarray(self.loader.weights, dtype=np.float64)
+
+    @property
+    def weight_history(self) -> list[tuple[int, list[float]]]:
+        """``(step, weights)`` in force from each step on: the loader's history (read-only; it is
+        checkpointed in the loader state and defines the sample stream)."""
+        return self.loader.weight_history
 
     # ------------------------------------------------------------------ statistics
     def projection_for(self, V: int, d: int, device=None, dtype=torch.float32):
@@ -239,41 +245,18 @@ class Mixer:
             snap.eval_sums, eval_counts = self.eval_gradients(hidden_fn, lm_head_weight)
             snap.extra["eval_counts"] = eval_counts
         self.strategy.observe(snap)
-        new = np.asarray(self.strategy.propose(step + 1), dtype=np.float64)
-        if self.max_drift is not None:
-            new = self.apply_drift_bound(new)
+        new = np.asarray(self.strategy.propose(step + 1), dtype=np.float64)  # drift bound included
         if self._dist_active():
             # Rule (see megamix.loader.sampler): rank 0 decides, everyone takes rank 0's weights.
             from megamix.loader import broadcast_weights
             new = np.asarray(broadcast_weights(new, self.group), dtype=np.float64)
         # the loader quantises weights to multiples of 2^-32; smaller differences are no change
-        changed = not np.allclose(new, self.weights, rtol=0.0, atol=1e-9)
+        changed = not unchanged(new, self.weights)
         if changed:
             self.loader.set_weights(new, verify=self.cfg.loader.verify_weights and self._dist_active(),
                                     group=self.group)
-            self.weight_history.append((step + 1, new.tolist()))
         self.stats.reset()
         return {"snapshot": snap, "weights": new, "changed": changed}
-
-    @staticmethod
-    def _max_drift(cfg: MegamixConfig) -> float | None:
-        """``meta.max_drift`` of a prior mixture file (``mixture.kind=file``), if it sets one."""
-        if cfg.mixture.kind != "file":
-            return None
-        from megamix.mixture import load_mixture
-        _, doc = load_mixture(cfg.mixture.file)
-        md = (doc.get("meta") or {}).get("max_drift")
-        return float(md) if md is not None else None
-
-    def apply_drift_bound(self, w: np.ndarray) -> np.ndarray:
-        """Project ``w`` onto ``{x: max(0, prior - max_drift) <= x <= prior + max_drift, Σx = 1}``: the
-        online strategy may move at most ``max_drift`` away from the prior in every domain."""
-        from megamix.domain2vec.da2 import project_capped_simplex
-
-        md = self.max_drift
-        lo = np.maximum(0.0, self.initial_weights - md)
-        hi = np.minimum(1.0, self.initial_weights + md)
-        return project_capped_simplex(np.asarray(w, np.float64), upper=hi, lower=lo)
 
     def _dist_active(self) -> bool:
         return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -281,7 +264,7 @@ class Mixer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"loader": self.loader.state_dict(), "strategy": self.strategy.state_dict(),
-                "stats": self.stats.state_dict(), "weight_history": self.weight_history,
+                "stats": self.stats.state_dict(),
                 "domains": self.domains, "projection_seed": self.cfg.projection.seed}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -296,4 +279,3 @@ class Mixer:
         self.loader.load_state_dict(sd["loader"])
         self.strategy.load_state_dict(sd["strategy"])
         self.stats.load_state_dict(sd["stats"])
-        self.weight_history = [tuple(x) for x in sd["weight_history"]]

@@ -6,6 +6,7 @@ baselines (natural, uniform, temperature-scaled, explicit) and reads/writes mixt
     {"domains": [..], "weights": {domain: w}, "method": "da2|regmix|natural|...", "meta": {...}}
 
 Weights are always returned as a float64 ``np.ndarray`` aligned with the ``domain_names`` passed in.
+Normalising and validating weight vectors is :mod:`megamix.simplex` (``normalize``, ``validate``).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["normalize", "validate_weights", "natural_weights", "uniform_weights",
-           "temperature_weights", "explicit_weights", "load_mixture", "save_mixture",
-           "initial_weights", "weights_to_dict"]
+from megamix.simplex import check_max_drift, normalize, validate
+
+__all__ = ["natural_weights", "uniform_weights", "temperature_weights", "explicit_weights",
+           "load_mixture", "save_mixture", "initial_weights", "prior_max_drift", "weights_to_dict"]
 
 
 def _sizes_array(sizes: Mapping[str, float] | Sequence[float] | np.ndarray,
@@ -39,34 +41,6 @@ def _sizes_array(sizes: Mapping[str, float] | Sequence[float] | np.ndarray,
         raise ValueError("need at least one domain")
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ValueError(f"domain sizes must be finite and >= 0, got {arr.tolist()}")
-    return arr
-
-
-def normalize(w: Sequence[float] | np.ndarray) -> np.ndarray:
-    """``w / sum(w)`` as float64; raises ``ValueError`` on negative, non-finite or all-zero input."""
-    arr = np.asarray(w, dtype=np.float64).reshape(-1)
-    if arr.size == 0:
-        raise ValueError("empty weight vector")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"weights must be finite, got {arr.tolist()}")
-    if np.any(arr < 0):
-        raise ValueError(f"weights must be >= 0, got {arr.tolist()}")
-    s = arr.sum()
-    if s <= 0:
-        raise ValueError("weights sum to 0; at least one domain needs a positive weight")
-    return arr / s
-
-
-def validate_weights(w: Sequence[float] | np.ndarray, num_domains: int | None = None,
-                     atol: float = 1e-6) -> np.ndarray:
-    """Check that ``w`` is a distribution (finite, >= 0, sums to 1 within ``atol``); return it as float64."""
-    arr = np.asarray(w, dtype=np.float64).reshape(-1)
-    if num_domains is not None and arr.size != num_domains:
-        raise ValueError(f"expected {num_domains} weights, got {arr.size}")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(f"weights must be finite and >= 0, got {arr.tolist()}")
-    if abs(arr.sum() - 1.0) > atol:
-        raise ValueError(f"weights must sum to 1 (they sum to {arr.sum():.8g})")
     return arr
 
 
@@ -108,7 +82,7 @@ def explicit_weights(weights: Mapping[str, float], domain_names: Sequence[str],
     if unknown:
         raise ValueError(f"mixture names unknown domains {unknown}; known: {list(domain_names)}")
     arr = np.array([float(weights.get(d, 0.0)) for d in domain_names], dtype=np.float64)
-    return normalize(arr) if renormalize else validate_weights(arr, len(domain_names))
+    return normalize(arr) if renormalize else validate(arr, len(domain_names), domain_names)
 
 
 def weights_to_dict(domain_names: Sequence[str], w: Sequence[float] | np.ndarray) -> dict[str, float]:
@@ -122,7 +96,7 @@ def weights_to_dict(domain_names: Sequence[str], w: Sequence[float] | np.ndarray
 def save_mixture(path: str | os.PathLike, domain_names: Sequence[str], weights, method: str,
                  meta: dict | None = None) -> Path:
     """Write a mixture JSON atomically and return its path. ``weights`` must be a distribution."""
-    w = validate_weights(weights, len(domain_names))
+    w = validate(weights, len(domain_names), domain_names)
     if len(set(domain_names)) != len(domain_names):
         raise ValueError(f"duplicate domain names in {list(domain_names)}")
     doc = {"domains": list(domain_names), "weights": weights_to_dict(domain_names, w),
@@ -180,3 +154,15 @@ def initial_weights(mixture_cfg, domain_names: Sequence[str], sizes) -> np.ndarr
     if kind == "file":
         return load_mixture(mixture_cfg.file, domain_names)[0]
     raise ValueError(f"unknown mixture kind {kind!r}")
+
+
+def prior_max_drift(mixture_cfg) -> float | None:
+    """``meta.max_drift`` of the prior mixture file (``mixture.kind=file``), validated to (0, 1], or None
+    (other kinds, or a file without one). The online strategy stays within prior ± max_drift."""
+    if mixture_cfg.kind != "file":
+        return None
+    _, doc = load_mixture(mixture_cfg.file)
+    try:
+        return check_max_drift((doc.get("meta") or {}).get("max_drift"))
+    except ValueError as e:
+        raise ValueError(f"{mixture_cfg.file}: meta.{e}") from None

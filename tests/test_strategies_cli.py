@@ -50,10 +50,11 @@ def test_mix_simulate(tmp_path, capsys):
 
 def test_plots(tmp_path):
     s = build_strategy(MixingConfig(strategy="rnb"), NAMES, np.full(3, 1 / 3))
+    history = []
     for r in range(3):
         s.observe(_snap(r))
-        s.propose(10 * (r + 1))
-    paths = plot_strategy(s, tmp_path)
+        history.append((10 * (r + 1), s.propose(10 * (r + 1)).tolist()))
+    paths = plot_strategy(s, tmp_path, history=history)
     assert {p.name for p in paths} == {"mix_weights.png", "mix_gram.png"}
     assert all(_is_png(p) for p in paths)
     assert _is_png(plot_weights([(0, [0.5, 0.5])], ["x", "y"], tmp_path / "one.png"))

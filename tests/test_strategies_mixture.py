@@ -6,8 +6,8 @@ import pytest
 
 from megamix.config import MixtureConfig
 from megamix.mixture import (explicit_weights, initial_weights, load_mixture, natural_weights,
-                             normalize, save_mixture, temperature_weights, uniform_weights,
-                             validate_weights)
+                             save_mixture, temperature_weights, uniform_weights)
+from megamix.simplex import normalize, validate
 
 NAMES = ["a", "b", "c"]
 SIZES = {"a": 100.0, "b": 300.0, "c": 600.0}
@@ -41,7 +41,7 @@ def test_constructor_errors():
     with pytest.raises(ValueError):
         normalize([1.0, -1.0])
     with pytest.raises(ValueError):
-        validate_weights([0.5, 0.6])
+        validate([0.5, 0.6])
 
 
 def test_mixture_file_round_trip_and_validation(tmp_path):

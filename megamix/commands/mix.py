@@ -47,7 +47,8 @@ def run(args) -> int:
 
 
 def _initial(spec: str, snap) -> np.ndarray:
-    from megamix.mixture import normalize, uniform_weights
+    from megamix.mixture import uniform_weights
+    from megamix.simplex import normalize
 
     d = len(snap.domain_names)
     if spec == "uniform":
@@ -81,11 +82,13 @@ def run_simulate(args) -> int:
             return 2
     strat = build_strategy(mcfg, names, _initial(args.init, snaps[0]))
     step = 0
+    rounds = []  # (step, weights) per round: this command's output, as printed
     for s in snaps:
         for _ in range(max(1, args.repeat)):
             step += mcfg.update_every
             strat.observe(s)
             w = strat.propose(step)
+            rounds.append((step, w.tolist()))
             info = strat.last_info
             if args.json:
                 print(json.dumps({"step": step, "weights": dict(zip(names, w.tolist())),
@@ -102,7 +105,7 @@ def run_simulate(args) -> int:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "weights.json").write_text(json.dumps({"domains": names, "strategy": strat.name,
-                                                      "history": strat.history}, indent=1))
-        for pth in plot_strategy(strat, out, prefix=f"mix_{strat.name}"):
+                                                      "history": rounds}, indent=1))
+        for pth in plot_strategy(strat, out, prefix=f"mix_{strat.name}", history=rounds):
             print(f"wrote {pth}", file=sys.stderr)
     return 0

@@ -8,7 +8,8 @@ Feasible mixtures satisfy ``r >= 0``, ``Σ r = 1`` and the data-amount constrain
 Two solvers:
 
 - :func:`solve_exact`: the convex problem solved directly (SLSQP with analytic gradients; ``pgd`` =
-  accelerated projected gradient with exact projection onto the capped simplex; ``linprog`` for L1).
+  accelerated projected gradient with exact projection onto the capped simplex,
+  :func:`megamix.simplex.project_capped`; ``linprog`` for L1).
 - :func:`dirichlet_search`: the paper's procedure, K candidates (default 100k) from a Dirichlet around
   the token distribution, infeasible ones rejected, the top-k (default 100) averaged. It takes any
   vectorised objective, so Domain2Vec+RegMix reuses it.
@@ -23,8 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["DISTANCES", "distance", "distance_batch", "data_caps", "project_capped_simplex",
-           "solve_exact", "dirichlet_search", "dirichlet_alpha", "Da2Result", "check_inputs"]
+from megamix.simplex import normalize, project_capped
+
+__all__ = ["DISTANCES", "distance", "distance_batch", "data_caps", "solve_exact", "dirichlet_search",
+           "dirichlet_alpha", "Da2Result", "check_inputs"]
 
 DISTANCES = ("huber", "l2", "l1", "kl", "js")
 _EPS = 1e-10
@@ -135,34 +138,8 @@ def data_caps(tokens: np.ndarray | None, total_tokens: float | None, epochs: flo
     return caps
 
 
-def project_capped_simplex(y: np.ndarray, upper: np.ndarray | None = None,
-                           lower: np.ndarray | None = None, iters: int = 100) -> np.ndarray:
-    """Euclidean projection of ``y`` onto ``{x : lower <= x <= upper, Σ x = 1}`` (bisection on the
-    shift τ in ``x = clip(y - τ, lower, upper)``)."""
-    y = np.asarray(y, np.float64)
-    lo = np.zeros_like(y) if lower is None else np.asarray(lower, np.float64)
-    hi = np.ones_like(y) if upper is None else np.asarray(upper, np.float64)
-    if lo.sum() > 1 + 1e-9 or hi.sum() < 1 - 1e-9 or np.any(lo > hi + 1e-12):
-        raise ValueError(f"empty feasible set: Σlower={lo.sum():.4g}, Σupper={hi.sum():.4g}")
-    a, b = float((y - hi).min()) - 1.0, float((y - lo).max()) + 1.0
-    for _ in range(iters):
-        t = 0.5 * (a + b)
-        if np.clip(y - t, lo, hi).sum() > 1.0:
-            a = t
-        else:
-            b = t
-    x = np.clip(y - 0.5 * (a + b), lo, hi)
-    # distribute the tiny bisection residual on coordinates strictly inside their bounds
-    resid = 1.0 - x.sum()
-    free = (x > lo + 1e-15) & (x < hi - 1e-15)
-    if abs(resid) > 0 and free.any():
-        x[free] += resid / free.sum()
-        x = np.clip(x, lo, hi)
-    return x
-
-
 def _start(m: int, caps: np.ndarray | None) -> np.ndarray:
-    return project_capped_simplex(np.full(m, 1.0 / m), caps)
+    return project_capped(np.full(m, 1.0 / m), caps)
 
 
 def _solve_l1(V, v, caps):
@@ -179,7 +156,7 @@ def _solve_l1(V, v, caps):
                   bounds=bounds, method="highs")
     if not res.success:
         raise RuntimeError(f"L1 linear program failed: {res.message}")
-    return project_capped_simplex(res.x[:m], caps), {"status": res.message}
+    return project_capped(res.x[:m], caps), {"status": res.message}
 
 
 def _solve_pgd(f, g, x0, caps, iters=5000, tol=1e-10):
@@ -191,7 +168,7 @@ def _solve_pgd(f, g, x0, caps, iters=5000, tol=1e-10):
     for it in range(iters):
         gy, fy = g(yk), f(yk)
         while True:
-            xn = project_capped_simplex(yk - gy / L, caps)
+            xn = project_capped(yk - gy / L, caps)
             d = xn - yk
             fxn = f(xn)
             if fxn <= fy + gy @ d + 0.5 * L * (d @ d) + 1e-15:
@@ -245,7 +222,7 @@ def solve_exact(V: np.ndarray, v: np.ndarray, distance_kind: str = "huber", *, c
                        constraints=[{"type": "eq", "fun": lambda r: r.sum() - 1.0,
                                      "jac": lambda r: np.ones_like(r)}],
                        options={"maxiter": 1000, "ftol": 1e-14})
-        r = project_capped_simplex(res.x, caps)
+        r = project_capped(res.x, caps)
         info = {"success": bool(res.success), "message": str(res.message), "nit": int(res.nit)}
         if not res.success:
             r2, inf2 = _solve_pgd(f, g, x0, caps)
@@ -267,10 +244,10 @@ def dirichlet_alpha(tokens: np.ndarray | None, m: int, concentration: float = 1.
     if tokens is None:
         a = np.full(m, 1.0 / m)
     else:
-        a = np.asarray(tokens, np.float64)
-        if a.shape != (m,) or np.any(a < 0) or a.sum() <= 0:
-            raise ValueError(f"token counts must be {m} non-negative numbers with a positive sum")
-        a = a / a.sum()
+        try:
+            a = normalize(tokens, m)
+        except ValueError as e:
+            raise ValueError(f"token counts must be {m} non-negative numbers with a positive sum: {e}") from None
     if concentration <= 0:
         raise ValueError(f"concentration must be > 0 (got {concentration})")
     return np.maximum(concentration * m * a, floor)

@@ -6,20 +6,21 @@ Format::
      "meta": {"distance": .., "solver": .., "objective": .., "caps": {..}, "max_drift": 0.1 | null, ...}}
 
 ``meta.max_drift`` (optional, float in (0, 1] or null): the largest per-domain deviation
-``|w_online_i - w_prior_i|`` that an online strategy starting from this prior should allow. It is
-enforced by the Mixer for runs that start from this prior (``mixture.kind=file``), by projecting
-every proposal onto
-``{x : max(0, prior - max_drift) <= x <= prior + max_drift, Σx = 1}`` with
-:func:`megamix.domain2vec.da2.project_capped_simplex`. Null means unbounded.
+``|w_online_i - w_prior_i|`` that an online strategy starting from this prior should allow. For runs
+that start from this prior (``mixture.kind=file``) the Mixer reads it
+(:func:`megamix.mixture.prior_max_drift`) and hands it to the strategy, whose last guard projects
+every update onto ``{x : max(0, prior - max_drift) <= x <= prior + max_drift, Σx = 1}``
+(:func:`megamix.simplex.bound_drift`). Null means unbounded.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
+
+from megamix.simplex import check_max_drift, normalize
 
 __all__ = ["mixture_dict", "write_mixture", "read_mixture_weights"]
 
@@ -34,14 +35,9 @@ def mixture_dict(domains: list[str], weights, method: str, meta: dict | None = N
         raise ValueError(f"duplicate domain names in {domains}")
     if w.shape != (len(domains),):
         raise ValueError(f"{len(domains)} domains but weights have shape {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < -1e-9) or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, >= 0 and not all zero (got {w})")
-    w = np.clip(w, 0, None)
-    w = w / w.sum()
-    if max_drift is not None and not (0 < max_drift <= 1 and math.isfinite(max_drift)):
-        raise ValueError(f"max_drift must be in (0, 1] or None (got {max_drift})")
+    w = normalize(np.where((w < 0) & (w >= -1e-9), 0.0, w), names=domains)  # solver round-off -> 0
     m = dict(meta or {})
-    m["max_drift"] = max_drift
+    m["max_drift"] = check_max_drift(max_drift)
     return {"domains": list(domains), "weights": {d: float(x) for d, x in zip(domains, w)},
             "method": method, "meta": _jsonable(m)}
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from megamix.domain2vec.da2 import Da2Result, dirichlet_search
+from megamix.simplex import validate
 
 __all__ = ["ProxyRun", "run_proxies", "domain_to_meta_losses", "D2VRegMix", "sample_mixtures"]
 
@@ -72,8 +73,11 @@ def run_proxies(mixtures: np.ndarray, train_fn: Callable[[dict[str, float], int]
     R = np.asarray(mixtures, np.float64)
     if R.ndim != 2 or R.shape[1] != len(domains):
         raise ValueError(f"mixtures must be [M, {len(domains)}] (got {R.shape})")
-    if np.any(R < 0) or not np.allclose(R.sum(axis=1), 1.0, atol=1e-6):
-        raise ValueError("each mixture must be non-negative and sum to 1")
+    for i, row in enumerate(R):
+        try:
+            validate(row, names=domains)
+        except ValueError as e:
+            raise ValueError(f"each mixture must be non-negative and sum to 1; row {i}: {e}") from None
     done: dict[int, ProxyRun] = {}
     cache = Path(cache_path) if cache_path else None
     if cache and cache.is_file():

@@ -18,6 +18,7 @@ import numpy as np
 
 from megamix.domain2vec.classifier import MetaDomainClassifier
 from megamix.domain2vec.corpus import Passage, corpus_domains, iter_passages, sample_passages
+from megamix.simplex import normalize
 
 __all__ = ["domain_vector", "vectorize_corpus", "load_vectors", "DomainVectors"]
 
@@ -110,10 +111,10 @@ def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out
             if not ps:
                 raise ValueError(f"validation domain {d!r} is empty (no passages in its valid split)")
             vrows.append(domain_vector(classifier, ps))
-        w = np.asarray([(valid_weights or {}).get(d, 1.0) for d in valid_domains], np.float64)
-        if np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"valid_weights must be >= 0 with a positive sum (got {w})")
-        w = w / w.sum()
+        try:
+            w = normalize([(valid_weights or {}).get(d, 1.0) for d in valid_domains], names=valid_domains)
+        except ValueError as e:
+            raise ValueError(f"valid_weights: {e}") from None
         obj["valid"] = {"domains": list(valid_domains), "V_valid": np.asarray(vrows).tolist(),
                         "weights": w.tolist(), "v_valid": (w @ np.asarray(vrows)).tolist()}
     if out_path is not None:

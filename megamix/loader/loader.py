@@ -200,6 +200,12 @@ class MixtureLoader:
         return self.sampler.weights
 
     @property
+    def weight_history(self) -> list[tuple[int, list[float]]]:
+        """``(step, weights)``: the weights in force from each step on (the sampler's history, which
+        is checkpointed with the loader and defines the sample stream)."""
+        return self.sampler.weight_history
+
+    @property
     def step(self) -> int:
         return self.sampler.step
 

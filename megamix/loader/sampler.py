@@ -6,9 +6,9 @@ Semantics
   tokens of its packed token stream, see :mod:`megamix.loader.loader`). A **weight counts
   samples**; all samples have the same length, so it also counts tokens.
 * **Weights.** ``weights`` is a length-D vector, ``>= 0``, finite, not all zero, and zero on every
-  empty domain. It is normalised to sum 1 and quantised to integers ``q_d`` that sum to exactly
-  ``Q = 2^32`` (``q_d > 0`` iff ``w_d > 0``). From here on all arithmetic is exact int64, so every
-  rank, node and NumPy build computes bit-identical batches.
+  empty domain. It is normalised to sum 1 (:func:`megamix.simplex.normalize`) and quantised to
+  integers ``q_d`` that sum to exactly ``Q = 2^32`` (``q_d > 0`` iff ``w_d > 0``). From here on all
+  arithmetic is exact int64, so every rank, node and NumPy build computes bit-identical batches.
   ``set_weights(w)`` may be called at any step boundary; it takes effect for the next global batch
   and costs O(D): no permutation is rebuilt.
 * **Per-step counts (block-deterministic, largest remainder with carry).** For global batch ``B``
@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from megamix.loader.permutation import ROUNDS, PermutationCache, derive_key, feistel_many, hash_order
+from megamix.simplex import normalize
 
 Q_BITS = 32
 Q = 1 << Q_BITS
@@ -76,31 +76,24 @@ class WeightError(ValueError):
 def validate_weights(weights, domain_sizes: Sequence[int], names: Sequence[str] | None = None) -> np.ndarray:
     """Check ``weights`` against the domains and return them normalised to sum 1 (float64).
 
+    The vector checks and the normalisation are :func:`megamix.simplex.normalize` (correctly rounded
+    sum, so identical on every platform; an already normalised vector keeps its exact bits); this adds
+    the loader's own rule that an empty domain must have weight 0.
+
     Raises:
         WeightError: with a message naming the offending domain(s).
     """
     sizes = np.asarray(domain_sizes, dtype=np.int64)
     names = list(names) if names is not None else [f"domain {i}" for i in range(len(sizes))]
     try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise WeightError(f"weights must be a sequence of numbers: {e}") from None
-    if w.ndim != 1 or len(w) != len(sizes):
-        raise WeightError(f"expected {len(sizes)} weights (one per domain), got shape {w.shape}")
-    bad = [names[i] for i in np.flatnonzero(~np.isfinite(w))]
-    if bad:
-        raise WeightError(f"weights must be finite; NaN/inf for {bad}")
-    neg = [f"{names[i]}={w[i]:g}" for i in np.flatnonzero(w < 0)]
-    if neg:
-        raise WeightError(f"weights must be >= 0; negative: {neg}")
-    total = math.fsum(w.tolist())  # correctly rounded: identical on every platform
-    if not total > 0:
-        raise WeightError("weights are all zero; at least one domain needs a positive weight")
+        w = normalize(weights, len(sizes), names)
+    except ValueError as e:
+        raise WeightError(str(e)) from None
     empty = [names[i] for i in np.flatnonzero((w > 0) & (sizes == 0))]
     if empty:
         raise WeightError(f"nonzero weight on empty domain(s) {empty}: they have no samples "
                           "(too few tokens for one window); give them weight 0")
-    return w / total
+    return w
 
 
 def quantize_weights(w: np.ndarray) -> np.ndarray:
@@ -272,7 +265,8 @@ class MixtureSampler:
 
     @property
     def weight_history(self) -> list[tuple[int, list[float]]]:
-        """``(step, weights)`` entries: the weights in force from ``step`` on."""
+        """``(step, weights)`` entries: the weights in force from ``step`` on. This is the run's one
+        weight history (``MixtureLoader.weight_history``, ``Mixer.weight_history`` read it)."""
         return [(s, list(w)) for s, w in self._history]
 
     def set_weights(self, weights) -> np.ndarray:

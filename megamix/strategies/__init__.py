@@ -1,6 +1,6 @@
 """Online mixing strategies: static baselines, R&B Balance and DoGraph.
 
-``build_strategy(cfg, domain_names, initial_weights)`` returns the strategy named by
+``build_strategy(cfg, domain_names, initial_weights, max_drift=None)`` returns the strategy named by
 ``cfg.strategy`` (a :class:`megamix.config.MixingConfig`). ``STRATEGIES`` lists them with a one-line
 description (shown by ``megamix mix --list``).
 """
@@ -30,8 +30,14 @@ def describe_strategies() -> list[str]:
     return [f"{name:8s} {desc}" for name, (_, desc) in STRATEGIES.items()]
 
 
-def build_strategy(cfg, domain_names: Sequence[str], initial_weights) -> MixingStrategy:
-    """The strategy named ``cfg.strategy``, validated, starting from ``initial_weights``."""
+def build_strategy(cfg, domain_names: Sequence[str], initial_weights, *,
+                   max_drift: float | None = None) -> MixingStrategy:
+    """The strategy named ``cfg.strategy``, validated, starting from ``initial_weights``.
+
+    With ``max_drift`` every update stays within ``initial_weights ± max_drift`` in every domain
+    (the strategy's last guard, see :mod:`megamix.strategies.base`); the Mixer passes a prior
+    mixture file's ``meta.max_drift`` here.
+    """
     cfg.validate()
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown mixing strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
@@ -39,4 +45,4 @@ def build_strategy(cfg, domain_names: Sequence[str], initial_weights) -> MixingS
         from megamix.configbase import ConfigError
         raise ConfigError(f"mixing.min_weight={cfg.min_weight} is infeasible for {len(domain_names)} "
                           f"domains; use at most {1 / len(domain_names):.4g}")
-    return STRATEGIES[cfg.strategy][0](domain_names, initial_weights, cfg)
+    return STRATEGIES[cfg.strategy][0](domain_names, initial_weights, cfg, max_drift=max_drift)

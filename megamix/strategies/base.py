@@ -7,7 +7,7 @@ Life cycle (driven by the Mixer, identically on every rank)::
 
 A subclass implements :meth:`MixingStrategy._raw_update`, which maps the pending snapshot to raw
 proposed weights plus an ``active`` mask (domains whose statistics were usable). The base class then
-applies the guards, in this order:
+applies the guards, in this order (the maths lives in :mod:`megamix.simplex`):
 
 1. **min count**: domains that are not active (fewer than ``cfg.min_count`` samples this round, or a
    non-finite score) keep their previous weight; active domains share the rest of the mass in the
@@ -18,6 +18,19 @@ applies the guards, in this order:
 3. **EMA**: ``p ← ema·p_old + (1-ema)·p_new``.
 4. **floor**: every weight is raised to ``cfg.min_weight``; the others are scaled down together,
    so their ratios are kept.
+5. **drift bound** (only with ``max_drift``, e.g. ``meta.max_drift`` of a Domain2Vec prior): the
+   Euclidean projection onto ``{x : prior - max_drift <= x <= prior + max_drift, Σx = 1}`` (clipped
+   to [0, 1]) that keeps the floor as a lower bound wherever the box allows it
+   (:func:`megamix.simplex.bound_drift`). It comes last so that nothing after it can leave the box.
+   When the floor and the box conflict, the box wins: a domain whose ``prior + max_drift`` is below
+   the floor sits at ``prior + max_drift``, and if the floored domains would need more mass than the
+   box leaves, the floor is lowered to the largest value that fits.
+6. **no-op**: a result within 1e-9 of the previous weights in every domain is the previous weights
+   (the loader quantises to multiples of 2^-32 and ignores smaller moves).
+
+The result is a :func:`megamix.simplex.normalize` output, which the loader's normalisation leaves
+bit for bit unchanged, so ``strategy.weights`` is exactly the vector the sampler draws with. The
+strategy keeps no weight history: the loader's (``Mixer.weight_history``) is the one record.
 """
 from __future__ import annotations
 
@@ -27,56 +40,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megamix.mixture import normalize
+from megamix import simplex
 from megamix.snapshot import StatsSnapshot
 
 log = logging.getLogger("megamix.strategies")
 
-__all__ = ["MixingStrategy", "apply_floor", "apply_ema", "keep_inactive", "merge_snapshots",
-           "snapshot_to_dict", "snapshot_from_dict", "softmax"]
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax of a 1-D array."""
-    x = np.asarray(x, dtype=np.float64)
-    z = np.exp(x - x.max())
-    return z / z.sum()
-
-
-def apply_floor(w: np.ndarray, min_weight: float) -> np.ndarray:
-    """Raise every weight to at least ``min_weight`` while keeping sum 1.
-
-    Domains below the floor are set to it; the rest are scaled down together (ratios kept), repeated
-    until no domain is below the floor. Raises ``ValueError`` when ``D·min_weight > 1`` (no feasible distribution).
-    """
-    w = normalize(w)
-    d = w.size
-    if min_weight <= 0:
-        return w
-    if d * min_weight > 1 + 1e-12:
-        raise ValueError(f"min_weight={min_weight} is infeasible for {d} domains "
-                         f"(needs min_weight <= 1/{d} = {1 / d:.4g})")
-    out = w.copy()
-    fixed = np.zeros(d, dtype=bool)
-    for _ in range(d + 1):
-        low = (out < min_weight - 1e-15) & ~fixed
-        if not low.any():
-            break
-        fixed |= low
-        free = ~fixed
-        remaining = 1.0 - min_weight * fixed.sum()
-        out[fixed] = min_weight
-        if free.any():
-            base = w[free]
-            out[free] = remaining * base / base.sum() if base.sum() > 0 else remaining / free.sum()
-    return out / out.sum()
-
-
-def apply_ema(new: np.ndarray, old: np.ndarray, ema: float) -> np.ndarray:
-    """``ema·old + (1-ema)·new`` (both distributions)."""
-    if not 0 <= ema < 1:
-        raise ValueError(f"ema must be in [0, 1), got {ema}")
-    return normalize(ema * np.asarray(old, np.float64) + (1.0 - ema) * np.asarray(new, np.float64))
+__all__ = ["MixingStrategy", "keep_inactive", "merge_snapshots", "snapshot_to_dict",
+           "snapshot_from_dict"]
 
 
 def keep_inactive(proposed: np.ndarray, previous: np.ndarray, active: np.ndarray) -> np.ndarray:
@@ -84,7 +54,7 @@ def keep_inactive(proposed: np.ndarray, previous: np.ndarray, active: np.ndarray
     active = np.asarray(active, dtype=bool)
     previous = np.asarray(previous, np.float64)
     if active.all():
-        return normalize(proposed)
+        return simplex.normalize(proposed)
     out = previous.copy()
     mass = 1.0 - previous[~active].sum()
     p = np.asarray(proposed, np.float64)[active]
@@ -156,15 +126,17 @@ class MixingStrategy:
 
     Args:
         domain_names: the domains, in the order weights are indexed.
-        initial_weights: starting distribution over ``domain_names``.
+        initial_weights: starting distribution over ``domain_names``; also the prior of the drift bound.
         cfg: a :class:`megamix.config.MixingConfig`.
+        max_drift: optional bound on ``|w_i - initial_weights_i|`` in every domain, enforced by
+            :meth:`propose` as its last guard (see the module docstring); None = unbounded.
     """
 
     name: str = "base"
     #: whether the strategy needs ``snapshot.per_sample`` (DomainStats(keep_per_sample=True))
     needs_per_sample: bool = False
 
-    def __init__(self, domain_names: Sequence[str], initial_weights, cfg):
+    def __init__(self, domain_names: Sequence[str], initial_weights, cfg, *, max_drift: float | None = None):
         names = list(domain_names)
         if not names:
             raise ValueError("a mixing strategy needs at least one domain")
@@ -172,12 +144,12 @@ class MixingStrategy:
             raise ValueError(f"duplicate domain names: {names}")
         self.domain_names = names
         self.cfg = cfg
-        w = normalize(initial_weights)
+        w = simplex.normalize(initial_weights)
         if w.size != len(names):
             raise ValueError(f"{w.size} initial weights for {len(names)} domains")
         self.weights = w
         self.initial_weights = w.copy()
-        self.history: list[tuple[int, list[float]]] = []
+        self.max_drift = simplex.check_max_drift(max_drift)
         self.rounds = 0
         self.last_info: dict = {}
         self._pending: StatsSnapshot | None = None
@@ -223,11 +195,14 @@ class MixingStrategy:
                 info["kept_previous"] = [n for n, a in zip(self.domain_names, active) if not a]
                 new = keep_inactive(proposed, prev, active)
                 info["raw"] = new.tolist()
-                new = apply_ema(new, prev, self.cfg.ema)
-        new = apply_floor(new, self.cfg.min_weight)
+                new = simplex.ema(new, prev, self.cfg.ema)
+        new = simplex.floor(new, self.cfg.min_weight)
+        if self.max_drift is not None:
+            new = simplex.bound_drift(new, self.initial_weights, self.max_drift, self.cfg.min_weight)
+        if simplex.unchanged(new, prev):
+            new = prev
         self.weights = new
         self.rounds += 1
-        self.history.append((int(step), new.tolist()))
         self.last_info = info
         return new.copy()
 
@@ -243,11 +218,10 @@ class MixingStrategy:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """JSON-serialisable state: weights, history, rounds, last info and any unused snapshot."""
+        """JSON-serialisable state: weights, rounds, last info and any unused snapshot."""
         return {"name": self.name, "domain_names": list(self.domain_names),
                 "weights": self.weights.tolist(), "initial_weights": self.initial_weights.tolist(),
-                "history": [[s, list(w)] for s, w in self.history], "rounds": self.rounds,
-                "last_info": _to_py(self.last_info),
+                "rounds": self.rounds, "last_info": _to_py(self.last_info),
                 "pending": None if self._pending is None else snapshot_to_dict(self._pending)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -258,7 +232,6 @@ class MixingStrategy:
             raise ValueError(f"state domains {sd['domain_names']} differ from {self.domain_names}")
         self.weights = np.asarray(sd["weights"], dtype=np.float64)
         self.initial_weights = np.asarray(sd["initial_weights"], dtype=np.float64)
-        self.history = [(int(s), list(w)) for s, w in sd["history"]]
         self.rounds = int(sd["rounds"])
         self.last_info = _from_py(sd.get("last_info", {}))
         self._pending = None if sd.get("pending") is None else snapshot_from_dict(sd["pending"])

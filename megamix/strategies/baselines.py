@@ -12,7 +12,8 @@ __all__ = ["StaticStrategy"]
 
 class StaticStrategy(MixingStrategy):
     """Keeps ``initial_weights`` forever. Observed statistics are ignored (only validated), and the
-    floor/EMA guards are *not* applied: a static mixture is used exactly as given."""
+    floor/EMA/drift guards are *not* applied: a static mixture is used exactly as given (it is the
+    prior, so it is inside any drift bound)."""
 
     name = "static"
 
@@ -21,7 +22,5 @@ class StaticStrategy(MixingStrategy):
             raise ValueError(f"snapshot domains {snap.domain_names} differ from {self.domain_names}")
 
     def propose(self, step: int) -> np.ndarray:
-        if not self.history or self.history[-1][0] != int(step):
-            self.history.append((int(step), self.weights.tolist()))
         self.rounds += 1
         return self.weights.copy()

@@ -15,7 +15,7 @@ Each round:
                   with ``a_c = ‖ḡ_c‖`` and ``ḡ`` the round's overall mean gradient: equalise each
                   cluster's contribution ``π_c a_c`` while keeping the global descent direction.
                   Convex (strictly, on the simplex); solved by accelerated projected gradient with the
-                  exact Euclidean projection onto the simplex (:func:`project_simplex`).
+                  exact Euclidean projection onto the simplex (:func:`megamix.simplex.project`).
    ``robust``     max_π Σ_c π_c h_c + τ·H(π): the entropy-smoothed max over clusters (DRO), closed form
                   ``π = softmax(h/τ)``. ``h_c`` is the cluster's mean per-sample loss when the snapshot
                   has ``extra["per_sample_loss"]`` ([n]); else the mean of its samples' domain losses
@@ -34,38 +34,22 @@ Each round:
    from. Property: if π equals the clusters' own shares ``n_c/n``, ``w`` equals the domains' shares
    of this round's samples, i.e. "no preference" maps to "no change".
 5. Guards from :mod:`megamix.strategies.base`: domains below ``cfg.min_count`` samples keep their
-   previous weight, then EMA and the floor.
+   previous weight, then EMA, the floor and the optional drift bound.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from megamix.simplex import project, softmax
 from megamix.snapshot import StatsSnapshot
-from megamix.strategies.base import MixingStrategy, softmax
+from megamix.strategies.base import MixingStrategy
 from megamix.strategies.kmeans import kmeans
 
-__all__ = ["DoGraphStrategy", "project_simplex", "variance_weights", "robust_weights",
+__all__ = ["DoGraphStrategy", "variance_weights", "robust_weights",
            "alignment_weights", "uncertainty_weights", "clusters_to_domains", "cluster_stats",
            "OBJECTIVES"]
 
 OBJECTIVES = ("variance", "robust", "alignment", "uncertainty")
-
-
-def project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection of ``v`` onto the probability simplex {x >= 0, Σx = 1}.
-
-    Sort-based algorithm (Held et al. 1974; Duchi et al. 2008): find the threshold θ such that
-    ``Σ max(v_i − θ, 0) = 1``.
-    """
-    v = np.asarray(v, dtype=np.float64).reshape(-1)
-    if v.size == 0 or not np.all(np.isfinite(v)):
-        raise ValueError("project_simplex needs a non-empty finite vector")
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1.0
-    ind = np.arange(1, v.size + 1)
-    rho = np.nonzero(u - css / ind > 0)[0][-1]
-    theta = css[rho] / (rho + 1.0)
-    return np.maximum(v - theta, 0.0)
 
 
 def _scale(means: np.ndarray) -> np.ndarray:
@@ -112,7 +96,7 @@ def variance_weights(means: np.ndarray, overall: np.ndarray, beta: float = 1.0,
     y = x.copy()
     t = 1.0
     for _ in range(int(iters)):
-        x_new = project_simplex(y - step * (H @ y - beta * lin))
+        x_new = project(y - step * (H @ y - beta * lin))
         t_new = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
         y = x_new + ((t - 1.0) / t_new) * (x_new - x)
         done = np.max(np.abs(x_new - x)) < tol

@@ -93,12 +93,14 @@ def plot_cluster_sizes(sizes: Sequence[int], path: str | Path, names: Sequence[s
     return _save(fig, path)
 
 
-def plot_strategy(strategy, out_dir: str | Path, prefix: str = "mix") -> list[Path]:
-    """All plots available for a strategy's history and last round; returns the written paths."""
+def plot_strategy(strategy, out_dir: str | Path, prefix: str = "mix",
+                  history: Sequence[tuple[int, Sequence[float]]] | None = None) -> list[Path]:
+    """All plots available for a strategy's last round, plus its weights over time when ``history``
+    (``[(step, weights), ...]``, e.g. ``Mixer.weight_history``) is given; returns the written paths."""
     out = Path(out_dir)
     paths = []
-    if strategy.history:
-        paths.append(plot_weights(strategy.history, strategy.domain_names, out / f"{prefix}_weights.png",
+    if history:
+        paths.append(plot_weights(history, strategy.domain_names, out / f"{prefix}_weights.png",
                                   title=f"{strategy.name} weights"))
     info = strategy.last_info or {}
     if "gram" in info:

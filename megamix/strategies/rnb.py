@@ -14,7 +14,8 @@ when given (else the sums are used as they are).
 Guards the paper lacks (see :mod:`megamix.strategies.base`): domains with fewer than ``cfg.min_count``
 samples (their ``ḡ_i`` is 0/0, the paper's NaN) keep their previous weight and are left out of ``Gp``;
 eval groups without points are dropped from the target; a zero or non-finite ``Gp`` keeps the previous
-weights and records why; then EMA (``cfg.ema``) and the floor (``cfg.min_weight``).
+weights and records why; then EMA (``cfg.ema``), the floor (``cfg.min_weight``) and, with a
+prior's ``max_drift``, the drift bound.
 
 Options: ``cfg.rnb_lambda`` (λ), ``cfg.rnb_normalize`` (divide by ‖Gp‖), ``cfg.rnb_use_eval``.
 """
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from megamix.simplex import softmax
 from megamix.snapshot import StatsSnapshot
-from megamix.strategies.base import MixingStrategy, softmax
+from megamix.strategies.base import MixingStrategy
 
 __all__ = ["RnBStrategy", "rnb_balance"]
 
