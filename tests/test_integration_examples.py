@@ -34,6 +34,38 @@ def test_plain_loop_example_runs(tiny_store, tmp_path):
     assert s["final_weights"] != s["initial_weights"], "R&B never moved the weights"
 
 
+def test_hf_fused_loop_example_runs(tiny_store, tmp_path):
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_fused_loop.py"), "--data-dir",
+                           str(tiny_store.parent), "--steps", "4", "--update-every", "2", "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert [h["step"] for h in s["history"]] == [2, 4]
+    assert s["fused_forwards"] == 4 * 2
+    assert abs(sum(s["final_weights"]) - 1) < 1e-9
+    assert s["final_weights"] != s["initial_weights"], "R&B never moved the weights"
+
+
+def test_deepspeed_loop_example_zero3_resumes(tiny_store, tmp_path):
+    """Your own DeepSpeed loop (examples/deepspeed_loop.py): 2 gloo ranks, ZeRO-3, fused head; run to step 4
+    (checkpoint), then again to step 8: it resumes at 4 and both ranks hold the same weights."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "run"
+    for steps, port in (("4", "29681"), ("8", "29683")):
+        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
+                               str(ROOT / "examples" / "deepspeed_loop.py"), "--data-dir", str(tiny_store.parent),
+                               "--zero", "3", "--steps", steps, "--out-dir", str(out)],
+                              env=_env(MASTER_PORT=port, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = [json.loads((out / f"summary_rank{k}.json").read_text()) for k in range(2)]
+    assert r[0]["start"] == 4 and r[0]["fused_forwards"] == 4 * 2
+    assert r[0]["weights"] == r[1]["weights"] and r[0]["weight_history"] == r[1]["weight_history"]
+    assert [h[0] for h in r[0]["weight_history"]][:1] == [0] and len(r[0]["weight_history"]) >= 3
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000008"
+
+
 def test_docs_reference_existing_files():
     doc = (ROOT / "docs" / "integration.md").read_text()
     for rel in ("examples/plain_loop.py", "examples/megatron_pretrain_gpt_patch.md", "launch/torchrun.sh",

@@ -62,7 +62,8 @@ class TrainResult:
     backend: str = "torch"           # torch | deepspeed
     world_size: int = 1
     lm_head_path: str = "fused"      # fused | capture | torch: how the LM-head loss and statistics ran
-    peak_rss_mb: float = float("nan")
+    peak_rss_mb: float = float("nan")        # this process's peak resident memory
+    peak_device_mb: float = float("nan")     # peak CUDA memory allocated by torch (NaN on CPU)
     history: list[dict] = field(default_factory=list)          # evaluations: step, valid_loss
     weight_history: list = field(default_factory=list)         # (step, weights) of every change
     step_losses: list[float] = field(default_factory=list)     # mean train loss of each step run here
@@ -211,6 +212,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _peak_device_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else float("nan")
 
 
 def print_summary(res: TrainResult, domains: list[str]) -> None:
@@ -363,7 +368,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         train_loss=last_loss, weights=dict(zip(mixer.domains, mixer.weights.tolist())),
         tokens_per_second=tokens_per_step / float(np.median(step_times)) if step_times else float("nan"),
         wall_seconds=wall, backend=backend.name, world_size=world_size, lm_head_path=head.path,
-        peak_rss_mb=_peak_rss_mb(), history=history, weight_history=[list(x) for x in mixer.weight_history],
+        peak_rss_mb=_peak_rss_mb(), peak_device_mb=_peak_device_mb(backend.device), history=history, weight_history=[list(x) for x in mixer.weight_history],
         step_losses=step_losses, step_seconds=step_times, plot=plot)
     if main:
         tmp = out_dir / "result.json.tmp"
