@@ -65,6 +65,21 @@ def check_supported(model: nn.Module) -> None:
                         f"(got {type(head).__name__}); use megamix.integrations.attach(model, mixer) instead")
 
 
+def body_hidden_states(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The LM head's input ``[b, T, d]`` for a loader batch: the model body only (no LM head, no loss), in
+    eval mode and without gradients. Under ZeRO-3 every rank must call it (the body's gathers are collective)."""
+    was = model.training
+    model.eval()
+    try:
+        dev = model.get_output_embeddings().weight.device
+        with torch.no_grad():
+            out = model.base_model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
+                                   use_cache=False)
+        return out[0]
+    finally:
+        model.train(was)
+
+
 class FusedLMPatch:
     """Handle returned by :func:`patch_causal_lm`.
 
@@ -100,18 +115,8 @@ class FusedLMPatch:
         return self.model.get_output_embeddings().weight
 
     def hidden_states(self, batch: Any) -> torch.Tensor:
-        """The LM head's input for a loader batch, in eval mode and without gradients (the model body
-        only: no LM head, no loss)."""
-        was = self.model.training
-        self.model.eval()
-        try:
-            dev = self.weight.device
-            with torch.no_grad():
-                out = self.model.base_model(input_ids=batch.input_ids.to(dev),
-                                            position_ids=batch.position_ids.to(dev), use_cache=False)
-            return out[0]
-        finally:
-            self.model.train(was)
+        """The LM head's input for a loader batch (see :func:`body_hidden_states`)."""
+        return body_hidden_states(self.model, batch)
 
     def eval_gradients(self, hidden_fn: Callable | None = None) -> tuple:
         """Held-out projected gradients through the run's projection (``Mixer.eval_gradients``)."""
@@ -202,4 +207,5 @@ def patched(model: nn.Module) -> FusedLMPatch | None:
     return getattr(model, _ATTR, None)
 
 
-__all__ = ["SUPPORTED_CLASSES", "FusedLMPatch", "apply_megamix", "check_supported", "patch_causal_lm", "patched"]
+__all__ = ["SUPPORTED_CLASSES", "FusedLMPatch", "apply_megamix", "body_hidden_states", "check_supported",
+           "patch_causal_lm", "patched"]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
-from megamix.integrations.hf import apply_megamix, check_supported
+from megamix.integrations.hf import apply_megamix, body_hidden_states, check_supported
 from megamix.integrations.hook import attach
 from megamix.train.backend import Backend, make_backend
 from megamix.train.checkpoint import Checkpoints
@@ -110,7 +110,6 @@ class LMHead:
                 path = "capture"
         if path == "fused":
             self.patch = apply_megamix(backend.model, mixer)
-            self.patch.weight_context = backend.gathered
         elif path == "capture" and cfg.projection.enabled:
             self.hook = attach(backend.module, mixer, auto_step=False, dp_world_size=backend.world_size,
                                vocab_size=cfg.model.vocab_size, hidden_size=cfg.model.n_embd)
@@ -150,16 +149,8 @@ class LMHead:
 
     def hidden_states(self, batch) -> torch.Tensor:
         """The LM head's input for a held-out batch (eval mode, no gradients)."""
-        model = self.backend.model
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), self.backend.autocast():
-                return model.base_model(input_ids=batch.input_ids.to(self.backend.device),
-                                        position_ids=batch.position_ids.to(self.backend.device),
-                                        use_cache=False)[0]
-        finally:
-            model.train(was)
+        with self.backend.autocast():
+            return body_hidden_states(self.backend.model, batch)
 
     def weight_context(self):
         """Context yielding the full LM-head matrix (gathered under ZeRO-3)."""
@@ -313,6 +304,9 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     step_times: list[float] = []
     last_loss = float("nan")
     vl: dict[str, float] | None = None
+    if start >= end and main and log_to_stdout:
+        print(f"step {start} already reaches {'stop_at_step' if end < t.steps else 'train.steps'}={end}: nothing to "
+              "train; evaluating the checkpoint (raise train.steps to continue)")
     backend.model.train()
     t0 = time.time()
     desc = "train" if backend.name == "torch" else f"train[{backend.name} z{cfg.deepspeed.zero_stage}]"
@@ -368,7 +362,8 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         train_loss=last_loss, weights=dict(zip(mixer.domains, mixer.weights.tolist())),
         tokens_per_second=tokens_per_step / float(np.median(step_times)) if step_times else float("nan"),
         wall_seconds=wall, backend=backend.name, world_size=world_size, lm_head_path=head.path,
-        peak_rss_mb=_peak_rss_mb(), peak_device_mb=_peak_device_mb(backend.device), history=history, weight_history=[list(x) for x in mixer.weight_history],
+        peak_rss_mb=_peak_rss_mb(), peak_device_mb=_peak_device_mb(backend.device), history=history,
+        weight_history=[list(x) for x in mixer.weight_history],
         step_losses=step_losses, step_seconds=step_times, plot=plot)
     if main:
         tmp = out_dir / "result.json.tmp"
