@@ -138,10 +138,10 @@ def _kernel_runs(rank: int) -> dict:
                                      be, vocab_start=s)
     W, hidden, labels, proj = _kernel_data(45, 48)
     s, e = vocab_range(48, rank, TP)
-    partial = _fused(vocab_parallel_fused_linear_cross_entropy, W[s:e], hidden, labels, proj, 10, "torch",
+    rank_part = _fused(vocab_parallel_fused_linear_cross_entropy, W[s:e], hidden, labels, proj, 10, "torch",
                      vocab_start=s, reduce_dx=False)
-    res["partial_dX"] = partial["dX"]
-    summed = partial["dX"].clone()
+    res["partial_dX"] = rank_part["dX"]
+    summed = rank_part["dX"].clone()
     dist.all_reduce(summed)
     res["summed_dX"] = summed
     return res
@@ -188,6 +188,7 @@ def _glue_runs(rank: int, store_dir: str) -> dict:
     head.weight.data.copy_(W[s:e])
     model = HeadOnlyGPT(head)
     hook = attach_megatron(model, mixer, tp_group=tp_group)
+    assert attach_megatron(model, mixer, tp_group=tp_group) is hook          # idempotent
     hook.set_batch(batch)
     tok = vocab_parallel_cross_entropy_ref(model(hidden), labels.t(), vocab_start=s)       # [s, b]
     hook.record_loss(tok.t(), labels)                                  # optional: per-domain train losses

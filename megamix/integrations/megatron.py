@@ -132,6 +132,9 @@ def attach_megatron(model: nn.Module, mixer: Any, *, tp_group: Any = None, dp_wo
         tp_group: the tensor-parallel group (default: the layer's ``tp_group``, else the default group).
         dp_world_size: data-parallel size for the gradient-averaging scale (default ``mixer.world_size``).
 
+    Idempotent like :func:`~megamix.integrations.attach`: a second call with the same mixer returns the
+    same hook.
+
     Sequence parallelism with TP > 1 is rejected: the layer's input is then a sequence shard while its
     logits cover the full sequence; use :func:`vocab_parallel_lm_head_loss` there.
     """
@@ -149,12 +152,12 @@ def attach_megatron(model: nn.Module, mixer: Any, *, tp_group: Any = None, dp_wo
                   vocab_size=V, hidden_size=d)
     if size == 1:
         return hook
-    full = hook.capture
-    full.remove()
+    old = hook.capture          # built by attach() for the full vocabulary (or by an earlier call: idempotent)
+    old.remove()
     start, end = vocab_range(V, rank, size)
-    hook.capture = vocab_parallel_capture(head, full.projection, full.callback, vocab_start=start, vocab_end=end,
-                                          group=tp_group, chunk_tokens=full.chunk_tokens, backend=full.backend,
-                                          seq_first=seq_first)
+    hook.capture = vocab_parallel_capture(head, mixer.projection_for(V, d), old.callback, vocab_start=start,
+                                          vocab_end=end, group=tp_group, chunk_tokens=old.chunk_tokens,
+                                          backend=old.backend, seq_first=seq_first)
     return hook
 
 
