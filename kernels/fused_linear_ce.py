@@ -16,18 +16,35 @@ rescaled by ``grad_output`` in the backward, so the full ``N×V`` logits never e
 ``dX``/``dW`` is saved. The projection only *reads* δ, so training gradients are bit-identical with
 the projection on or off.
 
-Layout of this file: reference → Triton kernel → launchers → chunked driver → autograd.Function →
-public :func:`fused_linear_cross_entropy`.
+Vocab-parallel variant (:func:`vocab_parallel_fused_linear_cross_entropy`, Megatron-style tensor
+parallelism): TP rank ``r`` holds the vocab shard ``W_r = W[s_r:e_r]`` and the replicated hidden states.
+Per chunk, its logits shard ``x W_rᵀ`` goes through two passes with collectives in between:
+
+    pass A (stats):  local row max m_r, sum-exp S_r = Σ exp(z - m_r), target logit if r owns the label
+    all-reduce:      m = MAX_r m_r;  S = Σ_r S_r exp(m_r - m) and z_y = Σ_r z_y,r  (one SUM of both)
+    pass B (δ):      lse = m + log S;  δ_r = s (exp(z - lse) - onehot_r) in place;  u_r = δ_r P1[:, s_r:e_r]ᵀ
+
+then ``dX_r = δ_r W_r`` and ``dW_r += δ_rᵀ x``. After the last chunk ``u = Σ_r u_r`` and (by default)
+``dX = Σ_r dX_r`` are all-reduced over the TP group once. ``w = x P2ᵀ`` needs no communication. Pass A is
+the first sweep of the single-device kernel and pass B its second sweep (shared ``@triton.jit``
+helpers), so the single-device kernel is unchanged.
+
+Layout of this file: references → Triton kernels → launchers → chunked driver (both variants) →
+autograd.Function → public :func:`fused_linear_cross_entropy` and
+:func:`vocab_parallel_fused_linear_cross_entropy`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import numbers
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from kernels.projection import Projection
-from kernels.utils import HAS_TRITON, cdiv, interpreting, next_pow2, resolve_backend, tl, triton
+from kernels.utils import (HAS_TRITON, all_reduce_, cdiv, group_size, interpreting, next_pow2, resolve_backend,
+                           tl, triton)
 
 REDUCTIONS = ("mean", "sum")
 _PAD_V_ON_CPU = False  # tests flip this to exercise the CUDA-only V padding on CPU
@@ -74,10 +91,97 @@ def fused_linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, l
     return LinearCEOutput(loss, token_loss, u, w)
 
 
+class _VocabParallelCERef(torch.autograd.Function):
+    """Per-token cross-entropy of vocab-sharded logits with a distributed softmax (max, sum-exp and the
+    target logit all-reduced over the TP group); backward is this shard's slice of softmax - onehot."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group, ignore_index):
+        z = logits.float()
+        m = all_reduce_(z.max(dim=-1).values, "max", group)
+        e = torch.exp(z - m.unsqueeze(-1))
+        total = all_reduce_(e.sum(dim=-1), "sum", group)
+        local = labels - vocab_start
+        own = (labels != ignore_index) & (local >= 0) & (local < z.shape[-1])
+        col = torch.where(own, local, torch.zeros_like(local))
+        zy = all_reduce_(z.gather(-1, col.unsqueeze(-1)).squeeze(-1) * own, "sum", group)
+        valid = labels != ignore_index
+        ctx.save_for_backward(e, total, col, own, valid)
+        ctx.in_dtype = logits.dtype
+        return (torch.log(total) + m - zy) * valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        e, total, col, own, valid = ctx.saved_tensors
+        grad = e / total.unsqueeze(-1)
+        grad.scatter_add_(-1, col.unsqueeze(-1), -own.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_loss * valid).unsqueeze(-1))
+        return grad.to(ctx.in_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy_ref(logits_shard: torch.Tensor, labels: torch.Tensor, *, vocab_start: int,
+                                     group: Any = None, ignore_index: int = -100) -> torch.Tensor:
+    """Reference of the distributed softmax: per-token loss ``[...]`` from this TP rank's logits shard
+    ``[..., V_r]`` (columns ``vocab_start : vocab_start + V_r`` of the full logits).
+
+    Equals ``F.cross_entropy(full_logits, labels, reduction="none")`` on every rank (0 where ignored) and
+    is differentiable w.r.t. ``logits_shard`` (the gradient is the shard's slice of the unsharded one),
+    like Megatron's ``vocab_parallel_cross_entropy``. Every rank of ``group`` must call it together.
+    """
+    if logits_shard.shape[:-1] != labels.shape:
+        raise ValueError(f"logits_shard {tuple(logits_shard.shape)} and labels {tuple(labels.shape)} disagree: "
+                         "labels must have the logits' leading shape")
+    return _VocabParallelCERef.apply(logits_shard, labels, int(vocab_start), group, int(ignore_index))
+
+
 # ----------------------------------------------------------------------------------------------
-# Triton kernel: CE pass over a logits chunk, δ written in place, u = δ P1ᵀ fused
+# Triton kernels. The two sweeps over V are @triton.jit helpers (inlined by the compiler):
+#   _row_max_sumexp: online max / sum-exp of BM rows;  _delta_sweep: δ in place (+ u = δ P1ᵀ).
+# _ce_delta_proj_kernel (single device) runs both; the vocab-parallel path runs them as two kernels
+# (_ce_shard_stats_kernel, _ce_shard_delta_kernel) with the TP all-reduces in between.
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    @triton.jit
+    def _row_max_sumexp(row_base, rmask, V, BM: tl.constexpr, BV: tl.constexpr):
+        """Online max ``m`` and ``Σ exp(z - m)`` of BM logits rows (fp32)."""
+        m = tl.full([BM], -1e30, tl.float32)
+        s = tl.zeros([BM], tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            msk = rmask[:, None] & (cols < V)[None, :]
+            z = tl.load(row_base[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m = m_new
+        return m, s
+
+    @triton.jit
+    def _delta_sweep(row_base, rmask, y, lse, row_scale, p1t_ptr, stride_p, V, K1,
+                     HAS_PROJ: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK1: tl.constexpr,
+                     DOT_IEEE: tl.constexpr):
+        """Overwrite BM logits rows with δ = row_scale (exp(z - lse) - onehot(y)) (a ``y`` outside
+        [0, V) gives no onehot) and return ``u = δ P1ᵀ`` ([BM, BK1] fp32, unscaled; zeros without HAS_PROJ)."""
+        kcols = tl.arange(0, BK1)
+        u_acc = tl.zeros([BM, BK1], tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            cmask = cols < V
+            msk = rmask[:, None] & cmask[None, :]
+            ptrs = row_base[:, None] + cols[None, :]
+            z = tl.load(ptrs, mask=msk, other=float("-inf")).to(tl.float32)
+            p = tl.exp(z - lse[:, None])
+            dlt = tl.where(cols[None, :] == y[:, None], p - 1.0, p) * row_scale[:, None]
+            dlt = tl.where(msk, dlt, 0.0)
+            tl.store(ptrs, dlt.to(ptrs.dtype.element_ty), mask=msk)
+            if HAS_PROJ:
+                pt = tl.load(p1t_ptr + cols[:, None].to(tl.int64) * stride_p + kcols[None, :],
+                             mask=cmask[:, None] & (kcols < K1)[None, :], other=0.0)
+                if DOT_IEEE:
+                    u_acc = tl.dot(dlt.to(pt.dtype), pt, u_acc, input_precision="ieee")
+                else:
+                    u_acc = tl.dot(dlt.to(pt.dtype), pt, u_acc)
+        return u_acc
+
     @triton.jit
     def _ce_delta_proj_kernel(logits_ptr, stride_l, labels_ptr, loss_ptr, p1t_ptr, stride_p, u_ptr, stride_u,
                               C, V, K1, scale, p1_scale, ignore_index,
@@ -97,37 +201,60 @@ if HAS_TRITON:
         row_base = logits_ptr + rows64 * stride_l
 
         zy = tl.load(row_base + y, mask=valid, other=0.0).to(tl.float32)
-        m = tl.full([BM], -1e30, tl.float32)
-        s = tl.zeros([BM], tl.float32)
-        for v0 in range(0, V, BV):
-            cols = v0 + tl.arange(0, BV)
-            msk = rmask[:, None] & (cols < V)[None, :]
-            z = tl.load(row_base[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            m = m_new
+        m, s = _row_max_sumexp(row_base, rmask, V, BM, BV)
         lse = tl.where(rmask, m + tl.log(tl.maximum(s, 1e-30)), 0.0)
         tl.store(loss_ptr + rows, tl.where(valid, lse - zy, 0.0), mask=rmask)
 
-        kcols = tl.arange(0, BK1)
-        u_acc = tl.zeros([BM, BK1], tl.float32)
-        for v0 in range(0, V, BV):
-            cols = v0 + tl.arange(0, BV)
-            cmask = cols < V
-            msk = rmask[:, None] & cmask[None, :]
-            z = tl.load(row_base[:, None] + cols[None, :], mask=msk, other=float("-inf")).to(tl.float32)
-            p = tl.exp(z - lse[:, None])
-            dlt = tl.where(cols[None, :] == y[:, None], p - 1.0, p) * row_scale[:, None]
-            dlt = tl.where(msk, dlt, 0.0)
-            tl.store(row_base[:, None] + cols[None, :], dlt.to(logits_ptr.dtype.element_ty), mask=msk)
-            if HAS_PROJ:
-                pt = tl.load(p1t_ptr + cols[:, None].to(tl.int64) * stride_p + kcols[None, :],
-                             mask=cmask[:, None] & (kcols < K1)[None, :], other=0.0)
-                if DOT_IEEE:
-                    u_acc = tl.dot(dlt.to(pt.dtype), pt, u_acc, input_precision="ieee")
-                else:
-                    u_acc = tl.dot(dlt.to(pt.dtype), pt, u_acc)
+        u_acc = _delta_sweep(row_base, rmask, y, lse, row_scale, p1t_ptr, stride_p, V, K1,
+                             HAS_PROJ, BM, BV, BK1, DOT_IEEE)
         if HAS_PROJ:
+            kcols = tl.arange(0, BK1)
+            tl.store(u_ptr + rows64[:, None] * stride_u + kcols[None, :], u_acc * p1_scale,
+                     mask=rmask[:, None] & (kcols < K1)[None, :])
+
+    @triton.jit
+    def _shard_label(labels_ptr, rows, rmask, vocab_start, V, ignore_index):
+        """(valid, local column) of BM labels for the vocab shard [vocab_start, vocab_start + V); the
+        column is -1 where the label is ignored or owned by another shard."""
+        y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
+        valid = rmask & (y != ignore_index)
+        local = y - vocab_start
+        own = valid & (local >= 0) & (local < V)
+        return valid, tl.where(own, local, -1)
+
+    @triton.jit
+    def _ce_shard_stats_kernel(logits_ptr, stride_l, labels_ptr, max_ptr, sumexp_ptr, zy_ptr,
+                               C, V, vocab_start, ignore_index, BM: tl.constexpr, BV: tl.constexpr):
+        """Vocab-parallel pass A over a logits shard: per row local max, Σ exp(z - max), and the target
+        logit where this shard owns the label (0 elsewhere)."""
+        pid = tl.program_id(0)
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < C
+        row_base = logits_ptr + rows.to(tl.int64) * stride_l
+        _, local = _shard_label(labels_ptr, rows, rmask, vocab_start, V, ignore_index)
+        zy = tl.load(row_base + local, mask=local >= 0, other=0.0).to(tl.float32)
+        m, s = _row_max_sumexp(row_base, rmask, V, BM, BV)
+        tl.store(max_ptr + rows, m, mask=rmask)
+        tl.store(sumexp_ptr + rows, s, mask=rmask)
+        tl.store(zy_ptr + rows, zy, mask=rmask)
+
+    @triton.jit
+    def _ce_shard_delta_kernel(logits_ptr, stride_l, labels_ptr, lse_ptr, p1t_ptr, stride_p, u_ptr, stride_u,
+                               C, V, K1, vocab_start, scale, p1_scale, ignore_index,
+                               HAS_PROJ: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+                               BK1: tl.constexpr, DOT_IEEE: tl.constexpr):
+        """Vocab-parallel pass B: δ from the global lse written over the shard; u_r = δ_r P1_rᵀ."""
+        pid = tl.program_id(0)
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < C
+        rows64 = rows.to(tl.int64)
+        row_base = logits_ptr + rows64 * stride_l
+        valid, local = _shard_label(labels_ptr, rows, rmask, vocab_start, V, ignore_index)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        u_acc = _delta_sweep(row_base, rmask, local, lse, tl.where(valid, scale, 0.0), p1t_ptr, stride_p, V,
+                             K1, HAS_PROJ, BM, BV, BK1, DOT_IEEE)
+        if HAS_PROJ:
+            kcols = tl.arange(0, BK1)
             tl.store(u_ptr + rows64[:, None] * stride_u + kcols[None, :], u_acc * p1_scale,
                      mask=rmask[:, None] & (kcols < K1)[None, :])
 
@@ -145,40 +272,74 @@ def _check_ce_args(logits: torch.Tensor, labels: torch.Tensor, p1t: torch.Tensor
         raise ValueError(f"P1ᵀ must be a contiguous [V={logits.shape[1]}, k1] matrix, got {tuple(p1t.shape)}")
 
 
+def _check_triton_dtype(logits: torch.Tensor) -> None:
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"logits dtype {logits.dtype} not supported (fp32, fp16, bf16)")
+
+
+def _tile_config(C: int, block_m: int | None, block_v: int | None, num_warps: int | None) -> tuple[int, int, int]:
+    """(BM, BV, warps) of the CE passes; the same with or without the projection, so the online-softmax
+    order (hence δ and the training gradients) never depends on it."""
+    if interpreting():
+        return block_m or min(64, next_pow2(C, 16)), block_v or 64, 4
+    # Chosen from an H200 sweep of this pass (kernels/bench/results/gpu_h200: 16x256/8 warps is the
+    # fastest without projection, 1.69 ms per 8192x128256 bf16 chunk, and within 6% of the fastest with
+    # k1=64, 2.74 ms).
+    return block_m or 16, block_v or 256, num_warps or 8
+
+
+def _proj_launch_args(logits: torch.Tensor, p1t: torch.Tensor | None, dummy: torch.Tensor
+                      ) -> tuple[torch.Tensor | None, dict]:
+    """(u output [C, k1] fp32 or None, the projection-dependent kernel arguments); without a projection the
+    unused pointers are ``logits`` and the fp32 vector ``dummy``."""
+    C = logits.shape[0]
+    k1 = p1t.shape[1] if p1t is not None else 1
+    BK1 = next_pow2(k1, 16)
+    u = torch.empty(C, k1, device=logits.device, dtype=torch.float32) if p1t is not None else None
+    u_arg = u if u is not None else dummy
+    args = {"p1t_ptr": p1t if p1t is not None else logits, "stride_p": p1t.stride(0) if p1t is not None else 0,
+            "u_ptr": u_arg, "stride_u": u_arg.stride(0), "K1": k1,
+            "HAS_PROJ": p1t is not None, "BK1": BK1,
+            "DOT_IEEE": p1t is None or p1t.dtype == torch.float32}
+    if BK1 >= 128 and not interpreting():
+        args["num_stages"] = 2
+    return u, args
+
+
 def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
                     p1t: torch.Tensor | None = None, p1_scale: float = 1.0, *,
                     block_m: int | None = None, block_v: int | None = None, num_warps: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton CE pass: overwrite ``logits [C,V]`` with δ; return (token_loss [C] fp32, u [C,k1] fp32 | None)."""
     _check_ce_args(logits, labels, p1t)
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"logits dtype {logits.dtype} not supported (fp32, fp16, bf16)")
+    _check_triton_dtype(logits)
     C, V = logits.shape
-    k1 = p1t.shape[1] if p1t is not None else 1
-    BK1 = next_pow2(k1, 16)
-    if interpreting():
-        BM = block_m or min(64, next_pow2(C, 16))
-        BV = block_v or 64
-        warps = 4
-    else:
-        # One tile config whether or not the projection is on: the online-softmax order (hence δ and
-        # the training gradients) must not depend on it. Chosen from an H200 sweep of this pass
-        # (kernels/bench/results/gpu_h200: 16x256/8 warps is the fastest without projection, 1.69 ms per
-        # 8192x128256 bf16 chunk, and within 6% of the fastest with k1=64, 2.74 ms).
-        BM = block_m or 16
-        BV = block_v or 256
-        warps = num_warps or 8
-    stages = {"num_stages": 2} if (BK1 >= 128 and not interpreting()) else {}
+    BM, BV, warps = _tile_config(C, block_m, block_v, num_warps)
     loss = torch.empty(C, device=logits.device, dtype=torch.float32)
-    u = torch.empty(C, k1, device=logits.device, dtype=torch.float32) if p1t is not None else loss
+    u, proj_args = _proj_launch_args(logits, p1t, loss)
     if C > 0:
         _ce_delta_proj_kernel[(cdiv(C, BM),)](
-            logits, logits.stride(0), labels, loss,
-            p1t if p1t is not None else logits, p1t.stride(0) if p1t is not None else 0,
-            u, u.stride(0), C, V, k1, float(scale), float(p1_scale), int(ignore_index),
-            HAS_PROJ=p1t is not None, BM=BM, BV=BV, BK1=BK1,
-            DOT_IEEE=(p1t is None or p1t.dtype == torch.float32), num_warps=warps, **stages)
-    return loss, (u if p1t is not None else None)
+            logits, logits.stride(0), labels, loss, C=C, V=V, scale=float(scale), p1_scale=float(p1_scale),
+            ignore_index=int(ignore_index), BM=BM, BV=BV, num_warps=warps, **proj_args)
+    return loss, u
+
+
+def _delta_and_u_torch(logits: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
+                       hit: torch.Tensor, valid: torch.Tensor, scale: float, p1t: torch.Tensor | None,
+                       p1_scale: float) -> torch.Tensor | None:
+    """Turn ``z`` (fp32 view or copy of ``logits``) into δ = scale·valid·(exp(z - lse) - onehot) in place,
+    the onehot at column ``target`` of rows where ``hit``; store δ in ``logits``; return u = δ P1ᵀ."""
+    z.sub_(lse[:, None]).exp_()
+    z.scatter_add_(1, target[:, None], -hit.to(z.dtype)[:, None])
+    z.mul_((valid.to(z.dtype) * scale)[:, None])
+    if z.data_ptr() != logits.data_ptr():
+        logits.copy_(z)
+    u = None
+    if p1t is not None:
+        u = z @ p1t.float()
+        if p1_scale != 1.0:
+            u.mul_(p1_scale)
+    return u
 
 
 def ce_delta_torch(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
@@ -192,25 +353,115 @@ def ce_delta_torch(logits: torch.Tensor, labels: torch.Tensor, scale: float, ign
     lse = torch.logsumexp(z, dim=1)
     zy = z.gather(1, safe[:, None]).squeeze(1)
     token_loss = torch.where(valid, lse - zy, torch.zeros_like(lse))
-    z.sub_(lse[:, None]).exp_()
-    z.scatter_add_(1, safe[:, None], -valid.to(z.dtype)[:, None])
-    z.mul_((valid.to(z.dtype) * scale)[:, None])
-    if z.data_ptr() != logits.data_ptr():
-        logits.copy_(z)
-    u = None
-    if p1t is not None:
-        u = z @ p1t.float()
-        if p1_scale != 1.0:
-            u.mul_(p1_scale)
+    u = _delta_and_u_torch(logits, z, lse, safe, valid, valid, scale, p1t, p1_scale)
     return token_loss, u
 
 
+# --- vocab-parallel passes: A = shard statistics, B = δ from the global lse (same contracts per backend)
+def _shard_labels(labels: torch.Tensor, vocab_start: int, V: int, ignore_index: int):
+    """(valid, owned, local column clamped to 0 where not owned) for the shard [vocab_start, vocab_start+V)."""
+    valid = labels != ignore_index
+    local = labels - vocab_start
+    own = valid & (local >= 0) & (local < V)
+    return valid, own, torch.where(own, local, torch.zeros_like(local))
+
+
+def ce_shard_stats_triton(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, ignore_index: int, *,
+                          block_m: int | None = None, block_v: int | None = None, num_warps: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass A on a logits shard ``[C, V_r]`` (read only): ``(max [C], Σ exp(z - max) [C], target logit [C])``
+    in fp32; the target logit is 0 on rows whose label this shard does not own."""
+    _check_ce_args(logits, labels, None)
+    _check_triton_dtype(logits)
+    C, V = logits.shape
+    BM, BV, warps = _tile_config(C, block_m, block_v, num_warps)
+    stats = torch.empty(3, C, device=logits.device, dtype=torch.float32)
+    if C > 0:
+        _ce_shard_stats_kernel[(cdiv(C, BM),)](logits, logits.stride(0), labels, stats[0], stats[1], stats[2],
+                                               C, V, int(vocab_start), int(ignore_index), BM=BM, BV=BV,
+                                               num_warps=warps)
+    return stats[0], stats[1], stats[2]
+
+
+def ce_shard_stats_torch(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, ignore_index: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch pass A with the same contract as :func:`ce_shard_stats_triton`."""
+    _check_ce_args(logits, labels, None)
+    z = logits.float()
+    _, own, col = _shard_labels(labels, vocab_start, z.shape[1], ignore_index)
+    m = z.max(dim=1).values
+    sumexp = torch.exp(z - m[:, None]).sum(dim=1)
+    zy = z.gather(1, col[:, None]).squeeze(1) * own
+    return m, sumexp, zy
+
+
+def ce_shard_delta_triton(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: float,
+                          vocab_start: int, ignore_index: int, p1t: torch.Tensor | None = None,
+                          p1_scale: float = 1.0, *, block_m: int | None = None, block_v: int | None = None,
+                          num_warps: int | None = None) -> torch.Tensor | None:
+    """Pass B: overwrite the logits shard ``[C, V_r]`` with δ_r from the global ``lse [C]`` (fp32); return
+    the partial ``u_r = δ_r P1_rᵀ [C, k1]`` fp32 (``p1t`` = the shard's rows of P1ᵀ) or None."""
+    _check_ce_args(logits, labels, p1t)
+    _check_triton_dtype(logits)
+    if lse.shape != (logits.shape[0],) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 [C={logits.shape[0]}], got {lse.dtype} {tuple(lse.shape)}")
+    C, V = logits.shape
+    BM, BV, warps = _tile_config(C, block_m, block_v, num_warps)
+    lse = lse.contiguous()
+    u, proj_args = _proj_launch_args(logits, p1t, lse)
+    if C > 0:
+        _ce_shard_delta_kernel[(cdiv(C, BM),)](
+            logits, logits.stride(0), labels, lse, C=C, V=V, vocab_start=int(vocab_start),
+            scale=float(scale), p1_scale=float(p1_scale), ignore_index=int(ignore_index), BM=BM, BV=BV,
+            num_warps=warps, **proj_args)
+    return u
+
+
+def ce_shard_delta_torch(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: float,
+                         vocab_start: int, ignore_index: int, p1t: torch.Tensor | None = None,
+                         p1_scale: float = 1.0) -> torch.Tensor | None:
+    """Pure-torch pass B with the same contract as :func:`ce_shard_delta_triton`."""
+    _check_ce_args(logits, labels, p1t)
+    z = logits.float()
+    valid, own, col = _shard_labels(labels, vocab_start, z.shape[1], ignore_index)
+    return _delta_and_u_torch(logits, z, lse, col, own, valid, scale, p1t, p1_scale)
+
+
+def ce_vocab_parallel(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
+                      p1t: torch.Tensor | None = None, p1_scale: float = 1.0, *, vocab_start: int,
+                      group: Any = None, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CE pass of a TP rank on its logits shard: pass A, the TP all-reduces (MAX of the row max, then
+    one SUM of the rescaled sum-exp and the target logit), pass B. Returns (token_loss [C] fp32, identical
+    on every rank; this rank's partial u_r [C, k1] fp32 | None). Every rank of ``group`` must call it."""
+    stats, delta = ((ce_shard_stats_triton, ce_shard_delta_triton) if backend == "triton"
+                    else (ce_shard_stats_torch, ce_shard_delta_torch))
+    m, sumexp, zy = stats(logits, labels, vocab_start, ignore_index)
+    m_all = all_reduce_(m.clone(), "max", group)
+    summed = all_reduce_(torch.stack([sumexp * torch.exp(m - m_all), zy]), "sum", group)
+    lse = m_all + torch.log(summed[0].clamp_min(1e-30))
+    token_loss = torch.where(labels != ignore_index, lse - summed[1], torch.zeros_like(lse))
+    return token_loss, delta(logits, labels, lse, scale, vocab_start, ignore_index, p1t, p1_scale)
+
+
 # ----------------------------------------------------------------------------------------------
-# Chunked driver (shared by both backends)
+# Chunked driver (shared by both backends and by the vocab-parallel variant)
 # ----------------------------------------------------------------------------------------------
+class VocabShard(NamedTuple):
+    """Where a vocab-parallel call's weight sits: rows ``[start, start + V_r)`` of the full LM head, the
+    TP process group, and whether ``dX`` is all-reduced over it (see
+    :func:`vocab_parallel_fused_linear_cross_entropy`)."""
+
+    start: int
+    group: Any
+    reduce_dx: bool
+
+
 def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend,
-                     need_dx, need_dw):
-    """Returns (loss, token_loss, u, w, dX, dW) with dX/dW already scaled by the loss's own scaling."""
+                     need_dx, need_dw, shard: VocabShard | None = None):
+    """Returns (loss, token_loss, u, w, dX, dW) with dX/dW already scaled by the loss's own scaling.
+
+    With ``shard``, ``weight`` is a vocab shard: the CE pass is :func:`ce_vocab_parallel`, P1ᵀ is sliced to
+    the shard's rows, and after the last chunk ``u`` (and ``dX`` if ``shard.reduce_dx``) are all-reduced."""
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -228,12 +479,17 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
         scale = 1.0 / n_valid if n_valid > 0 else 0.0
     else:
         scale = 1.0
-    ce = ce_delta_triton if backend == "triton" else ce_delta_torch
+    if shard is None:
+        ce = ce_delta_triton if backend == "triton" else ce_delta_torch
+    else:
+        ce = functools.partial(ce_vocab_parallel, vocab_start=shard.start, group=shard.group, backend=backend)
     p1t = p2t = None
     p1_scale = p2_scale = 1.0
     if projection is not None:
         op_dtype = hidden.dtype if (backend == "triton" and hidden.dtype != torch.float32) else torch.float32
         p1t, p1_scale = projection.operand("P1", op_dtype, dev)
+        if shard is not None:
+            p1t = p1t[shard.start:shard.start + V]  # a contiguous block of rows of P1ᵀ
         p2t, p2_scale = projection.operand("P2", torch.float32, dev)
     token_loss = torch.empty(N, device=dev, dtype=torch.float32)
     u = torch.empty(N, projection.k1, device=dev, dtype=torch.float32) if projection is not None else None
@@ -262,6 +518,11 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
         del logits_full, logits  # free this chunk before the next one is allocated (peak = one chunk)
     if dW is not None and V_pad != V:
         dW = dW[:V].contiguous()
+    if shard is not None:  # one collective each for the whole call, not one per chunk
+        if u is not None:
+            all_reduce_(u, "sum", shard.group)
+        if dX is not None and shard.reduce_dx:
+            all_reduce_(dX, "sum", shard.group)
     if reduction == "mean":
         loss = token_loss.sum() / n_valid if n_valid > 0 else token_loss.sum() * float("nan")
     else:
@@ -274,13 +535,14 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
 # ----------------------------------------------------------------------------------------------
 class _FusedLinearCEFunction(torch.autograd.Function):
     """Gradient-in-forward: dX and dW are computed chunk by chunk in forward and scaled by
-    ``grad_output`` in backward."""
+    ``grad_output`` in backward (no communication in backward, also for a vocab shard)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend, shard):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, token_loss, u, w, dX, dW = _chunked_forward(hidden, weight, labels, ignore_index, reduction,
-                                                          projection, chunk_tokens, backend, need_dx, need_dw)
+                                                          projection, chunk_tokens, backend, need_dx, need_dw,
+                                                          shard)
         ctx.save_for_backward(dX, dW)
         empty = hidden.new_empty(0, dtype=torch.float32)
         u = empty if u is None else u
@@ -297,31 +559,15 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             gx = dX if unit else dX * grad_loss.to(dX.dtype)
         if dW is not None:
             gw = dW if unit else dW * grad_loss.to(dW.dtype)
-        return gx, gw, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 # ----------------------------------------------------------------------------------------------
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               ignore_index: int = -100, reduction: str = "mean",
-                               projection: Projection | None = None, chunk_tokens: int = 4096,
-                               backend: str = "auto") -> LinearCEOutput:
-    """Cross-entropy of ``hidden @ weightᵀ`` against ``labels`` without materialising all logits.
-
-    Args:
-        hidden: ``[N, d]`` (leading dims are flattened) final hidden states ``a_t``.
-        weight: ``[V, d]`` LM-head weight.
-        labels: ``[N]`` integer targets; ``ignore_index`` entries contribute nothing.
-        reduction: ``"mean"`` (over non-ignored tokens; NaN if there are none) or ``"sum"``.
-        projection: a :class:`~kernels.projection.Projection` with ``P1 [k1,V]``, ``P2 [k2,d]`` to also
-            emit ``u = P1 δ`` and ``w = P2 a``; None disables it.
-        chunk_tokens: tokens per chunk (peak extra memory ≈ chunk_tokens × V logits).
-        backend: ``"auto"`` (triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
-
-    Returns:
-        :class:`LinearCEOutput`; ``loss`` is differentiable w.r.t. ``hidden`` and ``weight``.
-    """
+def _flatten_checked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str,
+                     chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the common arguments; return (hidden [N, d] contiguous, labels [N] int64 contiguous)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.dim() < 1 or weight.dim() != 2:
@@ -341,23 +587,108 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                          f"{weight.device}, {labels.device}")
     if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    if projection is not None and (projection.V != weight.shape[0] or projection.d != d):
-        raise ValueError(f"projection is for V={projection.V}, d={projection.d} but the LM head is "
-                         f"V={weight.shape[0]}, d={d}")
-    be = resolve_backend(backend, hidden.device)
-    labels1 = labels1.long().contiguous()
-    hidden2 = hidden2.contiguous()
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
+    return hidden2.contiguous(), labels1.long().contiguous()
+
+
+def _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, backend,
+         shard: VocabShard | None) -> LinearCEOutput:
+    """Through the autograd.Function when a gradient is needed, else the driver alone."""
+    with torch.autocast(device_type=hidden2.device.type, enabled=False):
         if torch.is_grad_enabled() and (hidden2.requires_grad or weight.requires_grad):
             loss, token_loss, u, w = _FusedLinearCEFunction.apply(hidden2, weight, labels1, ignore_index,
-                                                                  reduction, projection, chunk_tokens, be)
+                                                                  reduction, projection, chunk_tokens, backend,
+                                                                  shard)
             if projection is None:
                 u = w = None
         else:
             loss, token_loss, u, w, _, _ = _chunked_forward(hidden2, weight, labels1, ignore_index, reduction,
-                                                            projection, chunk_tokens, be, False, False)
+                                                            projection, chunk_tokens, backend, False, False, shard)
     return LinearCEOutput(loss, token_loss, u, w)
 
 
-__all__ = ["LinearCEOutput", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
-           "ce_delta_triton", "ce_delta_torch"]
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               projection: Projection | None = None, chunk_tokens: int = 4096,
+                               backend: str = "auto") -> LinearCEOutput:
+    """Cross-entropy of ``hidden @ weightᵀ`` against ``labels`` without materialising all logits.
+
+    Args:
+        hidden: ``[N, d]`` (leading dims are flattened) final hidden states ``a_t``.
+        weight: ``[V, d]`` LM-head weight.
+        labels: ``[N]`` integer targets; ``ignore_index`` entries contribute nothing.
+        reduction: ``"mean"`` (over non-ignored tokens; NaN if there are none) or ``"sum"``.
+        projection: a :class:`~kernels.projection.Projection` with ``P1 [k1,V]``, ``P2 [k2,d]`` to also
+            emit ``u = P1 δ`` and ``w = P2 a``; None disables it.
+        chunk_tokens: tokens per chunk (peak extra memory ≈ chunk_tokens × V logits).
+        backend: ``"auto"`` (triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        :class:`LinearCEOutput`; ``loss`` is differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    hidden2, labels1 = _flatten_checked(hidden, weight, labels, reduction, chunk_tokens)
+    if projection is not None and (projection.V != weight.shape[0] or projection.d != hidden2.shape[1]):
+        raise ValueError(f"projection is for V={projection.V}, d={projection.d} but the LM head is "
+                         f"V={weight.shape[0]}, d={hidden2.shape[1]}")
+    be = resolve_backend(backend, hidden.device)
+    return _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, be, None)
+
+
+def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torch.Tensor,
+                                              labels: torch.Tensor, *, vocab_start: int, group: Any = None,
+                                              ignore_index: int = -100, reduction: str = "mean",
+                                              projection: Projection | None = None, chunk_tokens: int = 4096,
+                                              backend: str = "auto", reduce_dx: bool = True) -> LinearCEOutput:
+    """:func:`fused_linear_cross_entropy` for a vocab-parallel (tensor-parallel) LM head.
+
+    Every rank of the TP ``group`` calls it together with the same ``hidden`` and ``labels`` and its own
+    vocab shard ``weight_shard = W[vocab_start : vocab_start + V_r]`` (Megatron's ``output_layer``
+    weight; padded vocabulary rows are ordinary rows). The result equals the unsharded call with the full
+    ``W``: ``loss``, ``token_loss``, ``u`` and ``w`` are identical on every rank; the gradient w.r.t.
+    ``weight_shard`` is the shard's rows of the full ``dW``.
+
+    Args:
+        hidden: ``[N, d]`` (leading dims are flattened), replicated across the TP group.
+        weight_shard: ``[V_r, d]`` this rank's rows of the LM head.
+        labels: ``[N]`` full-vocabulary targets (``ignore_index`` = skip).
+        vocab_start: index of ``weight_shard``'s first row in the full vocabulary.
+        group: the tensor-parallel ``torch.distributed`` process group (None = the default group).
+        projection: the *full-vocabulary* projection (``P1 [k1, V]`` with ``V`` ≥ ``vocab_start + V_r``,
+            the same on every rank); each rank uses P1's columns of its shard and ``u`` is all-reduced.
+        reduce_dx: True (default): the gradient w.r.t. ``hidden`` is the full ``Σ_r δ_r W_r``, all-reduced
+            here, as needed when ``hidden`` is an ordinary replicated tensor (the fused loss replaces
+            Megatron's ``output_layer`` and the ``copy_to_tensor_model_parallel_region`` inside it).
+            False: it is this rank's partial ``δ_r W_r``, for a caller whose own autograd op sums it
+            (Megatron's ``copy_to_tensor_model_parallel_region`` or, with sequence parallelism, the
+            reduce-scatter in the backward of ``gather_from_sequence_parallel_region``).
+        ignore_index, reduction, chunk_tokens, backend: as in :func:`fused_linear_cross_entropy`.
+
+    With a group of one rank (or torch.distributed not initialised) this *is*
+    :func:`fused_linear_cross_entropy` (``vocab_start`` must then be 0). Communication per chunk: one
+    MAX all-reduce of ``[C]`` and one SUM all-reduce of ``[2, C]`` fp32; per call: one SUM of ``u [N, k1]``
+    and, with ``reduce_dx``, one of ``dX [N, d]``; nothing in backward.
+    """
+    if not isinstance(vocab_start, numbers.Integral) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be a non-negative int (the shard's first vocab row), got {vocab_start!r}")
+    vocab_start = int(vocab_start)
+    if group_size(group) == 1:
+        if vocab_start != 0:
+            raise ValueError(f"vocab_start={vocab_start} but the TP group has one rank, so the weight must be the "
+                             "whole vocabulary (vocab_start=0); pass the tensor-parallel group as group=")
+        return fused_linear_cross_entropy(hidden, weight_shard, labels, ignore_index=ignore_index,
+                                          reduction=reduction, projection=projection, chunk_tokens=chunk_tokens,
+                                          backend=backend)
+    hidden2, labels1 = _flatten_checked(hidden, weight_shard, labels, reduction, chunk_tokens)
+    V_r = weight_shard.shape[0]
+    if projection is not None and (projection.V < vocab_start + V_r or projection.d != hidden2.shape[1]):
+        raise ValueError(f"projection is for V={projection.V}, d={projection.d} but this shard covers vocab rows "
+                         f"[{vocab_start}, {vocab_start + V_r}) with d={hidden2.shape[1]}: build the projection "
+                         "for the full (padded) vocabulary")
+    be = resolve_backend(backend, hidden.device)
+    return _run(hidden2, weight_shard, labels1, ignore_index, reduction, projection, chunk_tokens, be,
+                VocabShard(vocab_start, group, bool(reduce_dx)))
+
+
+__all__ = ["LinearCEOutput", "VocabShard", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
+           "vocab_parallel_fused_linear_cross_entropy", "vocab_parallel_cross_entropy_ref",
+           "ce_delta_triton", "ce_delta_torch", "ce_shard_stats_triton", "ce_shard_stats_torch",
+           "ce_shard_delta_triton", "ce_shard_delta_torch", "ce_vocab_parallel"]

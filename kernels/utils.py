@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 try:  # Triton is optional: the torch backends work without it.
     import triton  # noqa: F401
@@ -49,3 +50,21 @@ def next_pow2(n: int, minimum: int = 16) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def group_size(group=None) -> int:
+    """World size of a torch.distributed process group (None = default group); 1 when torch.distributed
+    is unavailable or not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def all_reduce_(tensor: torch.Tensor, op: str, group=None) -> torch.Tensor:
+    """In-place all-reduce of ``tensor`` (``op``: ``"sum"`` or ``"max"``) over ``group``; a no-op when the
+    group has one rank. Every rank of the group must call it. Returns ``tensor``."""
+    if op not in ("sum", "max"):
+        raise ValueError(f"all_reduce_: op must be 'sum' or 'max', got {op!r}")
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return tensor

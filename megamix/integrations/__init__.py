@@ -6,7 +6,8 @@
   read δ from your own loss's backward (HF, Megatron ``[s, b, h]``, DeepSpeed engines, any loss).
 - :mod:`megamix.integrations.deepspeed`: DeepSpeed glue (ds_config, launch checks, init, engine, ZeRO-3
   parameters, engine checkpoint files); the only module that imports deepspeed.
-- :mod:`megamix.integrations.tensor_parallel`: vocab-parallel (Megatron TP) LM heads.
+- :mod:`megamix.integrations.megatron`: Megatron-core wiring, any tensor-parallel size: the capture on
+  ``output_layer`` (``attach_megatron``) and the vocab-parallel fused loss (``vocab_parallel_lm_head_loss``).
 - :mod:`megamix.integrations.apex_compat`: optional NVIDIA apex with torch fallbacks.
 
 The training loop (:mod:`megamix.train`) is built on these; they never import it.
