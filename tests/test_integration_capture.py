@@ -303,3 +303,19 @@ def test_attach_recognises_megatron_seq_first_layout(tiny_store):
     proj = mixer.projection
     exact = torch.einsum("kv,bvd,ld->bkl", proj.P1.double(), G.double(), proj.P2.double()).reshape(b, -1)
     assert_close(torch.as_tensor(rows), exact * mixer._grad_scale, "proj", torch.float32, "cpu", "per-sample rows")
+
+
+def test_attach_refuses_a_vocab_parallel_output_layer(tiny_store):
+    """A TP>1 Megatron output layer holds only a vocab shard: plain attach() would build P1 for the shard and
+    never sum u over TP, so it refuses and names attach_megatron."""
+    from megamix.config import MegamixConfig
+    from megamix.data.store import TokenStore
+    from megamix.integrations import attach
+    from megamix.mixer import Mixer
+
+    model = MegatronStyleLM(V, 16)
+    model.output_layer.output_size, model.output_layer.output_size_per_partition = 2 * V, V   # rank 0 of TP=2
+    cfg = MegamixConfig.from_yaml(None, overrides=[f"data.data_dir={tiny_store.parent}", "model.seq_len=8",
+                                                   "train.global_batch_size=4", "train.micro_batch_size=4"])
+    with pytest.raises(ValueError, match="attach_megatron"):
+        attach(model, Mixer(cfg.validate(), TokenStore(tiny_store)))

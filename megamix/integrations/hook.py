@@ -372,6 +372,11 @@ def attach(model: nn.Module, mixer: Any, *, lm_head: nn.Module | None = None, se
     if lm_head is None:
         lm_head, found_seq_first = find_lm_head(model)
         seq_first = found_seq_first if seq_first is None else seq_first
+        full, shard = getattr(lm_head, "output_size", None), getattr(lm_head, "output_size_per_partition", None)
+        if full is not None and shard is not None and full != shard:
+            raise ValueError(f"the output layer of {type(unwrap(model)).__name__} is vocab-parallel ({shard} of "
+                             f"{full} rows on this rank): use megamix.integrations.megatron.attach_megatron(model, "
+                             "mixer, tp_group=...), which slices P1 like the shard and all-reduces u over TP")
     elif seq_first is None:
         seq_first = _is_megatron(lm_head)
     if dp_world_size is None:
