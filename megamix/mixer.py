@@ -145,10 +145,7 @@ class Mixer:
         labels = labels.to(hidden.device)
         if labels.shape != (b, T):
             raise ValueError(f"labels must be [{b}, {T}] like the hidden states, got {tuple(labels.shape)}")
-        record = record and self.collecting and torch.is_grad_enabled()
-        if record and domain_ids is None:
-            raise ValueError("megamix: the LM-head loss has no domain ids for its samples; bind the micro-batch "
-                             "(patch.set_batch(batch)) or pass domain_ids=")
+        record = self.will_record(domain_ids, record)
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
         proj = self.projection_for(weight.shape[0], d, hidden.device) if record else None
@@ -164,7 +161,7 @@ class Mixer:
             loss = loss / num_items_in_batch
             scale = 1.0 / (float(num_items_in_batch) * self.world_size)
         if record:
-            self._record(out.u, out.w, out.token_loss, labels, domain_ids, sample_ids, scale)
+            self.record(out.u, out.w, out.token_loss, labels, domain_ids, sample_ids, scale=scale)
         return loss
 
     def loss_and_stats(self, hidden: torch.Tensor, weight: torch.Tensor, batch) -> torch.Tensor:
@@ -172,7 +169,22 @@ class Mixer:
         return self.lm_head_loss(hidden, weight, batch.labels, batch.domain_ids,
                                  getattr(batch, "sample_ids", None))
 
-    def _record(self, u, w, token_loss, labels, domain_ids, sample_ids, scale: float) -> None:
+    def will_record(self, domain_ids: torch.Tensor | None, record: bool = True) -> bool:
+        """Whether an LM-head call records statistics: asked to (``record``), ``projection.enabled`` and
+        autograd on. Raises ``ValueError`` when it would record but has no domain ids."""
+        record = record and self.collecting and torch.is_grad_enabled()
+        if record and domain_ids is None:
+            raise ValueError("megamix: the LM-head loss has no domain ids for its samples; bind the micro-batch "
+                             "(patch.set_batch(batch)) or pass domain_ids=")
+        return record
+
+    def record(self, u: torch.Tensor, w: torch.Tensor, token_loss: torch.Tensor, labels: torch.Tensor,
+               domain_ids: torch.Tensor, sample_ids: torch.Tensor | None = None, *, scale: float | None = None) -> None:
+        """Add one micro-batch's fused-kernel outputs to the statistics.
+
+        ``u [b·T, k1]``, ``w [b·T, k2]``, ``token_loss [b·T]`` in batch-first token order for ``labels [b, T]``.
+        ``scale`` turns the kernel's δ scaling into each sample's share of the applied gradient (default: the
+        mean over micro-steps and data-parallel ranks of this run's batch geometry)."""
         from kernels.domain_gram import per_sample_grads
 
         b, T = labels.shape
@@ -181,7 +193,7 @@ class Mixer:
         count = valid.sum(1).double().cpu()
         g = self.projection.finalize(
             per_sample_grads(u, w, _sample_index(b, T, u.device), b, backend=self.cfg.projection.backend)).cpu()
-        self.stats.update(g * scale, domain_ids.cpu(), sample_ids=None if sample_ids is None else sample_ids.cpu(),
+        self.stats.update(g * (self._grad_scale if scale is None else scale), domain_ids.cpu(), sample_ids=None if sample_ids is None else sample_ids.cpu(),
                           token_loss_sum=loss_sum, token_count=count)
 
     # ------------------------------------------------------------------ updates

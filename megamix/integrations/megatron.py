@@ -208,10 +208,7 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
         raise ValueError(f"labels must be [b={b}, s={s}] (Megatron's batch-first labels, also for seq-first "
                          f"hidden states), got {tuple(labels.shape)}; check seq_first={seq_first}")
     V = _check_shard(vocab_start, vocab_end, weight_shard.shape[0], tp_group)
-    record = record and mixer.collecting and torch.is_grad_enabled()
-    if record and domain_ids is None:
-        raise ValueError("vocab_parallel_lm_head_loss: statistics need the micro-batch's domain_ids (batch.domain_ids); "
-                         "pass domain_ids= or record=False")
+    record = mixer.will_record(domain_ids, record)
     if hidden.dtype != weight_shard.dtype:
         hidden = hidden.to(weight_shard.dtype)
     labels = labels.to(hidden.device)
@@ -225,7 +222,7 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
         u, w, token_loss = out.u, out.w, out.token_loss
         if seq_first:
             u, w, token_loss = (_batch_first_rows(t, s, b) for t in (u, w, token_loss[:, None]))
-        mixer._record(u, w, token_loss.reshape(-1), labels, domain_ids, sample_ids, mixer._grad_scale)
+        mixer.record(u, w, token_loss.reshape(-1), labels, domain_ids, sample_ids)
     return out.loss
 
 
