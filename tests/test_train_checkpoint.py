@@ -54,7 +54,7 @@ def test_mismatched_backend_and_world_size_are_clear_errors(tiny_store, tmp_path
     class Other(PlainBackend):
         name = "deepspeed"
 
-    with pytest.raises(ConfigError, match="written by the 'torch' backend.*deepspeed.enabled=false"):
+    with pytest.raises(ConfigError, match="written by the 'plain' backend.*deepspeed.enabled=false"):
         Checkpoints(tmp_path / "r").load(Other(), mixer=None)
     with pytest.raises(ConfigError, match="same world size"):
         Checkpoints(tmp_path / "r").load(PlainBackend(rank=1, world_size=2), mixer=None)

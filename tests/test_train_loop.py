@@ -62,6 +62,12 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert resumed.weights == full.weights
     assert resumed.valid_loss == pytest.approx(full.valid_loss, abs=0, rel=1e-6)
     assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-6)
+    # running the finished run again trains nothing, re-evaluates the checkpoint to the same numbers and keeps
+    # the finished run's result.json
+    before = (tmp_path / "part" / "result.json").read_text()
+    again = train(_cfg(data_dir, tmp_path / "part", "train.steps=6", *common), progress=False, log_to_stdout=False)
+    assert again.start_step == 6 and again.step_losses == [] and again.valid_loss == resumed.valid_loss
+    assert (tmp_path / "part" / "result.json").read_text() == before
 
 
 def test_projection_does_not_change_training(data_dir, tmp_path):
@@ -203,7 +209,7 @@ def test_lm_head_paths_recorded_and_capture_fallback(data_dir, tmp_path, monkeyp
         assert res.lm_head_path == impl
         assert json.loads((tmp_path / impl / "result.json").read_text())["lm_head_path"] == impl
         run_rec = json.loads((tmp_path / impl / "metrics.jsonl").read_text().splitlines()[0])
-        assert run_rec["kind"] == "run" and run_rec["lm_head_path"] == impl and run_rec["backend"] == "torch"
+        assert run_rec["kind"] == "run" and run_rec["lm_head_path"] == impl and run_rec["backend"] == "plain"
     np.testing.assert_allclose(runs["capture"].step_losses, runs["fused"].step_losses, rtol=1e-5)
     for (s1, w1), (s2, w2) in zip(runs["capture"].weight_history, runs["fused"].weight_history):
         assert s1 == s2

@@ -38,7 +38,7 @@ class Backend:
     """What the loop needs from an execution backend. Subclasses override the hooks below.
 
     Attributes:
-        name: recorded in ``result.json`` (``torch`` | ``deepspeed``).
+        name: recorded in ``result.json`` (``plain`` | ``deepspeed``).
         rank, world_size: data-parallel position of this process.
         module: what the loop calls for a forward (the model, or the engine wrapping it).
         model: the bare ``nn.Module`` (for evaluation, the LM head and state).
@@ -119,7 +119,7 @@ class Backend:
 class PlainBackend(Backend):
     """One process: AdamW on the model, gradient accumulation, optional bf16 autocast, CPU or one GPU."""
 
-    name = "torch"
+    name = "plain"
 
     def check(self, cfg: MegamixConfig) -> list[str]:
         if self.world_size > 1:

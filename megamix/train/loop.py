@@ -59,7 +59,7 @@ class TrainResult:
     weights: dict[str, float]
     tokens_per_second: float
     wall_seconds: float
-    backend: str = "torch"           # torch | deepspeed
+    backend: str = "plain"           # plain | deepspeed
     world_size: int = 1
     lm_head_path: str = "fused"      # fused | capture | torch: how the LM-head loss and statistics ran
     peak_rss_mb: float = float("nan")        # this process's peak resident memory
@@ -211,7 +211,7 @@ def _peak_device_mb(device: torch.device) -> float:
 
 def print_summary(res: TrainResult, domains: list[str]) -> None:
     """The end-of-run table: per-domain validation loss and final weight, throughput, files."""
-    print(f"\n{res.backend} x{res.world_size}, LM head: {res.lm_head_path}; steps {res.start_step}->{res.steps}; "
+    print(f"\nbackend {res.backend} x{res.world_size}, LM head {res.lm_head_path}, steps {res.start_step}->{res.steps}; "
           f"final per-domain validation loss (avg {res.valid_loss_avg:.4f}):")
     for d in sorted(domains):
         print(f"  {d:24s} {res.valid_loss.get(d, float('nan')):7.4f}   weight {res.weights.get(d, float('nan')):.3f}")
@@ -309,7 +309,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
               "train; evaluating the checkpoint (raise train.steps to continue)")
     backend.model.train()
     t0 = time.time()
-    desc = "train" if backend.name == "torch" else f"train[{backend.name} z{cfg.deepspeed.zero_stage}]"
+    desc = "train" if backend.name == "plain" else f"train[{backend.name} z{cfg.deepspeed.zero_stage}]"
     bar = tqdm(range(start, end), desc=desc, disable=not (progress and main), initial=start, total=t.steps)
     for step in bar:
         ts = time.perf_counter()
@@ -366,9 +366,10 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         weight_history=[list(x) for x in mixer.weight_history],
         step_losses=step_losses, step_seconds=step_times, plot=plot)
     if main:
-        tmp = out_dir / "result.json.tmp"
-        tmp.write_text(json.dumps(asdict(result), indent=1, default=float))
-        tmp.replace(out_dir / "result.json")
+        if step_times or not (out_dir / "result.json").exists():  # a no-op resume keeps the finished run's file
+            tmp = out_dir / "result.json.tmp"
+            tmp.write_text(json.dumps(asdict(result), indent=1, default=float))
+            tmp.replace(out_dir / "result.json")
         if log_to_stdout:
             print_summary(result, eval_domains)
     head.remove()
