@@ -22,7 +22,6 @@ Two ways to get the statistics, both feeding the same :class:`megamix.stats.Doma
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ import torch
 from megamix.config import MegamixConfig
 from megamix.simplex import unchanged
 
-log = logging.getLogger("megamix")
 
 
 def _sample_index(batch_size: int, seq_len: int, device) -> torch.Tensor:

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.domain_gram import per_sample_grads
 from kernels.projection import Projection, project_u, project_w
 from kernels.testing import assert_close
 from megamix.integrations.hook import LMHeadGradCapture, find_lm_head

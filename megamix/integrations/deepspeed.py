@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +22,6 @@ from torch import nn
 
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
-
-log = logging.getLogger("megamix")
 
 
 # ---------------------------------------------------------------------------------------- launch checks

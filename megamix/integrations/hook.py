@@ -27,7 +27,6 @@ apart when ``seq_len == micro_batch_size``).
 from __future__ import annotations
 
 import inspect
-import logging
 import warnings
 from typing import Any, Callable
 
@@ -36,8 +35,6 @@ from torch import nn
 
 from kernels.domain_gram import per_sample_grads
 from kernels.projection import Projection, project_u, project_w
-
-log = logging.getLogger("megamix")
 
 _ATTR = "_megamix_grad_capture"
 _ATTACH_ATTR = "_megamix_hook"

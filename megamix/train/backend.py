@@ -110,7 +110,7 @@ class Backend:
     def load_legacy(self, state: dict) -> None:
         """Restore model/optimizer from a v0.1 single-file checkpoint dict (plain backend only)."""
         raise ConfigError("this checkpoint was written by megamix 0.1's single-process trainer; resume it "
-                          "without DeepSpeed or start a new train.out_dir")
+                          "with deepspeed.enabled=false or start a new train.out_dir")
 
     def close(self) -> None:
         """Release engine resources at the end of a run."""
@@ -233,10 +233,6 @@ class DeepSpeedBackend(Backend):
 
     def load(self, ckpt_root, tag):
         ds_glue.load_engine(self.engine, ckpt_root, tag)
-
-    def load_legacy(self, state: dict) -> None:
-        raise ConfigError("this out_dir holds a checkpoint of megamix 0.1's single-process trainer; resume it "
-                          "with deepspeed.enabled=false or start a new train.out_dir")
 
 
 def make_backend(cfg: MegamixConfig, rank: int = 0, world_size: int = 1) -> Backend:
