@@ -11,6 +11,9 @@ from megamix import simplex
 from megamix.configbase import ConfigBase, ConfigError, check, doc
 
 MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
+#: the names megamix.strategies.STRATEGIES registers (a test keeps the two in step; config sits below
+#: strategies in the layering, so it cannot import the registry)
+STRATEGY_NAMES = ("static", "rnb", "rnb-damped", "dograph")
 
 
 @dataclass
@@ -151,11 +154,16 @@ class ProjectionConfig(ConfigBase):
 class MixingConfig(ConfigBase):
     """Online mixing strategy: which one, how often, and its guards."""
 
-    strategy: str = doc("static | rnb | dograph (see `megamix mix --list`).", "static")
+    strategy: str = doc("static | rnb | rnb-damped | dograph (see `megamix mix --list`). `rnb` is R&B as the "
+                        "paper runs it (no EMA, no floor); `rnb-damped` adds EMA 0.5 and a 0.02 floor.", "static")
     update_every: int = doc("K: propose new weights every K optimizer steps.", 10)
-    rnb_lambda: float = doc("R&B temperature λ in softmax(λ·Gp/‖Gp‖).", 1.0)
-    min_weight: float = doc("Floor applied to every domain weight after an update.", 0.01)
-    ema: float = doc("EMA smoothing of weights: p ← ema·p_old + (1-ema)·p_new (0 = none).", 0.0)
+    rnb_lambda: float = doc("R&B λ in softmax(λ·Gp/‖Gp‖): a multiplier (inverse temperature), so a larger λ "
+                            "sharpens the weights and λ → 0 gives uniform.", 1.0)
+    min_weight: float | None = doc("Floor applied to every domain weight after an update. null = the "
+                                   "strategy's default (rnb: 0, as in the paper; rnb-damped: 0.02; dograph: 0.01).",
+                                   None)
+    ema: float | None = doc("EMA smoothing of weights: p ← ema·p_old + (1-ema)·p_new (0 = none). null = the "
+                            "strategy's default (rnb: 0, as in the paper; rnb-damped: 0.5; dograph: 0).", None)
     dograph_objective: str = doc("DoGraph objective: variance | robust | alignment | uncertainty.",
                                  "variance")
     dograph_clusters: int = doc("DoGraph: k for k-means in projected-gradient space (0 = number of "
@@ -181,10 +189,12 @@ class MixingConfig(ConfigBase):
 
     def validate(self):
         check(self.update_every >= 1, "mixing.update_every must be >= 1")
-        check(0 <= self.min_weight < 1, "mixing.min_weight must be in [0, 1)")
-        check(0 <= self.ema < 1, "mixing.ema must be in [0, 1)")
-        check(self.strategy in ("static", "rnb", "dograph"),
-              f"mixing.strategy must be static, rnb or dograph (got {self.strategy!r}); "
+        check(self.min_weight is None or 0 <= self.min_weight < 1,
+              f"mixing.min_weight must be in [0, 1) (got {self.min_weight}); or null for the strategy's default")
+        check(self.ema is None or 0 <= self.ema < 1,
+              f"mixing.ema must be in [0, 1) (got {self.ema}); or null for the strategy's default")
+        check(self.strategy in STRATEGY_NAMES,
+              f"mixing.strategy must be one of {', '.join(STRATEGY_NAMES)} (got {self.strategy!r}); "
               "see `megamix mix --list`")
         check(self.dograph_objective in ("variance", "robust", "alignment", "uncertainty"),
               "mixing.dograph_objective must be variance, robust, alignment or uncertainty "

@@ -285,3 +285,111 @@ def test_dograph_robust_upweights_high_loss_cluster():
     s2 = build_strategy(cfg, ["easy", "hard"], [0.5, 0.5])
     s2.observe(snap)
     np.testing.assert_allclose(s2.propose(1), w, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- fixtures that can fail
+UNEQUAL = (5, 30, 12, 50)
+
+
+def test_rnb_divides_sums_by_counts_with_unequal_counts():
+    """With unequal counts, Gram-of-sums and Gram-of-means give different updates: the fixture
+    tells them apart (a planted 'forgot to divide by counts' bug fails here)."""
+    snap = _snap(n_per=UNEQUAL)
+    p0 = np.array([0.1, 0.2, 0.3, 0.4])
+    s = build_strategy(_cfg(strategy="rnb", rnb_lambda=2.0), NAMES, p0)
+    s.observe(snap)
+    w = s.propose(10)
+    m = snap.sums / snap.counts[:, None]
+    expect, _ = rnb_balance(m, p0, 2.0)
+    np.testing.assert_allclose(w, expect, atol=1e-12)
+    wrong, _ = rnb_balance(snap.sums, p0, 2.0)  # the bug: raw sums
+    assert np.abs(wrong - expect).max() > 0.05
+
+
+def test_rnb_eval_target_weights_eval_groups_by_p():
+    """Eval target = Σ_j p_j ē_j with ē_j = eval_sums_j / eval_counts_j, distinct per group and with
+    unequal counts: ignoring p, or the counts, changes the answer."""
+    snap = _snap(n_per=UNEQUAL)
+    rng = np.random.default_rng(7)
+    ev_means = rng.normal(size=(4, snap.sums.shape[1])) * 2.0
+    ec = np.array([2.0, 9.0, 4.0, 1.0])
+    snap.eval_sums = ev_means * ec[:, None]
+    snap.extra["eval_counts"] = ec
+    p0 = np.array([0.55, 0.05, 0.1, 0.3])
+    s = build_strategy(_cfg(strategy="rnb", rnb_lambda=3.0), NAMES, p0)
+    s.observe(snap)
+    w = s.propose(10)
+    m = snap.sums / snap.counts[:, None]
+    expect, _ = rnb_balance(m, p0, 3.0, target=p0 @ ev_means)
+    np.testing.assert_allclose(w, expect, atol=1e-12)
+    ignore_p, _ = rnb_balance(m, p0, 3.0, target=ev_means.mean(0))
+    ignore_counts, _ = rnb_balance(m, p0, 3.0, target=p0 @ snap.eval_sums)
+    assert np.abs(ignore_p - expect).max() > 0.02 and np.abs(ignore_counts - expect).max() > 0.02
+
+
+def test_rnb_hand_computed():
+    # ḡ_1 = [1, 0], ḡ_2 = [1, 1], p = [1/2, 1/2], λ = 1:
+    # Σ p_j ḡ_j = [1, 1/2]; Gp = [1, 3/2]; ‖Gp‖ = √3.25 = 1.8027756; z = [0.5547002, 0.8320503]
+    # softmax(z) = [1 / (1 + e^(z2 - z1)), ...] with z2 - z1 = 0.2773501: [0.4311036, 0.5688964]
+    w, gp = rnb_balance(np.array([[1.0, 0.0], [1.0, 1.0]]), np.array([0.5, 0.5]), 1.0)
+    np.testing.assert_allclose(gp, [1.0, 1.5])
+    np.testing.assert_allclose(w, [0.4311036, 0.5688964], atol=1e-7)
+
+
+def test_rnb_is_the_paper_and_rnb_damped_is_named():
+    """rnb: no EMA and no floor by default, so a sharp update may go below 1%; rnb-damped applies EMA
+    0.5 and the 0.02 floor; explicit settings override either default."""
+    snap = _snap(n_per=UNEQUAL, sep=3.0)
+    p0 = np.full(4, 0.25)
+    paper = build_strategy(MixingConfig(strategy="rnb", rnb_lambda=30.0), NAMES, p0)
+    paper.observe(snap)
+    w = paper.propose(10)
+    m = snap.sums / snap.counts[:, None]
+    raw, _ = rnb_balance(m, p0, 30.0)
+    np.testing.assert_allclose(w, raw, atol=1e-12)
+    assert w.min() < 0.01 and (paper.ema, paper.min_weight) == (0.0, 0.0)
+    damped = build_strategy(MixingConfig(strategy="rnb-damped", rnb_lambda=30.0), NAMES, p0)
+    damped.observe(snap)
+    np.testing.assert_allclose(damped.propose(10), simplex.floor(0.5 * raw + 0.5 * p0, 0.02), atol=1e-12)
+    assert isinstance(damped, RnBStrategy) and damped.name == "rnb-damped"
+    explicit = build_strategy(MixingConfig(strategy="rnb-damped", ema=0.0, min_weight=0.0, rnb_lambda=30.0),
+                              NAMES, p0)
+    explicit.observe(snap)
+    np.testing.assert_allclose(explicit.propose(10), raw, atol=1e-12)
+    with pytest.raises(ConfigError, match="rnb-damped default"):
+        build_strategy(MixingConfig(strategy="rnb-damped"), [f"d{i}" for i in range(60)], np.full(60, 1 / 60))
+
+
+def test_strategy_names_in_config_match_the_registry():
+    from megamix.config import STRATEGY_NAMES
+    from megamix.strategies import STRATEGIES
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
+
+
+def test_merge_snapshots_adds_eval_counts_so_means_stay_means():
+    a, b = _snap(seed=1, n_per=UNEQUAL), _snap(seed=2, step=20, n_per=UNEQUAL)
+    k = a.sums.shape[1]
+    rng = np.random.default_rng(3)
+    a.eval_sums, b.eval_sums = rng.normal(size=(4, k)), rng.normal(size=(4, k))
+    a.extra["eval_counts"], b.extra["eval_counts"] = np.array([1.0, 2, 3, 4]), np.array([5.0, 1, 1, 2])
+    m = merge_snapshots(a, b)
+    np.testing.assert_allclose(m.extra["eval_counts"], [6, 3, 4, 6])
+    np.testing.assert_allclose(m.eval_sums, a.eval_sums + b.eval_sums)
+    # the strategy sees pooled eval means
+    s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
+    s.observe(a)
+    s.observe(b)
+    w = s.propose(20)
+    pooled = (a.eval_sums + b.eval_sums) / np.array([6.0, 3, 4, 6])[:, None]
+    expect, _ = rnb_balance(m.sums / m.counts[:, None], np.full(4, 0.25), 1.0, target=np.full(4, 0.25) @ pooled)
+    np.testing.assert_allclose(w, expect, atol=1e-12)
+    # a later round without an eval pass keeps the earlier eval statistics intact
+    c = _snap(seed=4, step=30, n_per=UNEQUAL)
+    mc = merge_snapshots(a, c)
+    np.testing.assert_allclose(mc.eval_sums, a.eval_sums)
+    np.testing.assert_allclose(mc.extra["eval_counts"], a.extra["eval_counts"])
+    # per-row extras follow the rows
+    assert m.extra["per_sample_loss"].shape[0] == m.per_sample.shape[0]
+    del b.extra["eval_counts"]
+    with pytest.raises(ValueError, match="eval_counts"):
+        merge_snapshots(a, b)

@@ -8,6 +8,10 @@ from pathlib import Path
 from megamix.commands.config import add_config_args, load_config
 
 
+
+def _or_default(v) -> str:
+    return "each strategy's default" if v is None else str(v)
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="Evaluation harness: train every mixture method x seed, write a report.")
     s = p.add_subparsers(dest="eval_cmd", metavar="SUBCOMMAND")
@@ -43,7 +47,7 @@ def _conditions(cfg, seeds) -> dict:
                   f"{t.steps * t.global_batch_size * m.seq_len:,} tokens per run",
         "seeds": ",".join(map(str, seeds)),
         "mixing": f"update every {cfg.mixing.update_every} steps, λ={cfg.mixing.rnb_lambda}, "
-                  f"min_weight={cfg.mixing.min_weight}, ema={cfg.mixing.ema}, "
+                  f"min_weight={_or_default(cfg.mixing.min_weight)}, ema={_or_default(cfg.mixing.ema)}, "
                   f"DoGraph objective={cfg.mixing.dograph_objective}",
         "projection": f"k1×k2 = {cfg.projection.k1}×{cfg.projection.k2} ({cfg.projection.kind})",
         "data": cfg.data.data_dir,

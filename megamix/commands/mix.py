@@ -41,7 +41,8 @@ def run(args) -> int:
         for line in describe_strategies():
             print("  " + line)
         print(f"DoGraph objectives (mixing.dograph_objective): {', '.join(OBJECTIVES)}")
-        print("Guards for every online strategy: mixing.min_weight, mixing.ema, mixing.min_count; "
+        print("Guards for every online strategy: mixing.min_weight, mixing.ema (null = the strategy's default: "
+              "rnb 0/0 as in the paper, rnb-damped 0.02/0.5, dograph 0.01/0), mixing.min_count; "
               "`megamix config --explain` documents every mixing.* field.")
     return 0
 

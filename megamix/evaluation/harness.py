@@ -43,7 +43,10 @@ def default_methods(prior: str | None = None, regrouped_dir: str | None = None) 
         Method("uniform", ["mixture.kind=uniform", "mixing.strategy=static"], "stratified (R&B's baseline)"),
         Method("temperature", ["mixture.kind=temperature", "mixture.temperature=3.0",
                                "mixing.strategy=static"], "tokens^(1/3)"),
-        Method("rnb", ["mixture.kind=uniform", "mixing.strategy=rnb"], "R&B Balance on original domains"),
+        Method("rnb", ["mixture.kind=uniform", "mixing.strategy=rnb"],
+               "R&B Balance on original domains, as in the paper (uniform start, no EMA, no floor)"),
+        Method("rnb-damped", ["mixture.kind=uniform", "mixing.strategy=rnb-damped"],
+               "R&B Balance with EMA 0.5 and a 0.02 floor"),
         Method("dograph", ["mixture.kind=uniform", "mixing.strategy=dograph"],
                "DoGraph (objective from the base config)"),
     ]

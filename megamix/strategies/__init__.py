@@ -1,4 +1,4 @@
-"""Online mixing strategies: static baselines, R&B Balance and DoGraph.
+"""Online mixing strategies: static baselines, R&B Balance (paper and damped) and DoGraph.
 
 ``build_strategy(cfg, domain_names, initial_weights, max_drift=None)`` returns the strategy named by
 ``cfg.strategy`` (a :class:`megamix.config.MixingConfig`). ``STRATEGIES`` lists them with a one-line
@@ -8,18 +8,21 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from megamix.configbase import ConfigError
 from megamix.strategies.base import MixingStrategy
 from megamix.strategies.baselines import StaticStrategy
 from megamix.strategies.dograph import DoGraphStrategy
-from megamix.strategies.rnb import RnBStrategy
+from megamix.strategies.rnb import RnBDampedStrategy, RnBStrategy
 
-__all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "DoGraphStrategy", "STRATEGIES",
+__all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "RnBDampedStrategy", "DoGraphStrategy", "STRATEGIES",
            "build_strategy", "describe_strategies"]
 
 #: name -> (class, description)
 STRATEGIES: dict[str, tuple[type[MixingStrategy], str]] = {
     "static": (StaticStrategy, "fixed weights (natural/uniform/temperature/explicit/file mixture)"),
-    "rnb": (RnBStrategy, "R&B Balance: p <- softmax(lambda * Gp/||Gp||) from the domain gradient Gram"),
+    "rnb": (RnBStrategy, "R&B Balance as in the paper: p <- softmax(lambda * Gp/||Gp||) from the domain "
+                         "gradient Gram; no EMA, no floor"),
+    "rnb-damped": (RnBDampedStrategy, "R&B Balance damped: EMA 0.5 and a 0.02 floor by default"),
     "dograph": (DoGraphStrategy, "DoGraph: k-means of per-sample gradients -> cluster weights by "
                                  "objective (variance|robust|alignment|uncertainty) -> domain weights"),
 }
@@ -27,7 +30,7 @@ STRATEGIES: dict[str, tuple[type[MixingStrategy], str]] = {
 
 def describe_strategies() -> list[str]:
     """One line per strategy: name and description."""
-    return [f"{name:8s} {desc}" for name, (_, desc) in STRATEGIES.items()]
+    return [f"{name:10s} {desc}" for name, (_, desc) in STRATEGIES.items()]
 
 
 def build_strategy(cfg, domain_names: Sequence[str], initial_weights, *,
@@ -41,8 +44,10 @@ def build_strategy(cfg, domain_names: Sequence[str], initial_weights, *,
     cfg.validate()
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown mixing strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
-    if cfg.strategy != "static" and len(domain_names) * cfg.min_weight > 1:
-        from megamix.configbase import ConfigError
-        raise ConfigError(f"mixing.min_weight={cfg.min_weight} is infeasible for {len(domain_names)} "
+    cls = STRATEGIES[cfg.strategy][0]
+    _, floor = cls.guards(cfg)
+    if cfg.strategy != "static" and len(domain_names) * floor > 1:
+        raise ConfigError(f"mixing.min_weight={floor} ({'set' if cfg.min_weight is not None else cfg.strategy + ' default'}) "
+                          f"is infeasible for {len(domain_names)} "
                           f"domains; use at most {1 / len(domain_names):.4g}")
-    return STRATEGIES[cfg.strategy][0](domain_names, initial_weights, cfg, max_drift=max_drift)
+    return cls(domain_names, initial_weights, cfg, max_drift=max_drift)

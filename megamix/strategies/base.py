@@ -16,8 +16,12 @@ applies the guards, in this order (the maths lives in :mod:`megamix.simplex`):
    e.g. ``Gp`` is zero or NaN) the previous weights are kept and the reason is logged in
    ``last_info["fallback"]``.
 3. **EMA**: ``p ← ema·p_old + (1-ema)·p_new``.
-4. **floor**: every weight is raised to ``cfg.min_weight``; the others are scaled down together,
+4. **floor**: every weight is raised to ``min_weight``; the others are scaled down together,
    so their ratios are kept.
+
+``ema`` and ``min_weight`` are ``cfg.ema`` / ``cfg.min_weight`` when set, else the strategy class's
+``default_ema`` / ``default_min_weight`` (:meth:`MixingStrategy.guards`): ``rnb`` follows the paper
+(0 and 0), ``rnb-damped`` is the damped variant (0.5 and 0.02).
 5. **drift bound** (only with ``max_drift``, e.g. ``meta.max_drift`` of a Domain2Vec prior): the
    Euclidean projection onto ``{x : prior - max_drift <= x <= prior + max_drift, Σx = 1}`` (clipped
    to [0, 1]) that keeps the floor as a lower bound wherever the box allows it
@@ -64,8 +68,14 @@ def keep_inactive(proposed: np.ndarray, previous: np.ndarray, active: np.ndarray
     return out
 
 
+#: ``snapshot.extra`` entries with one value per ``per_sample`` row
+PER_ROW_EXTRAS = ("per_sample_ids", "per_sample_loss")
+
+
 def merge_snapshots(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot:
-    """Combine two rounds (b later than a): counts and sums add, per-sample rows concatenate."""
+    """Combine two rounds (b later than a): counts and sums add, per-sample rows (and their
+    :data:`PER_ROW_EXTRAS`) concatenate, and the
+    held-out eval sums add together with their ``extra["eval_counts"]`` (so eval means stay means)."""
     if a.domain_names != b.domain_names:
         raise ValueError("cannot merge snapshots over different domains")
     counts = a.counts + b.counts
@@ -77,13 +87,23 @@ def merge_snapshots(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot:
     if a.per_sample is not None and b.per_sample is not None:
         per_sample = np.concatenate([a.per_sample, b.per_sample])
         per_dom = np.concatenate([a.per_sample_domain, b.per_sample_domain])
-    ev = None
-    if a.eval_sums is not None and b.eval_sums is not None:
-        ev = a.eval_sums + b.eval_sums
-    elif b.eval_sums is not None:
-        ev = b.eval_sums
     extra = dict(a.extra)
     extra.update(b.extra)
+    for key in PER_ROW_EXTRAS:  # one entry per per-sample row: concatenate with the rows
+        if key in a.extra or key in b.extra:
+            extra.pop(key)
+            if per_sample is not None and key in a.extra and key in b.extra:
+                extra[key] = np.concatenate([np.asarray(a.extra[key]), np.asarray(b.extra[key])])
+    ev = a.eval_sums if b.eval_sums is None else b.eval_sums
+    if a.eval_sums is not None and b.eval_sums is not None:
+        ev = a.eval_sums + b.eval_sums
+        ca, cb = a.extra.get("eval_counts"), b.extra.get("eval_counts")
+        if (ca is None) != (cb is None):
+            raise ValueError("cannot merge eval sums when only one snapshot has extra['eval_counts']")
+        if ca is not None:
+            extra["eval_counts"] = np.asarray(ca, np.float64) + np.asarray(cb, np.float64)
+    elif a.eval_sums is not None and "eval_counts" in a.extra:
+        extra["eval_counts"] = a.extra["eval_counts"]  # b had no eval pass: keep a's means intact
     return StatsSnapshot(step=b.step, domain_names=list(b.domain_names), counts=counts, sums=sums,
                          gram=sums @ sums.T, domain_loss=loss, per_sample=per_sample,
                          per_sample_domain=per_dom, eval_sums=ev, extra=extra)
@@ -133,6 +153,9 @@ class MixingStrategy:
     """
 
     name: str = "base"
+    #: EMA and floor used when ``cfg.ema`` / ``cfg.min_weight`` are None (null in YAML)
+    default_ema: float = 0.0
+    default_min_weight: float = 0.01
     #: whether the strategy needs ``snapshot.per_sample`` (DomainStats(keep_per_sample=True))
     needs_per_sample: bool = False
 
@@ -150,9 +173,17 @@ class MixingStrategy:
         self.weights = w
         self.initial_weights = w.copy()
         self.max_drift = simplex.check_max_drift(max_drift)
+        self.ema, self.min_weight = self.guards(cfg)
         self.rounds = 0
         self.last_info: dict = {}
         self._pending: StatsSnapshot | None = None
+
+    @classmethod
+    def guards(cls, cfg) -> tuple[float, float]:
+        """``(ema, min_weight)`` this strategy applies under ``cfg`` (its defaults where cfg says None)."""
+        ema = cls.default_ema if cfg.ema is None else float(cfg.ema)
+        floor = cls.default_min_weight if cfg.min_weight is None else float(cfg.min_weight)
+        return ema, floor
 
     # ------------------------------------------------------------------ interface
     def observe(self, snap: StatsSnapshot) -> None:
@@ -195,10 +226,10 @@ class MixingStrategy:
                 info["kept_previous"] = [n for n, a in zip(self.domain_names, active) if not a]
                 new = keep_inactive(proposed, prev, active)
                 info["raw"] = new.tolist()
-                new = simplex.ema(new, prev, self.cfg.ema)
-        new = simplex.floor(new, self.cfg.min_weight)
+                new = simplex.ema(new, prev, self.ema)
+        new = simplex.floor(new, self.min_weight)
         if self.max_drift is not None:
-            new = simplex.bound_drift(new, self.initial_weights, self.max_drift, self.cfg.min_weight)
+            new = simplex.bound_drift(new, self.initial_weights, self.max_drift, self.min_weight)
         if simplex.unchanged(new, prev):
             new = prev
         self.weights = new

@@ -11,11 +11,17 @@ eval groups as domains they are taken to be the same groups (weighted by p, as i
 otherwise the eval groups are weighted uniformly. Eval means use ``snapshot.extra["eval_counts"]``
 when given (else the sums are used as they are).
 
-Guards the paper lacks (see :mod:`megamix.strategies.base`): domains with fewer than ``cfg.min_count``
-samples (their ``ḡ_i`` is 0/0, the paper's NaN) keep their previous weight and are left out of ``Gp``;
-eval groups without points are dropped from the target; a zero or non-finite ``Gp`` keeps the previous
-weights and records why; then EMA (``cfg.ema``), the floor (``cfg.min_weight``) and, with a
-prior's ``max_drift``, the drift bound.
+Two strategies share this update:
+
+- ``rnb`` follows the paper: no EMA and no floor unless the config sets ``mixing.ema`` /
+  ``mixing.min_weight``. The paper starts from uniform weights (``mixture.kind=uniform``).
+- ``rnb-damped`` is megamix's damped variant: EMA 0.5 and a 0.02 floor by default. It trades the
+  paper's fast moves for stability when rounds are short and the statistics noisy.
+
+Guards the paper lacks, applied by both (see :mod:`megamix.strategies.base`): domains with fewer than
+``cfg.min_count`` samples (their ``ḡ_i`` is 0/0, the paper's NaN) keep their previous weight and are
+left out of ``Gp``; eval groups without points are dropped from the target; a zero or non-finite ``Gp``
+keeps the previous weights and records why; with a prior's ``max_drift``, the drift bound.
 
 Options: ``cfg.rnb_lambda`` (λ), ``cfg.rnb_normalize`` (divide by ‖Gp‖), ``cfg.rnb_use_eval``.
 """
@@ -27,7 +33,7 @@ from megamix.simplex import softmax
 from megamix.snapshot import StatsSnapshot
 from megamix.strategies.base import MixingStrategy
 
-__all__ = ["RnBStrategy", "rnb_balance"]
+__all__ = ["RnBStrategy", "RnBDampedStrategy", "rnb_balance"]
 
 
 def rnb_balance(means: np.ndarray, p: np.ndarray, lam: float, normalize: bool = True,
@@ -37,7 +43,7 @@ def rnb_balance(means: np.ndarray, p: np.ndarray, lam: float, normalize: bool = 
     Args:
         means: ``[D, k]`` mean gradient per domain.
         p: ``[D]`` current weights (the ``p`` in ``G p``).
-        lam: λ; larger is sharper.
+        lam: λ, a multiplier of the normalised ``Gp`` (an inverse temperature): larger is sharper.
         normalize: divide ``G p`` by its norm (paper default).
         target: optional ``[k]`` vector replacing ``Σ_j p_j ḡ_j`` (the eval variant).
 
@@ -58,9 +64,12 @@ def rnb_balance(means: np.ndarray, p: np.ndarray, lam: float, normalize: bool = 
 
 
 class RnBStrategy(MixingStrategy):
-    """R&B Balance over the loader's domains (use ``megamix regroup`` first for the Regroup stage)."""
+    """R&B Balance over the loader's domains, as the paper runs it: no EMA, no floor (use
+    ``megamix regroup`` first for the Regroup stage)."""
 
     name = "rnb"
+    default_ema = 0.0
+    default_min_weight = 0.0
 
     def _raw_update(self, snap: StatsSnapshot, info: dict):
         d = len(self.domain_names)
@@ -124,3 +133,11 @@ class RnBStrategy(MixingStrategy):
             q = ok.astype(np.float64)
         info["target"] = "eval"
         return (q / q.sum()) @ ev_means
+
+
+class RnBDampedStrategy(RnBStrategy):
+    """R&B Balance with damping: EMA 0.5 and a 0.02 floor unless the config sets them."""
+
+    name = "rnb-damped"
+    default_ema = 0.5
+    default_min_weight = 0.02
