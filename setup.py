@@ -13,7 +13,10 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megamix", "megamix.*", "kernels", "kernels.*"]),
+    # kernels/ stays at the top of the repository but installs as megamix.kernels: a top-level `kernels`
+    # package would shadow Hugging Face's `kernels` (transformers.utils.is_kernels_available).
+    packages=find_packages(include=["megamix", "megamix.*"]) + ["megamix.kernels", "megamix.kernels.bench"],
+    package_dir={"megamix.kernels": "kernels"},
     install_requires=core,
     extras_require={
         "triton": ["triton>=3.6,<3.9"],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import HAS_TRITON, interpreting, next_pow2, resolve_backend, tl, triton
+from megamix.kernels.utils import HAS_TRITON, interpreting, next_pow2, resolve_backend, tl, triton
 
 
 # ----------------------------------------------------------------------------------------------

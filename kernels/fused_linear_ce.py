@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.projection import Projection
-from kernels.utils import (HAS_TRITON, all_reduce_, cdiv, group_size, interpreting, next_pow2, resolve_backend,
+from megamix.kernels.projection import Projection
+from megamix.kernels.utils import (HAS_TRITON, all_reduce_, cdiv, group_size, interpreting, next_pow2, resolve_backend,
                            tl, triton)
 
 REDUCTIONS = ("mean", "sum")
@@ -617,7 +617,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         weight: ``[V, d]`` LM-head weight.
         labels: ``[N]`` integer targets; ``ignore_index`` entries contribute nothing.
         reduction: ``"mean"`` (over non-ignored tokens; NaN if there are none) or ``"sum"``.
-        projection: a :class:`~kernels.projection.Projection` with ``P1 [k1,V]``, ``P2 [k2,d]`` to also
+        projection: a :class:`~megamix.kernels.projection.Projection` with ``P1 [k1,V]``, ``P2 [k2,d]`` to also
             emit ``u = P1 δ`` and ``w = P2 a``; None disables it.
         chunk_tokens: tokens per chunk (peak extra memory ≈ chunk_tokens × V logits).
         backend: ``"auto"`` (triton on CUDA, else torch), ``"torch"`` or ``"triton"``.

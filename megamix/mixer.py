@@ -107,7 +107,7 @@ class Mixer:
     def projection_for(self, V: int, d: int, device=None, dtype=torch.float32):
         """The run's projection for an LM head of shape (V, d), drawn once from ``projection.seed``
         (identical on every rank); every path (fused, capture, held-out gradients) uses it."""
-        from kernels.projection import make_projection
+        from megamix.kernels.projection import make_projection
         p = self.cfg.projection
         if self.projection is None or self.projection.V != V or self.projection.d != d:
             self.projection = make_projection(V, d, p.k1, p.k2, seed=p.seed, kind=p.kind,
@@ -137,7 +137,7 @@ class Mixer:
         Returns the scalar loss (differentiable w.r.t. hidden and weight); the full ``[b·T, V]`` logits
         never exist.
         """
-        from kernels.fused_linear_ce import fused_linear_cross_entropy
+        from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy
 
         b, T, d = hidden.shape
         labels = labels.to(hidden.device)
@@ -183,7 +183,7 @@ class Mixer:
         ``u [b·T, k1]``, ``w [b·T, k2]``, ``token_loss [b·T]`` in batch-first token order for ``labels [b, T]``.
         ``scale`` turns the kernel's δ scaling into each sample's share of the applied gradient (default: the
         mean over micro-steps and data-parallel ranks of this run's batch geometry)."""
-        from kernels.domain_gram import per_sample_grads
+        from megamix.kernels.domain_gram import per_sample_grads
 
         b, T = labels.shape
         valid = (labels != -100)
@@ -205,8 +205,8 @@ class Mixer:
         once after all hidden states are computed. Every rank computes the same deterministic batches, so
         no communication is needed.
         """
-        from kernels.domain_gram import per_sample_grads
-        from kernels.fused_linear_ce import fused_linear_cross_entropy
+        from megamix.kernels.domain_gram import per_sample_grads
+        from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy
         from megamix.loader import eval_batches
 
         n = self.cfg.mixing.eval_grad_batches

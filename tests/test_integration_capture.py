@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.projection import Projection, project_u, project_w
-from kernels.testing import assert_close
+from megamix.kernels.projection import Projection, project_u, project_w
+from megamix.kernels.testing import assert_close
 from megamix.integrations.hook import LMHeadGradCapture, find_lm_head
 
 V, D, K1, K2 = 97, 24, 5, 3

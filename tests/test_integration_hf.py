@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from kernels.testing import assert_close
+from megamix.kernels.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 

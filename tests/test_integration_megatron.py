@@ -20,12 +20,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.domain_gram import per_sample_grads
-from kernels.fused_linear_ce import (ce_delta_torch, ce_delta_triton, ce_shard_delta_torch, ce_shard_delta_triton,
+from megamix.kernels.domain_gram import per_sample_grads
+from megamix.kernels.fused_linear_ce import (ce_delta_torch, ce_delta_triton, ce_shard_delta_torch, ce_shard_delta_triton,
                                      ce_shard_stats_torch, ce_shard_stats_triton, fused_linear_cross_entropy,
                                      vocab_parallel_cross_entropy_ref, vocab_parallel_fused_linear_cross_entropy)
-from kernels.projection import make_projection
-from kernels.testing import assert_close
+from megamix.kernels.projection import make_projection
+from megamix.kernels.testing import assert_close
 from megamix.integrations.hook import LMHeadGradCapture
 from megamix.integrations.megatron import (attach_megatron, vocab_parallel_capture, vocab_parallel_lm_head_loss,
                                            vocab_range)

@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from kernels.bench.args import build_parser
-from kernels.bench.bench_fused_lce import _cpu_projection_case, bench_shape, write_results
+from megamix.kernels.bench.args import build_parser
+from megamix.kernels.bench.bench_fused_lce import _cpu_projection_case, bench_shape, write_results
 
 
 def test_bench_shape_cpu_smoke(tmp_path):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels.domain_gram import (domain_stats, domain_stats_ref, fused_domain_stats, per_sample_grads,
+from megamix.kernels.domain_gram import (domain_stats, domain_stats_ref, fused_domain_stats, per_sample_grads,
                                  per_sample_grads_ref)
-from kernels.testing import assert_close
+from megamix.kernels.testing import assert_close
 
 # On a GPU machine the same tests run on CUDA (real Triton); on CPU under the interpreter.
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

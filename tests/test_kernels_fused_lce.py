@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from kernels.domain_gram import per_sample_grads
-from kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
-from kernels.projection import make_projection
-from kernels.testing import assert_close
+from megamix.kernels.domain_gram import per_sample_grads
+from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from megamix.kernels.projection import make_projection
+from megamix.kernels.testing import assert_close
 
 # On a GPU machine the same tests run on CUDA (real Triton); on CPU under the interpreter.
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +145,7 @@ def test_fused_lce_rejects_bad_input(kwargs, exc):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocab_padding_path_matches(backend, monkeypatch):
     """The CUDA-only zero-padding of W to a multiple of 16 rows (aligned GEMMs) changes nothing."""
-    import kernels.fused_linear_ce as flce
+    import megamix.kernels.fused_linear_ce as flce
     h, W, y = _data(30, 12, 101, seed=7)
     P = make_projection(101, 12, 8, 4, seed=1, device=DEV)
     res = []

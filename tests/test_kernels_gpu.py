@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from kernels.domain_gram import fused_domain_stats, per_sample_grads, per_sample_grads_ref
-from kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
-from kernels.projection import make_projection
-from kernels.testing import assert_close
+from megamix.kernels.domain_gram import fused_domain_stats, per_sample_grads, per_sample_grads_ref
+from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from megamix.kernels.projection import make_projection
+from megamix.kernels.testing import assert_close
 
 pytestmark = pytest.mark.gpu
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}

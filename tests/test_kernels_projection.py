@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from kernels.projection import make_projection
-from kernels.testing import MC_SIGMAS
+from megamix.kernels.projection import make_projection
+from megamix.kernels.testing import MC_SIGMAS
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -79,8 +79,8 @@ def test_second_stage_preserves_norm_in_expectation():
 def test_project_u_and_w_low_precision_operands(kind):
     """u = δ P1ᵀ over chunks: fp32 δ is exact to the reference; bf16/fp16 δ is multiplied without an fp32
     copy (bf16/fp16 operands, fp32 result) and stays within the bf16 tolerance."""
-    from kernels.projection import project_u, project_w
-    from kernels.testing import assert_close
+    from megamix.kernels.projection import project_u, project_w
+    from megamix.kernels.testing import assert_close
 
     torch.manual_seed(0)
     proj = make_projection(300, 24, 16, 8, seed=3, kind=kind)

@@ -249,7 +249,7 @@ def megatron_runs(tiny_store, tmp_path_factory):
 
 
 def test_gpt_model_attach_detects_seq_first_and_rows_are_exact(megatron_runs):
-    from kernels.testing import assert_close
+    from megamix.kernels.testing import assert_close
     for rank, res in enumerate(megatron_runs):
         r = res["tp1"]
         assert r["seq_first"] and r["is_output_layer"]
@@ -258,7 +258,7 @@ def test_gpt_model_attach_detects_seq_first_and_rows_are_exact(megatron_runs):
 
 
 def test_gpt_model_tp2_fused_fork_equals_megatron_loss_and_capture(megatron_runs):
-    from kernels.testing import assert_close
+    from megamix.kernels.testing import assert_close
     for rank, res in enumerate(megatron_runs):
         cap, fused = res["tp2"]["capture"], res["tp2"]["fused"]
         assert cap["seq_first"]

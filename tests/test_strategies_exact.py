@@ -18,7 +18,7 @@ from megamix.strategies import build_strategy
 from megamix.strategies.exact import exact_lm_head_grads, snapshot_from_per_sample
 
 try:
-    from kernels.projection import make_projection
+    from megamix.kernels.projection import make_projection
 except ImportError:  # pragma: no cover - kernels/ is part of this repository
     make_projection = None
 

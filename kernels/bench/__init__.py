@@ -1,1 +1,1 @@
-"""Microbenchmarks for the megamix kernels (``python -m kernels.bench.bench_fused_lce --help``)."""
+"""Microbenchmarks for the megamix kernels (``python -m megamix.kernels.bench.bench_fused_lce --help``)."""

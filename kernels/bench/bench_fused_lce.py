@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.bench.args import build_parser
-from kernels.domain_gram import per_sample_grads
-from kernels.fused_linear_ce import ce_delta_torch, ce_delta_triton, fused_linear_cross_entropy
-from kernels.projection import make_projection
+from megamix.kernels.bench.args import build_parser
+from megamix.kernels.domain_gram import per_sample_grads
+from megamix.kernels.fused_linear_ce import ce_delta_torch, ce_delta_triton, fused_linear_cross_entropy
+from megamix.kernels.projection import make_projection
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def cpu_projection_ratio(ks=((64, 64), (32, 32))) -> list[dict]:
     for k1, k2 in ks:
         out = {}
         for m in ("factored", "materialise"):
-            r = subprocess.run([sys.executable, "-m", "kernels.bench.bench_fused_lce", "--_cpu-case",
+            r = subprocess.run([sys.executable, "-m", "megamix.kernels.bench.bench_fused_lce", "--_cpu-case",
                                 f"{m}:{k1}:{k2}"], capture_output=True, text=True, check=True)
             out[m] = json.loads(r.stdout.strip().splitlines()[-1])
         f, m = out["factored"], out["materialise"]

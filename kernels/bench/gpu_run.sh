@@ -24,7 +24,7 @@ timeout "$TEST_BUDGET" python3 -m pytest tests/test_kernels_*.py tests/test_stat
   2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 echo "== bench (new shapes start only within ${BENCH_BUDGET}s)"
 SHAPES=${SHAPES:-128256:4096:16384,32000:768:16384,50257:768:16384,128256:2048:16384,151936:4096:16384,151936:2048:16384,50257:2048:16384,32000:4096:16384,128256:4096:32768,32000:2048:16384,50257:4096:16384,128256:768:16384,151936:768:16384}
-timeout $((BENCH_BUDGET + 150)) python3 -m kernels.bench.bench_fused_lce --shapes "$SHAPES" --k 32x32,64x64,128x64 \
+timeout $((BENCH_BUDGET + 150)) python3 -m megamix.kernels.bench.bench_fused_lce --shapes "$SHAPES" --k 32x32,64x64,128x64 \
   --methods fused+proj,fused,eager+proj,liger,cce --chunk "${CHUNK:-8192}" --iters "${ITERS:-7}" --warmup 2 \
   ${SWEEP---sweep-ce} --time-budget "$BENCH_BUDGET" --out-dir "$OUT" --tag bench_gpu 2>&1 | tee "$OUT/bench_gpu.log" | tail -60
 echo "== done $(date -u)"

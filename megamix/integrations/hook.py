@@ -9,9 +9,9 @@ How the capture works, for an LM head ``z = a Wᵀ`` with input ``a [B,T,d]`` an
 1. A forward hook on the LM-head module stores ``a`` (detached) and registers a tensor hook on ``z``.
 2. In the ordinary backward pass that tensor hook receives ``dL/dz = δ`` ``[B,T,V]``. It already holds
    the loss's own scaling, the gradient-accumulation scaling and zeros on ignored tokens.
-3. ``u = δ P1ᵀ`` (:func:`kernels.projection.project_u`: chunks of ``chunk_tokens`` rows, bf16/fp16
+3. ``u = δ P1ᵀ`` (:func:`megamix.kernels.projection.project_u`: chunks of ``chunk_tokens`` rows, bf16/fp16
    operands with fp32 accumulation when δ is bf16/fp16) and ``w = a P2ᵀ``; the per-sample reduction
-   ``g_i = Σ_t u_t w_tᵀ`` is :func:`kernels.domain_gram.per_sample_grads` (Triton on CUDA), and the
+   ``g_i = Σ_t u_t w_tᵀ`` is :func:`megamix.kernels.domain_gram.per_sample_grads` (Triton on CUDA), and the
    projection's optional dense second stage (``projection.k``) is applied by ``projection.finalize``.
 4. ``g [B, k]`` (fp32) and the context bound at forward time go to a callback.
 
@@ -33,8 +33,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kernels.domain_gram import per_sample_grads
-from kernels.projection import Projection, project_u, project_w
+from megamix.kernels.domain_gram import per_sample_grads
+from megamix.kernels.projection import Projection, project_u, project_w
 
 _ATTR = "_megamix_grad_capture"
 _ATTACH_ATTR = "_megamix_hook"
@@ -50,7 +50,7 @@ class LMHeadGradCapture:
             input must be the hidden states and its output the logits (or a tuple whose first element is
             the logits, as Megatron's ``ColumnParallelLinear`` returns). None: no module hook; feed the
             capture with :meth:`tap` instead (functional heads such as ``parallel_lm_logits``).
-        projection: a :class:`kernels.projection.Projection` (``P1 [k1, V]``, ``P2 [k2, d]``, optional
+        projection: a :class:`megamix.kernels.projection.Projection` (``P1 [k1, V]``, ``P2 [k2, d]``, optional
             second stage).
         callback: ``callback(g, context)`` with ``g [B, projection.k]`` fp32 (detached) and the context
             set with :meth:`set_context` when the forward ran. A one-argument callback gets ``g`` only.
@@ -72,7 +72,7 @@ class LMHeadGradCapture:
         if not callable(callback):
             raise TypeError("callback must be callable as callback(g, context)")
         if not isinstance(projection, Projection):
-            raise TypeError("projection must be a kernels.projection.Projection (make_projection(...) or "
+            raise TypeError("projection must be a megamix.kernels.projection.Projection (make_projection(...) or "
                             f"Projection(P1, P2, kind=...)), got {type(projection).__name__}")
         if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
             raise ValueError(f"chunk_tokens must be a positive int (got {chunk_tokens!r})")

@@ -8,7 +8,7 @@ logits shard ``[s, b, V/tp]``. There are two ways to feed a :class:`~megamix.mix
   with TP, :func:`vocab_parallel_capture`: the hook reads ``δ_r = dL/dz_r`` from Megatron's own
   ``vocab_parallel_cross_entropy`` backward, and ``u = Σ_r δ_r P1[:, s_r:e_r]ᵀ`` is all-reduced over TP.
 - **fused** (megamix owns the loss): :func:`vocab_parallel_lm_head_loss` replaces ``output_layer`` +
-  ``vocab_parallel_cross_entropy`` by :func:`kernels.fused_linear_ce.vocab_parallel_fused_linear_cross_entropy`
+  ``vocab_parallel_cross_entropy`` by :func:`megamix.kernels.fused_linear_ce.vocab_parallel_fused_linear_cross_entropy`
   (no ``[s, b, V/tp]`` logits are kept) and records the statistics.
 
 Either way ``g_i = Σ_t u_t w_tᵀ`` (then ``projection.finalize``) is the full, unsharded projected
@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.fused_linear_ce import vocab_parallel_fused_linear_cross_entropy
-from kernels.projection import Projection
-from kernels.utils import all_reduce_, group_size
+from megamix.kernels.fused_linear_ce import vocab_parallel_fused_linear_cross_entropy
+from megamix.kernels.projection import Projection
+from megamix.kernels.utils import all_reduce_, group_size
 from megamix.integrations.hook import GradCallback, LMHeadGradCapture, MixerHook, attach, find_lm_head
 
 
@@ -188,7 +188,7 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
         domain_ids, sample_ids: ``[b]``; ``domain_ids`` is required when statistics are recorded.
         vocab_start, vocab_end: this rank's shard of the padded vocabulary (:func:`vocab_range`).
         tp_group: the tensor-parallel process group (None = default group; one rank = no TP).
-        reduce_dx: see :func:`~kernels.fused_linear_ce.vocab_parallel_fused_linear_cross_entropy`; True
+        reduce_dx: see :func:`~megamix.kernels.fused_linear_ce.vocab_parallel_fused_linear_cross_entropy`; True
             (default) gives ``hidden`` the full gradient, right when ``hidden`` is the final layer norm's
             output as is. False leaves this rank's partial gradient for a caller whose own op sums it (e.g.
             the hidden states went through ``gather_from_sequence_parallel_region``).
