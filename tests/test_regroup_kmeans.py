@@ -1,12 +1,19 @@
-"""Regroup building blocks without the embedding model: memmap streaming, the k sweep, the writers
-and input validation (a fake corpus of synthetic text)."""
+"""Regroup building blocks without the embedding model: memmap streaming, the k sweep, the writers,
+every document kept, resume after a crash, 2 gloo ranks == 1 rank, and input validation (a fake corpus
+of synthetic text)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megamix.regroup import collect_refs, fit_minibatch_kmeans, predict_memmap, regroup, sweep_k
-from megamix.regroup.core import embed_to_memmap, iter_texts
+from megamix.regroup.core import embed_to_memmap, fit_sample_rows, iter_texts, nearest_centroid, shard_rows
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _blobs(n_per=40, k=3, dim=16, seed=0):
@@ -71,19 +78,114 @@ def _fake_corpus(root, per=12):
                                  for i in range(n)))
 
 
-def test_collect_refs_quota_and_stream(tmp_path):
+def test_collect_refs_keeps_every_document_and_streams(tmp_path):
     _fake_corpus(tmp_path)
-    refs = collect_refs(tmp_path, max_docs=10)
-    train = [r for r in refs if r.split == "train"]
-    assert len(train) == 10
-    assert sorted({r.domain for r in train}) == ["alpha", "mike", "zulu"]
+    refs = collect_refs(tmp_path)
+    assert len(refs) == 3 * (12 + 3)
+    assert sorted({r.domain for r in refs}) == ["alpha", "mike", "zulu"]
     rows = list(iter_texts(tmp_path, refs))
     assert [r for r, _ in rows] == refs
     assert rows[0][1]["source"] == "alpha-0"
+    sample = fit_sample_rows(refs, 10, seed=0)
+    assert len(sample) == 10 and all(refs[i].split == "train" for i in sample)
+    np.testing.assert_array_equal(sample, fit_sample_rows(refs, 10, seed=0))
+    assert len(fit_sample_rows(refs, 10_000, seed=0)) == 36  # all train documents
     with pytest.raises(FileNotFoundError):
         collect_refs(tmp_path, domains=["nope"])
     with pytest.raises(ValueError):
         embed_to_memmap(iter([]), 0, _FakeEmbedder(), tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("n,batch,world", [(45, 4, 2), (45, 4, 3), (7, 8, 2), (100, 10, 4), (3, 1, 5)])
+def test_shards_are_whole_global_batches_covering_every_row(n, batch, world):
+    spans = [shard_rows(n, batch, r, world) for r in range(world)]
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    for (lo, hi), (lo2, _) in zip(spans, spans[1:]):
+        assert hi == lo2 and lo % batch == 0 and lo <= hi
+
+
+def test_nearest_centroid_matches_brute_force():
+    rng = np.random.default_rng(0)
+    x, c = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
+    brute = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(nearest_centroid(x, c), brute)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashingEmbedder(_FakeEmbedder):
+    """Fails after ``ok_batches`` encode calls; counts the texts it embedded."""
+
+    def __init__(self, ok_batches=None):
+        self.ok_batches, self.calls, self.texts = ok_batches, 0, 0
+
+    def encode(self, texts, batch_size=32, progress=False):
+        if self.ok_batches is not None and self.calls >= self.ok_batches:
+            raise _Crash("killed")
+        self.calls += 1
+        self.texts += len(texts)
+        return super().encode(texts, batch_size, progress)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_fit_on_a_sample_assigns_every_document_and_resumes_after_a_crash(tmp_path):
+    _fake_corpus(tmp_path / "data", per=30)
+    kw = dict(tokenize=False, plot=False, progress=False, kmeans_batch=8, embed_batch=4, fit_docs=20)
+    ref = regroup(tmp_path / "data", tmp_path / "ref", [2, 3, 4], embedder=_FakeEmbedder(), **kw)
+    assert ref["fit_documents"] == 20 and ref["documents"] == 3 * 33
+    assert sum(ref["cluster_docs"].values()) == 99  # every document, not only the fitted sample
+    assert len((tmp_path / "ref" / "regroup" / "mapping.jsonl").read_text().splitlines()) == 99
+    assert ref["best_k"] == 3
+    # a crash after 5 embedding batches, then the same command again: it resumes from row 20
+    crash = _CrashingEmbedder(ok_batches=5)
+    with pytest.raises(_Crash):
+        regroup(tmp_path / "data", tmp_path / "out", [2, 3, 4], embedder=crash, **kw)
+    again = _CrashingEmbedder()
+    rep = regroup(tmp_path / "data", tmp_path / "out", [2, 3, 4], embedder=again, **kw)
+    assert crash.texts == 20 and again.texts == 99 - 20
+    for name in ("mapping.jsonl", "centroids.npy"):
+        assert (tmp_path / "out" / "regroup" / name).read_bytes() == (tmp_path / "ref" / "regroup" / name).read_bytes()
+    assert rep["per_k"] == ref["per_k"]
+    # finished: refused without --overwrite; different arguments: refused, naming them
+    with pytest.raises(FileExistsError, match="overwrite"):
+        regroup(tmp_path / "data", tmp_path / "out", [3], embedder=_FakeEmbedder(), **kw)
+    (tmp_path / "part").mkdir()
+    with pytest.raises(_Crash):
+        regroup(tmp_path / "data", tmp_path / "part", [3], embedder=_CrashingEmbedder(1), **kw)
+    with pytest.raises(FileExistsError, match="embed_batch"):
+        regroup(tmp_path / "data", tmp_path / "part", [3], embedder=_FakeEmbedder(),
+                **{**kw, "embed_batch": 8})
+
+
+def _cli_regroup(out, data, nproc):
+    cmd = ["regroup", "--data-dir", str(data), "--out-dir", str(out), "--k", "2,3,4", "--embedder", "hashing",
+           "--embed-batch", "4", "--kmeans-batch", "8", "--fit-docs", "40", "--no-progress", "--no-tokenize"]
+    if nproc == 1:
+        argv = [sys.executable, "-m", "megamix"] + cmd
+    else:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(29500 + os.getpid() % 2000), "-m", "megamix"] + cmd
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_two_gloo_ranks_give_exactly_what_one_rank_gives(tmp_path):
+    _fake_corpus(tmp_path / "data", per=30)
+    _cli_regroup(tmp_path / "one", tmp_path / "data", 1)
+    r2 = _cli_regroup(tmp_path / "two", tmp_path / "data", 2)
+    assert "best k" in r2.stdout
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in (two / "regroup" / "shards").glob("*.npy")) == [
+        "rank00000-of-00002.npy", "rank00001-of-00002.npy"]
+    for rel in ["regroup/mapping.jsonl", "regroup/centroids.npy", "corpus/stats.json"] + [
+            str(p.relative_to(one)) for p in sorted((one / "corpus").glob("*/*.jsonl"))]:
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+    rep1, rep2 = (json.loads((d / "regroup" / "report.json").read_text()) for d in (one, two))
+    assert rep1["per_k"] == rep2["per_k"] and rep2["world_size"] == 2 and rep2["documents"] == 99
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

@@ -44,4 +44,5 @@ def test_regroup_cli_minilm(tiny_data, tmp_path, capsys):
     png = out / "regroup" / "regroup.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert len((out / "regroup" / "mapping.jsonl").read_text().splitlines()) == rep["documents"]
-    assert np.load(out / "regroup" / "embeddings.npy", mmap_mode="r").shape == (rep["documents"], 384)
+    shard = out / "regroup" / "shards" / "rank00000-of-00001.npy"
+    assert np.load(shard, mmap_mode="r").shape == (rep["documents"], 384)

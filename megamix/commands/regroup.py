@@ -1,9 +1,16 @@
 """`megamix regroup`: R&B Regroup, i.e. embedding k-means with a silhouette k sweep; clusters become
-the domains ``cluster_00..`` of a new data directory (corpus + token store)."""
+the domains ``cluster_00..`` of a new data directory (corpus + token store). Every document is kept.
+
+Runs on one process, or sharded over ranks under torchrun / the deepspeed launcher / SLURM
+(``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` from the launcher; a gloo group is created here)."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+
+from megamix.commands.train import _dist_env
+from megamix.configbase import ConfigError
 
 
 def _ks(text: str) -> list[int]:
@@ -25,8 +32,10 @@ def register(sub) -> None:
     p.add_argument("--data-dir", default="data", help="Source data dir (with corpus/).")
     p.add_argument("--out-dir", required=True, help="New data dir for the regrouped corpus.")
     p.add_argument("--k", default="4,6,8", help="Candidate cluster counts, e.g. 4,6,8.")
-    p.add_argument("--max-docs", type=int, default=None,
-                   help="Cap on train documents (split evenly across domains).")
+    p.add_argument("--fit-docs", type=int, default=20000,
+                   help="Fit k-means and score k on a seeded sample of at most this many training documents; "
+                        "every document is then assigned to its nearest centroid.")
+    p.add_argument("--max-docs", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--domains", default=None, help="Comma-separated source domains (default: all).")
     p.add_argument("--embedder", default="minilm", help="Embedding backend (megamix.embed), e.g. minilm, hashing.")
     p.add_argument("--max-tokens", type=int, default=128, help="Truncate documents to this many tokens.")
@@ -45,19 +54,46 @@ def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.max_docs is not None:
+        raise ConfigError("--max-docs was removed: regroup now keeps every document; use --fit-docs N to "
+                          "fit k-means on a sample of N documents")
+    for flag, v in (("--fit-docs", args.fit_docs), ("--embed-batch", args.embed_batch),
+                    ("--kmeans-batch", args.kmeans_batch), ("--epochs", args.epochs),
+                    ("--silhouette-sample", args.silhouette_sample), ("--max-tokens", args.max_tokens)):
+        if v < 1 or (flag == "--fit-docs" and v < 2):
+            raise ConfigError(f"{flag} must be >= {2 if flag == '--fit-docs' else 1} (got {v})")
     from megamix.regroup import regroup
 
+    rank, world = _dist_env()
+    group = None
+    if world > 1:
+        import torch.distributed as dist
+        if not os.environ.get("MASTER_ADDR"):
+            raise ConfigError(f"WORLD_SIZE={world} but MASTER_ADDR is not set; launch with torchrun, the "
+                              "deepspeed launcher or launch/slurm.sbatch, which set it")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=rank, world_size=world)
     doms = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    rep = regroup(args.data_dir, args.out_dir, _ks(args.k), embedder=args.embedder,
-                  max_tokens=args.max_tokens, max_docs=args.max_docs, domains=doms, seed=args.seed,
-                  embed_batch=args.embed_batch, kmeans_batch=args.kmeans_batch, epochs=args.epochs,
-                  silhouette_sample=args.silhouette_sample, tokenize=not args.no_tokenize,
-                  overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        rep = regroup(args.data_dir, args.out_dir, _ks(args.k), embedder=args.embedder,
+                      max_tokens=args.max_tokens, fit_docs=args.fit_docs, domains=doms, seed=args.seed,
+                      embed_batch=args.embed_batch, kmeans_batch=args.kmeans_batch, epochs=args.epochs,
+                      silhouette_sample=args.silhouette_sample, tokenize=not args.no_tokenize,
+                      overwrite=args.overwrite, progress=not args.no_progress, rank=rank, world_size=world,
+                      group=group)
+    except (FileExistsError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank:
+        return 0
     print("k  silhouette")
     for k in rep["ks"]:
         v = rep["per_k"][str(k)]
         print(f"{k:<3d}{v['silhouette']:.4f}" if "silhouette" in v else f"{k:<3d}skipped: {v['skipped']}")
-    print(f"best k = {rep['best_k']}: {rep['documents']} documents -> {args.out_dir}/corpus/"
+    print(f"best k = {rep['best_k']} (fitted on {rep['fit_documents']} documents): every one of the "
+          f"{rep['documents']} documents -> {args.out_dir}/corpus/"
           f"cluster_00..cluster_{rep['best_k'] - 1:02d}")
     print(f"report: {args.out_dir}/regroup/report.json  plot: {rep.get('plot', '-')}", file=sys.stderr)
     return 0

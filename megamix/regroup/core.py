@@ -1,21 +1,27 @@
 """R&B *Regroup* (offline): embed documents, k-means with a k sweep scored by silhouette, and write
-the clusters out as new domains ``cluster_00, cluster_01, ...``.
+the clusters out as new domains ``cluster_00, cluster_01, ...``. Every document is kept.
 
-Scales past memory by streaming:
+Scales past one process and past memory:
 
-- documents are read from ``corpus/<domain>/{train,valid}.jsonl`` line by line; only
-  ``(domain, split, line)`` references are kept in memory;
-- embeddings are written in batches into a ``.npy`` memmap (``regroup/embeddings.npy``);
-- k-means is ``sklearn.cluster.MiniBatchKMeans.partial_fit`` over shuffled batches read from the memmap
-  (several epochs), and assignment is ``predict`` batch by batch;
-- the silhouette score is computed on a seeded sample of at most ``silhouette_sample`` points;
-- the regrouped corpus is written by streaming the source files once more.
+- **every** document is assigned: k-means is *fitted* (and k scored) on a seeded sample of at most
+  ``fit_docs`` training documents, then every document, train and valid, goes to its nearest centroid;
+- **sharded over ranks** (torchrun, deepspeed or SLURM launchers; gloo is enough): the documents are
+  cut into global batches of ``embed_batch``; rank r embeds and assigns a contiguous range of whole
+  batches, so a document is embedded in the same batch whatever the world size and 2 ranks give
+  exactly what 1 rank gives. The fitting sample is all-gathered, rank 0 fits and broadcasts the
+  centroids, labels are all-gathered and rank 0 writes the corpus. Communication is the sample
+  (``fit_docs × dim`` floats) plus one int per document;
+- **resumable**: each rank's embeddings go to ``regroup/shards/rank<r>-of-<W>.npy`` (a memmap) with a
+  progress file updated after every batch; a killed run started again with the same arguments
+  continues where it stopped (``regroup/plan.json`` records the arguments that must match);
+- documents stream from ``corpus/<domain>/{train,valid}.jsonl``; only ``(domain, split, line)``
+  references stay in memory; the silhouette is computed on at most ``silhouette_sample`` points of
+  the fitting sample.
 
-Only training documents are used to fit k-means and score k; validation documents are assigned to
-the nearest centroid and keep their split. Outputs under ``out_dir``:
-``corpus/cluster_XX/{train,valid}.jsonl`` (``source`` is ``"<orig domain>:<orig source>"``),
-``corpus/stats.json``, ``tokens/`` (via :func:`megamix.data.tokenize.tokenize_corpus`), and
-``regroup/{embeddings.npy, mapping.jsonl, report.json, regroup.png}``.
+Outputs under ``out_dir``: ``corpus/cluster_XX/{train,valid}.jsonl`` (``source`` is
+``"<orig domain>:<orig source>"``), ``corpus/stats.json``, ``tokens/`` (via
+:func:`megamix.data.tokenize.tokenize_corpus`), ``regroup/{mapping.jsonl, centroids.npy, report.json,
+regroup.png}``, and the resumable state ``regroup/{plan.json, shards/}``.
 """
 from __future__ import annotations
 
@@ -28,11 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import hashlib
+
 import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
 __all__ = ["DocRef", "collect_refs", "iter_texts", "embed_to_memmap", "fit_minibatch_kmeans",
-           "predict_memmap", "sweep_k", "write_regrouped", "regroup", "cluster_name"]
+           "predict_memmap", "sweep_k", "write_regrouped", "regroup", "cluster_name", "shard_rows",
+           "fit_sample_rows", "nearest_centroid"]
 
 SPLITS = ("train", "valid")
 
@@ -65,13 +75,8 @@ def _count_lines(path: Path) -> int:
         return sum(1 for raw in f if raw.strip())
 
 
-def collect_refs(data_dir: str | Path, domains: Sequence[str] | None = None,
-                 max_docs: int | None = None) -> list[DocRef]:
-    """References to the documents to regroup, in (domain, split, line) order.
-
-    ``max_docs`` caps the number of **train** documents, split evenly across domains (the first
-    documents of each); each domain's valid documents are capped at the same per-domain quota.
-    """
+def collect_refs(data_dir: str | Path, domains: Sequence[str] | None = None) -> list[DocRef]:
+    """References to every document to regroup, in (domain, split, line) order."""
     root = Path(data_dir) / "corpus"
     if not root.is_dir():
         raise FileNotFoundError(f"no corpus under {root}; run `megamix data build` first")
@@ -82,20 +87,36 @@ def collect_refs(data_dir: str | Path, domains: Sequence[str] | None = None,
         raise FileNotFoundError(f"no corpus/<domain>/train.jsonl for {missing} under {root}")
     if not doms:
         raise FileNotFoundError(f"no domains under {root}")
-    if max_docs is not None and max_docs < 1:
-        raise ValueError(f"max_docs must be >= 1, got {max_docs}")
-    quotas = [None] * len(doms)
-    if max_docs is not None:
-        base, rem = divmod(max_docs, len(doms))
-        quotas = [base + (1 if i < rem else 0) for i in range(len(doms))]
     refs: list[DocRef] = []
-    for dom, q in zip(doms, quotas):
+    for dom in doms:
         for split in SPLITS:
             n = _count_lines(root / dom / f"{split}.jsonl")
-            if q is not None:
-                n = min(n, q)
             refs.extend(DocRef(dom, split, i) for i in range(n))
     return refs
+
+
+def shard_rows(n: int, batch: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows ``[lo, hi)``: a contiguous range of whole global batches of ``batch`` rows,
+    so batch boundaries (and hence embeddings) do not depend on the world size."""
+    n_batches = math.ceil(n / batch)
+    b0, b1 = n_batches * rank // world_size, n_batches * (rank + 1) // world_size
+    return min(n, b0 * batch), min(n, b1 * batch)
+
+
+def fit_sample_rows(refs: Sequence[DocRef], fit_docs: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded uniform sample of at most ``fit_docs`` training documents."""
+    train = np.array([i for i, r in enumerate(refs) if r.split == "train"], dtype=np.int64)
+    if len(train) <= fit_docs:
+        return train
+    return np.sort(np.random.default_rng(seed).choice(train, size=fit_docs, replace=False))
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (squared Euclidean) of every row of ``x``."""
+    x = np.asarray(x, np.float32)
+    c = np.asarray(centroids, np.float32)
+    d = (c * c).sum(1)[None, :] - 2.0 * (x @ c.T)
+    return np.argmin(d, axis=1).astype(np.int64)
 
 
 def iter_texts(data_dir: str | Path, refs: Sequence[DocRef]) -> Iterator[tuple[DocRef, dict]]:
@@ -117,45 +138,60 @@ def iter_texts(data_dir: str | Path, refs: Sequence[DocRef]) -> Iterator[tuple[D
         i = j
 
 
-def embed_to_memmap(texts: Iterator[str], n: int, embedder, path: str | Path, *,
-                    batch_size: int = 64, max_chars: int | None = 2000,
-                    progress: bool = True) -> np.memmap:
-    """Embed ``n`` texts in batches into a float32 ``.npy`` memmap ``[n, embedder.dim]``.
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
+
+def embed_to_memmap(texts, n: int, embedder, path: str | Path, *, batch_size: int = 64,
+                    max_chars: int | None = 2000, progress: bool = True, desc: str = "regroup embed") -> np.memmap:
+    """Embed ``n`` texts in batches of ``batch_size`` into a float32 ``.npy`` memmap ``[n, embedder.dim]``.
+
+    Resumable: ``<path>.progress.json`` records how many rows are done after every batch, and a call
+    with the same ``n``, embedder and batch size continues from there. ``texts`` is an iterator of the
+    ``n`` texts, or a callable ``start -> iterator of the texts from row start`` (needed to resume).
     ``max_chars`` truncates each text before embedding (the embedder truncates tokens as well).
     """
     if n < 1:
         raise ValueError("nothing to embed")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, int(embedder.dim)))
-    bar = tqdm(total=n, unit="doc", desc="regroup embed", file=sys.stderr, disable=not progress)
-    pos = 0
-    batch: list[str] = []
-
-    def flush():
-        nonlocal pos
-        if batch:
-            emb = np.asarray(embedder.encode(batch, batch_size=batch_size), dtype=np.float32)
-            out[pos:pos + len(batch)] = emb
+    prog_path = path.with_name(path.name + ".progress.json")
+    want = {"n": int(n), "dim": int(embedder.dim), "key": str(getattr(embedder, "key", type(embedder).__name__)),
+            "batch_size": int(batch_size)}
+    done = 0
+    if path.exists() and prog_path.exists():
+        prog = json.loads(prog_path.read_text())
+        if {k: prog.get(k) for k in want} == want:
+            done = int(prog["rows"])
+    if done == 0:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, int(embedder.dim))).flush()
+        _write_json_atomic(prog_path, {**want, "rows": 0})
+    out = np.load(path, mmap_mode="r+")
+    if done < n:
+        if done and not callable(texts):
+            raise ValueError(f"{path} is {done}/{n} rows done; resuming needs texts as a callable start -> iterator")
+        it = texts(done) if callable(texts) else iter(texts)
+        bar = tqdm(total=n, initial=done, unit="doc", desc=desc, file=sys.stderr, disable=not progress)
+        pos = done
+        while pos < n:
+            batch = []
+            for t in it:
+                batch.append(t[:max_chars] if max_chars else t)
+                if len(batch) == min(batch_size, n - pos):
+                    break
+            if not batch:
+                break
+            out[pos:pos + len(batch)] = np.asarray(embedder.encode(batch, batch_size=batch_size), dtype=np.float32)
+            out.flush()
             pos += len(batch)
+            _write_json_atomic(prog_path, {**want, "rows": pos})
             bar.update(len(batch))
-            batch.clear()
-
-    for t in texts:
-        if pos + len(batch) >= n:
-            break
-        batch.append(t[:max_chars] if max_chars else t)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    bar.close()
-    if pos != n:
-        raise RuntimeError(f"expected {n} texts to embed, got {pos}")
-    out.flush()
+        bar.close()
+        if pos != n:
+            raise RuntimeError(f"expected {n} texts to embed, got {pos}")
     del out
-    os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
 
 
@@ -310,54 +346,163 @@ def write_regrouped(data_dir: str | Path, out_dir: str | Path, refs: Sequence[Do
             "cluster_docs": {n: stats[n]["train"]["docs"] + stats[n]["valid"]["docs"] for n in names}}
 
 
+def _gather(obj, world_size: int, group):
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _broadcast(obj, world_size: int, group):
+    if world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _barrier(world_size: int, group) -> None:
+    if world_size > 1:
+        dist.barrier(group=group)
+
+
+def _refs_digest(refs: Sequence[DocRef]) -> str:
+    """Identifies the document set: files and their document counts."""
+    h = hashlib.sha256()
+    i = 0
+    while i < len(refs):
+        j = i
+        while j < len(refs) and (refs[j].domain, refs[j].split) == (refs[i].domain, refs[i].split):
+            j += 1
+        h.update(f"{refs[i].domain}/{refs[i].split}:{j - i};".encode())
+        i = j
+    return h.hexdigest()[:16]
+
+
+def _check_plan(path: Path, plan: dict, overwrite: bool) -> bool:
+    """True when ``path`` holds the same plan (resume); writes it when absent; refuses a different one."""
+    if path.exists() and not overwrite:
+        old = json.loads(path.read_text())
+        diff = [k for k in plan if old.get(k) != plan[k]]
+        if diff:
+            raise FileExistsError(
+                f"{path} is from a regroup with different {', '.join(f'{k}={old.get(k)!r}' for k in diff)} "
+                f"(now {', '.join(f'{k}={plan[k]!r}' for k in diff)}); rerun with the same arguments to resume, "
+                "or pass --overwrite to start again")
+        return True
+    return False
+
+
 def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
-            embedder: str | object = "minilm", max_tokens: int = 128, max_docs: int | None = None,
+            embedder: str | object = "minilm", max_tokens: int = 128, fit_docs: int = 20000,
             domains: Sequence[str] | None = None, seed: int = 0, embed_batch: int = 64,
             kmeans_batch: int = 1024, epochs: int = 5, silhouette_sample: int = 10000,
             tokenize: bool = True, plot: bool = True, overwrite: bool = False,
-            progress: bool = True) -> dict:
-    """The whole Regroup stage; returns the report (also written to ``out_dir/regroup/report.json``).
+            progress: bool = True, rank: int = 0, world_size: int = 1, group=None) -> dict:
+    """The whole Regroup stage; every rank calls it. Returns the report (on every rank; also written
+    to ``out_dir/regroup/report.json``).
 
-    ``embedder`` is a name for :func:`megamix.embed.get_embedder` or an embedder object.
+    Args:
+        embedder: a name for :func:`megamix.embed.get_embedder` or an embedder object.
+        fit_docs: k-means is fitted and k scored on a seeded sample of at most this many training
+            documents; every document is then assigned to its nearest centroid.
+        rank, world_size, group: this process's place in an initialised ``torch.distributed`` group
+            (gloo is enough); rank r embeds and assigns its shard (:func:`shard_rows`).
+        overwrite: replace an earlier output; without it, an earlier run with the same arguments is
+            resumed and a finished one (or different arguments) is refused.
     """
     ks = sorted({int(k) for k in ks})
     if not ks:
         raise ValueError("give at least one k, e.g. --k 4,6,8")
+    if fit_docs < 2:
+        raise ValueError(f"fit_docs must be >= 2 (got {fit_docs})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     out = Path(out_dir)
     if Path(data_dir).resolve() == out.resolve():
         raise ValueError("out_dir must differ from data_dir (the regrouped corpus is a new data dir)")
-    stale = [out / d for d in ("corpus", "tokens", "regroup") if (out / d).exists()]
-    if stale and not overwrite:
-        raise FileExistsError(f"{out} already holds {[p.name for p in stale]}; pass overwrite=True "
-                              "(CLI: --overwrite) to replace them")
-    for p in stale:
-        shutil.rmtree(p)
-    refs = collect_refs(data_dir, domains, max_docs)
+    refs = collect_refs(data_dir, domains)
     if isinstance(embedder, str):
         from megamix.embed import get_embedder
         emb_model = get_embedder(embedder, max_tokens=max_tokens)
     else:
         emb_model = embedder
-    emb = embed_to_memmap((row["text"] for _, row in iter_texts(data_dir, refs)), len(refs), emb_model,
-                          out / "regroup" / "embeddings.npy", batch_size=embed_batch,
-                          max_chars=8 * max_tokens, progress=progress)
-    train_rows = np.array([i for i, r in enumerate(refs) if r.split == "train"], dtype=np.int64)
-    report, models = sweep_k(emb, train_rows, ks, seed=seed, batch_size=kmeans_batch, epochs=epochs,
-                             silhouette_sample=silhouette_sample, progress=progress)
+    plan = {"data_dir": str(Path(data_dir).resolve()), "documents": len(refs), "refs": _refs_digest(refs),
+            "embedder": str(getattr(emb_model, "key", type(emb_model).__name__)), "max_tokens": int(max_tokens),
+            "embed_batch": int(embed_batch), "world_size": int(world_size)}
+    rg = out / "regroup"
+    err = None
+    if rank == 0:
+        try:
+            finished = [out / d for d in ("corpus", "tokens") if (out / d).exists()] + \
+                ([rg / "report.json"] if (rg / "report.json").exists() else [])
+            if finished and not overwrite:
+                raise FileExistsError(f"{out} already holds a regroup ({', '.join(p.name for p in finished)}); "
+                                      "pass --overwrite to replace it")
+            if not _check_plan(rg / "plan.json", plan, overwrite):
+                for p in [out / "corpus", out / "tokens", rg]:
+                    if p.exists():
+                        shutil.rmtree(p)
+                rg.mkdir(parents=True)
+                _write_json_atomic(rg / "plan.json", plan)
+        except (FileExistsError, OSError) as e:
+            err = e
+    err = _broadcast(err, world_size, group)
+    if err is not None:
+        raise err
+    # --- embed this rank's shard (resumable)
+    lo, hi = shard_rows(len(refs), embed_batch, rank, world_size)
+    shard_path = rg / "shards" / f"rank{rank:05d}-of-{world_size:05d}.npy"
+    emb = None
+    if hi > lo:
+        mine = refs[lo:hi]
+        emb = embed_to_memmap(lambda start: (row["text"] for _, row in iter_texts(data_dir, mine[start:])),
+                              hi - lo, emb_model, shard_path, batch_size=embed_batch, max_chars=8 * max_tokens,
+                              progress=progress and rank == 0,
+                              desc="regroup embed" + (f" [rank 0 of {world_size}]" if world_size > 1 else ""))
+    # --- fit on a seeded sample, gathered from the shards; rank 0 fits, everyone gets the centroids
+    sample = fit_sample_rows(refs, fit_docs, seed)
+    in_mine = sample[(sample >= lo) & (sample < hi)]
+    parts = _gather((in_mine, None if emb is None else np.asarray(emb[in_mine - lo], np.float32)),
+                    world_size, group)
+    fitted = None
+    if rank == 0:
+        rows = np.concatenate([r for r, _ in parts])
+        xs = np.concatenate([x for r, x in parts if x is not None])
+        order = np.argsort(rows, kind="stable")
+        xs = xs[order]
+        try:
+            report, models = sweep_k(xs, np.arange(len(xs)), ks, seed=seed, batch_size=kmeans_batch,
+                                     epochs=epochs, silhouette_sample=silhouette_sample, progress=progress)
+            fitted = (report, np.asarray(models[report["best_k"]].cluster_centers_, np.float32))
+        except ValueError as e:
+            fitted = e
+    fitted = _broadcast(fitted, world_size, group)
+    if isinstance(fitted, Exception):
+        raise fitted
+    report, centroids = fitted
     k = report["best_k"]
-    labels = predict_memmap(models[k], emb)
-    written = write_regrouped(data_dir, out, refs, labels, k, progress=progress)
-    report.update(written)
-    report.update({"data_dir": str(data_dir), "out_dir": str(out), "embedder": getattr(emb_model, "key", str(embedder)),
-                   "documents": len(refs), "domains": sorted({r.domain for r in refs}),
-                   "clusters": [cluster_name(c) for c in range(k)], "seed": seed})
-    if tokenize:
-        from megamix.data.tokenize import tokenize_corpus
-        tokenize_corpus(out, [cluster_name(c) for c in range(k)], force=True, progress=progress)
-    if plot:
-        from megamix.regroup.plots import plot_regroup
-        report["plot"] = str(plot_regroup(report, out / "regroup" / "regroup.png"))
-    (out / "regroup").mkdir(parents=True, exist_ok=True)
-    with open(out / "regroup" / "report.json", "w") as f:
-        json.dump(report, f, indent=1)
+    # --- assign every document of the shard, batch by (global) batch
+    labels = np.empty(hi - lo, dtype=np.int64)
+    for s in range(0, hi - lo, embed_batch):
+        labels[s:s + embed_batch] = nearest_centroid(emb[s:s + embed_batch], centroids)
+    all_labels = np.concatenate(_gather(labels, world_size, group))
+    if rank == 0:
+        np.save(rg / "centroids.npy", centroids)
+        written = write_regrouped(data_dir, out, refs, all_labels, k, progress=progress)
+        report.update(written)
+        report.update({"data_dir": str(data_dir), "out_dir": str(out),
+                       "embedder": plan["embedder"], "documents": len(refs), "world_size": world_size,
+                       "fit_documents": int(len(sample)), "seed": seed,
+                       "domains": sorted({r.domain for r in refs}),
+                       "clusters": [cluster_name(c) for c in range(k)]})
+        if tokenize:
+            from megamix.data.tokenize import tokenize_corpus
+            tokenize_corpus(out, [cluster_name(c) for c in range(k)], force=True, progress=progress)
+        if plot:
+            from megamix.regroup.plots import plot_regroup
+            report["plot"] = str(plot_regroup(report, rg / "regroup.png"))
+        _write_json_atomic(rg / "report.json", report)
+    report = _broadcast(report, world_size, group)
     return report
