@@ -1,10 +1,10 @@
 """Online data mixing in a Hugging Face Trainer script: megamix feeds the batches and resumes with the checkpoints.
 
-The script keeps its model, TrainingArguments, evaluation set and ``trainer.train(...)``. megamix changes three places (marked
-``# megamix``). It builds a Mixer for this process. It patches the model with ``apply_megamix`` (the fused LM
-head; without it the capture path records the statistics). It replaces ``Trainer(..., train_dataset=...)`` with
-``MegamixTrainer(mixer=mixer, ...)``. The mixing state is saved in every ``checkpoint-N`` folder and restored by
-``resume_from_checkpoint``. Launch one process per device:
+The script keeps its model, TrainingArguments, evaluation set and ``trainer.train(...)``. megamix changes three
+places (marked ``# megamix``). It builds a Mixer for this process. It patches the model with ``apply_megamix``
+(the fused LM head; without it the capture path records the statistics). It replaces
+``Trainer(..., train_dataset=...)`` with ``MegamixTrainer(mixer=mixer, ...)``. The mixing state is saved in every
+``checkpoint-N`` folder and restored by ``resume_from_checkpoint``. Launch one process per device:
 
     python examples/hf_trainer_loop.py --data-dir data --steps 8 --out-dir runs/hf-trainer
     torchrun --standalone --nproc_per_node 2 examples/hf_trainer_loop.py --data-dir data --steps 8 --resume
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
                "resumed_from": trainer.megamix_callback.resume_dir, "global_step": trainer.state.global_step,
                "eval_loss": metrics["eval_loss"], "losses": {h["step"]: h["loss"] for h in logs},
                "logged_weights": {h["step"]: {k: v for k, v in h.items() if k.startswith("megamix/")} for h in logs},
-               "domains": mixer.domains, "weights": mixer.weights.tolist(), "weight_history": [list(x) for x in mixer.weight_history],
+               "domains": mixer.domains, "weights": mixer.weights.tolist(),
+               "weight_history": [list(x) for x in mixer.weight_history],
                "param_checksum": float(sum(p.detach().double().sum() for p in model.parameters()))}
     Path(args.out_dir, f"summary_rank{targs.process_index}.json").write_text(json.dumps(summary))
     return summary

@@ -174,7 +174,8 @@ def test_conflicting_trainer_settings_are_one_line_errors(tiny_store, store, tmp
     mixer = Mixer(cfg, store, rank=0, world_size=world)
     model = _model(store.vocab_size)
     apply_megamix(model, mixer)
-    extra = {"train_dataset": [{"input_ids": torch.zeros(32, dtype=torch.long)}]} if over.pop("train_dataset", 0) else {}
+    extra = {"train_dataset": [{"input_ids": torch.zeros(32, dtype=torch.long)}]} if over.pop("train_dataset", 0) \
+        else {}
     with pytest.raises(ConfigError) as e:
         MegamixTrainer(mixer=mixer, model=model, args=_args(tmp_path, over.pop("max_steps", 4), **over), **extra)
     msg = str(e.value)
