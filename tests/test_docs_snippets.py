@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RUN_EXAMPLES = ["examples/plain_loop.py", "examples/hf_fused_loop.py", "examples/deepspeed_loop.py"]
+RUN_EXAMPLES = ["examples/plain_loop.py", "examples/hf_fused_loop.py", "examples/deepspeed_loop.py",
+                "examples/hf_trainer_loop.py", "examples/accelerate_loop.py"]
 
 
 def _blocks(lang: str) -> list[tuple[str, int, str]]:

@@ -56,6 +56,52 @@ def test_deepspeed_loop_example_zero3_resumes(tiny_store, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step_0000008"
 
 
+def test_hf_trainer_example_two_ranks_resumes(tiny_store, tmp_path):
+    """examples/hf_trainer_loop.py: a real transformers.Trainer (DDP, 2 gloo ranks, fused head) to step 2, then a
+    new launch resumes from checkpoint-2 to step 4: every checkpoint holds each rank's mixing state and both ranks
+    end with the same weights, weight history and parameters."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "run"
+    for extra, port in ((["--steps", "2"], "29691"), (["--steps", "4", "--resume"], "29693")):
+        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
+                               str(ROOT / "examples" / "hf_trainer_loop.py"), "--data-dir", str(tiny_store.parent),
+                               "--save-steps", "2", "--out-dir", str(out), *extra],
+                              env=_env(MASTER_PORT=port), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = [json.loads((out / f"summary_rank{k}.json").read_text()) for k in range(2)]
+    assert r[0]["resumed_from"].endswith("checkpoint-2") and r[0]["global_step"] == 4 and r[0]["path"] == "fused"
+    assert r[0]["weight_history"] == r[1]["weight_history"] and [s for s, _ in r[0]["weight_history"]] == [0, 2, 4]
+    assert abs(r[0]["param_checksum"] - r[1]["param_checksum"]) < 1e-6 * abs(r[0]["param_checksum"])
+    assert r[0]["logged_weights"]["4"] == {f"megamix/weight/{d}": w for d, w in zip(r[0]["domains"], r[0]["weights"])}
+    for step in (2, 4):
+        assert sorted(p.name for p in (out / f"checkpoint-{step}").glob("megamix_rank*.pt")) == \
+            ["megamix_rank00000.pt", "megamix_rank00001.pt"]
+    assert r[0]["eval_loss"] == r[0]["eval_loss"] and r[0]["eval_loss"] < 20
+
+
+def test_accelerate_example_resumes_exactly(tiny_store, tmp_path):
+    """examples/accelerate_loop.py (Accelerator, no Trainer; capture path): 4 steps with checkpoints at 2 and 4;
+    drop checkpoint-4 and resume from checkpoint-2: the same weight history, losses and parameters."""
+    out = tmp_path / "run"
+
+    def launch(*extra: str) -> dict:
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "accelerate_loop.py"), "--data-dir",
+                               str(tiny_store.parent), "--steps", "4", "--save-every", "2", "--capture",
+                               "--out-dir", str(out), *extra], env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return json.loads((out / "summary_rank0.json").read_text())
+
+    straight = launch()
+    assert straight["path"] == "capture" and [s for s, _ in straight["weight_history"]] == [0, 2, 4]
+    assert (out / "checkpoint-2" / "megamix_rank00000.pt").is_file()
+    shutil.rmtree(out / "checkpoint-4")
+    resumed = launch("--resume")
+    assert resumed["start"] == 2
+    assert resumed["weight_history"] == straight["weight_history"]
+    assert resumed["losses"] == {k: v for k, v in straight["losses"].items() if int(k) > 2}
+    assert resumed["param_checksum"] == straight["param_checksum"]
+
+
 def test_docs_reference_existing_files():
     doc = (ROOT / "docs" / "integration.md").read_text()
     for rel in ("examples/plain_loop.py", "examples/megatron_pretrain_gpt_patch.md", "launch/torchrun.sh",

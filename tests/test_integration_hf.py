@@ -167,3 +167,18 @@ def test_unsupported_models_are_refused_with_the_alternative(store):
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     with pytest.raises(TypeError, match="attach"):
         apply_megamix(transformers.Gemma2ForCausalLM(gemma), mixer)
+
+
+def test_patched_forward_shows_the_model_signature(store):
+    """The HF Trainer keeps only the dataset columns named in model.forward's signature: the patch must show the
+    class forward's parameters (not *args, **kwargs), without a __wrapped__ chain that unwrapping helpers follow."""
+    import inspect
+
+    from megamix.integrations.hf import apply_megamix
+
+    model = _model("GPT2LMHeadModel", store.vocab_size, True)
+    before = list(inspect.signature(model.forward).parameters)
+    patch = apply_megamix(model, _mixer(store))
+    assert list(inspect.signature(model.forward).parameters) == before and "input_ids" in before
+    assert not hasattr(model.forward.__func__, "__wrapped__")
+    patch.remove()

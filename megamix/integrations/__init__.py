@@ -9,6 +9,9 @@
 - :mod:`megamix.integrations.megatron`: Megatron-core wiring, any tensor-parallel size: the capture on
   ``output_layer`` (``attach_megatron``) and the vocab-parallel fused loss (``vocab_parallel_lm_head_loss``).
 - :mod:`megamix.integrations.apex_compat`: optional NVIDIA apex with torch fallbacks.
+- :mod:`megamix.integrations.hf_trainer`: ``transformers.Trainer`` and Accelerate (``MegamixTrainer``,
+  ``MegamixCallback``, ``MegamixFeed``, per-rank state files in the Trainer's checkpoints); import it
+  directly (it loads the Trainer, so this package does not).
 
 The training loop (:mod:`megamix.train`) is built on these; they never import it.
 """

@@ -28,6 +28,7 @@ the model's forward. Call it after ``deepspeed.initialize`` on ``engine.module``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 from typing import Any, Callable
 
@@ -181,7 +182,14 @@ def patch_causal_lm(model: nn.Module, mixer: Any) -> FusedLMPatch:
             return old
         old.remove()
     patch = FusedLMPatch(model, mixer)
-    model.forward = types.MethodType(lambda _self, *a, **k: patch.forward(*a, **k), model)
+
+    def _forward(_self, *a, **k):
+        return patch.forward(*a, **k)
+
+    # Show the class forward's signature: the HF Trainer reads it to decide which dataset columns to keep.
+    # Use __signature__, not __wrapped__, so unwrapping helpers (accelerate's) stop at the patch.
+    _forward.__signature__ = inspect.signature(type(model).forward)
+    model.forward = types.MethodType(_forward, model)
     setattr(model, _ATTR, patch)
     return patch
 
