@@ -210,3 +210,20 @@ def test_cli_reports_broken_in_place_data_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "web_text_document.bin: truncated: 8 bytes" in err
+
+
+def test_concat_tokens_matches_numpy():
+    rng = np.random.default_rng(5)
+    parts = [rng.integers(0, 9, size=int(k)).astype(np.int32) for k in (5, 1, 0, 7, 3)]
+    flat = np.concatenate(parts)
+    ct = ConcatTokens(parts)
+    assert len(ct) == len(flat) and ct.dtype == np.int32 and len(ct.pieces) == 4
+    for a in range(-2, len(flat) + 2):
+        for b in range(a, len(flat) + 3):
+            assert np.array_equal(ct[a:b], flat[a:b]), (a, b)
+    assert [int(ct[i]) for i in range(-len(flat), len(flat))] == flat[-len(flat):].tolist() + flat.tolist()
+    with pytest.raises(IndexError):
+        ct[len(flat)]
+    with pytest.raises(TypeError):
+        ct[::2]
+    assert np.array_equal(np.asarray(ct), flat) and len(ConcatTokens([])) == 0

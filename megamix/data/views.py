@@ -10,6 +10,7 @@ slices of memory-mapped arrays. Slicing it copies only the requested window.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,6 +32,7 @@ class ConcatTokens:
         self.dtype = np.dtype(dtype)
         self.starts = np.zeros(len(self.pieces) + 1, dtype=np.int64)
         np.cumsum([len(p) for p in self.pieces], out=self.starts[1:])
+        self._starts = self.starts.tolist()  # plain ints: bisect on them is the fast path for small slices
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -45,19 +47,23 @@ class ConcatTokens:
             i = int(key) + n if key < 0 else int(key)
             if not 0 <= i < n:
                 raise IndexError(f"token {key} out of range for {n} tokens")
-            j = int(np.searchsorted(self.starts, i, side="right")) - 1
-            return self.pieces[j][i - self.starts[j]]
+            j = bisect.bisect_right(self._starts, i) - 1
+            return self.pieces[j][i - self._starts[j]]
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("ConcatTokens supports integers and contiguous slices only")
         lo, hi, _ = key.indices(n)
         out = np.empty(max(hi - lo, 0), dtype=self.dtype)
         if hi <= lo:
             return out
-        j = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        starts = self._starts
+        j = bisect.bisect_right(starts, lo) - 1
+        if hi <= starts[j + 1]:  # inside one piece (the common case)
+            out[:] = self.pieces[j][lo - starts[j]:hi - starts[j]]
+            return out
         pos = lo
         while pos < hi:
-            p0 = self.starts[j]
-            take = min(hi, self.starts[j + 1]) - pos
+            p0 = starts[j]
+            take = min(hi, starts[j + 1]) - pos
             out[pos - lo:pos - lo + take] = self.pieces[j][pos - p0:pos - p0 + take]
             pos += take
             j += 1
