@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megamix import simplex
-from megamix.data.backings import parse_paths
 from megamix.configbase import ConfigBase, ConfigError, check, doc
+from megamix.data.backings import parse_paths
 
 MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
 

@@ -69,8 +69,9 @@ def test_train_on_megatron_int32_blend_in_place(tmp_path, wide_tokenizer):
     assert man["domains"]["lic"]["dtypes"] == ["int32"] and man["domains"]["py"]["train_max_token_id"] <= top
     # the same blend with a model vocabulary below the data's is a one-line error (exit 2) before training
     from megamix.cli import main
-    rc = main(["train", "--no-progress", "--set", f"train.out_dir={tmp_path / 'run2'}", *sum([["--set", o] for o in TINY], []),
-               "--set", blend, "--set", f"data.tokenizer={wide_tokenizer}", "--set", "model.vocab_size=50257"])
+    sets = [f"train.out_dir={tmp_path / 'run2'}", *TINY, blend, f"data.tokenizer={wide_tokenizer}",
+            "model.vocab_size=50257"]
+    rc = main(["train", "--no-progress", *[w for o in sets for w in ("--set", o)]])
     assert rc == 2 and not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 

@@ -152,7 +152,8 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def holdout_mask(num_docs: int, valid_fraction: float, seed: int, key: str) -> np.ndarray:
     """Seeded document-level held-out split: ``True`` = validation. Document ``i`` is held out when the
     hash of ``(seed, key, i)`` falls below ``valid_fraction``, so the split depends only on those (not on
-    the data or on other sources) and nothing is rewritten. With >= 2 documents each side gets at least one.
+    the data or on other sources) and nothing is rewritten. With >= 2 documents each side gets at least one; a
+    single document is never held out (it is all the training data of its source).
     """
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
@@ -160,7 +161,9 @@ def holdout_mask(num_docs: int, valid_fraction: float, seed: int, key: str) -> n
     scores = _mix64(np.arange(num_docs, dtype=np.uint64) ^ np.uint64(salt))
     threshold = np.uint64(min(int(valid_fraction * 2.0 ** 64), 2 ** 64 - 1))
     mask = scores < threshold
-    if num_docs >= 2:
+    if num_docs == 1:
+        mask[0] = False
+    elif num_docs >= 2:
         if not mask.any():
             mask[int(np.argmin(scores))] = True
         if mask.all():
