@@ -97,8 +97,10 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
 
 def _hf_rows(ds, path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     if text_field not in ds.column_names:
+        hint = (" (already tokenised? train on it in place with data.paths instead)"
+                if "input_ids" in ds.column_names else "")
         raise DataImportError(f"{path}: no column {text_field!r} (columns: {ds.column_names}); "
-                              "pass --text-field")
+                              f"pass --text-field{hint}")
     if len(ds) == 0:
         raise DataImportError(f"{path} is an empty dataset")
     for i, v in enumerate(ds[text_field] if len(ds) < 200_000 else (r[text_field] for r in ds)):
