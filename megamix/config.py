@@ -6,9 +6,11 @@ YAML files in ``configs/`` fill these; ``--set section.key=value`` overrides sin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from megamix import simplex
 from megamix.configbase import ConfigBase, ConfigError, check, doc
+from megamix.data.backings import parse_paths
 
 MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
 #: the names megamix.strategies.STRATEGIES registers (a test keeps the two in step; config sits below
@@ -29,11 +31,34 @@ class DataConfig(ConfigBase):
     eval_data_dir: str = doc("Evaluate on this data_dir's domains instead of the training ones (e.g. "
                              "train on regrouped clusters, evaluate on the original domains). "
                              "Empty = same as data_dir.", "")
+    tokenizer: str = doc("Tokenizer: 'gpt2' (GPT-2 BPE, bundled offline), a local tokenizer folder, or a Hugging "
+                         "Face name in the local cache. `megamix data build/tokenize/import` encode with it (empty "
+                         "= the tokenizer data_dir/tokens already records, else gpt2); with data.paths it names "
+                         "the tokenizer the in-place data was made with (empty = unknown: ids are checked against "
+                         "model.vocab_size only).", "")
+    paths: Any = doc("Train on existing token files in place (no copy) instead of data_dir/tokens: a Megatron "
+                     "blend [w1, prefix1, w2, prefix2, ...] (weights normalised, used as the natural mixture), a "
+                     "list of prefixes, or a mapping {domain: prefix | [prefixes]}. A prefix names a .bin/.idx "
+                     "pair; a folder is a Hugging Face save_to_disk dataset with an input_ids column.",
+                     default_factory=list)
+    valid_paths: Any = doc("Validation data for data.paths, same forms; domain names must match data.paths. "
+                           "Domains without one use a DatasetDict's own validation split, else a seeded "
+                           "held-out split of data.valid_fraction of the documents (nothing is rewritten).",
+                           default_factory=list)
+    vocab_check_mb: float = doc("In-place data: MB of each source read to find its largest token id (checked "
+                                "against the vocabularies): whole files up to this size, else evenly spaced "
+                                "blocks; -1 = read every file whole.", 64.0)
 
     def validate(self):
         check(self.cap_mb > 0, f"data.cap_mb must be > 0 (got {self.cap_mb}); e.g. data.cap_mb=2")
         check(0 < self.valid_fraction < 0.5,
               f"data.valid_fraction must be in (0, 0.5) (got {self.valid_fraction})")
+        check(self.vocab_check_mb == -1 or self.vocab_check_mb > 0,
+              f"data.vocab_check_mb must be > 0, or -1 to read whole files (got {self.vocab_check_mb})")
+        parse_paths(self.paths, "data.paths")          # the form only; files are checked when opened
+        parse_paths(self.valid_paths, "data.valid_paths")
+        check(bool(self.paths) or not self.valid_paths, "data.valid_paths needs data.paths (a megamix store "
+                                                        "in data_dir has its own validation split)")
         return self
 
 

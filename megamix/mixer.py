@@ -71,7 +71,8 @@ class Mixer:
             raise ConfigError(f"domains {short} have fewer than seq_len+1={cfg.model.seq_len + 1} training "
                               "tokens, so no sample can be drawn from them; drop them via data.domains "
                               "or lower model.seq_len")
-        self.initial_weights = np.asarray(initial_weights(cfg.mixture, self.domains, token_counts),
+        # natural = the blend weights of data.paths when given, else the training tokens
+        self.initial_weights = np.asarray(initial_weights(cfg.mixture, self.domains, store.natural_sizes(self.domains)),
                                           dtype=np.float64)
         self.max_drift = prior_max_drift(cfg.mixture)
         self.loader = MixtureLoader(

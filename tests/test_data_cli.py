@@ -58,3 +58,20 @@ def test_cli_import_megatron(tmp_path, capsys):
     assert main(["data", "import", "--data-dir", d, "--domain", "m2", "--from", str(tmp_path / "m_text_document"),
                  "--format", "megatron", "--vocab-size", "32000"]) == 2
     assert "vocab-size mismatch" in capsys.readouterr().err
+
+
+def test_cli_tokenizer_option(tmp_path, capsys, minilm_tokenizer):
+    d = str(tmp_path / "data")
+    assert main(["data", "build", "--data-dir", d, "--domains", "legal", "--cap-mb", "0.02", "--no-tokenize"]) == 0
+    capsys.readouterr()
+    assert main(["data", "tokenize", "--data-dir", d, "--tokenizer", str(minilm_tokenizer)]) == 0
+    assert "vocab 30522, uint16" in capsys.readouterr().out
+    src = tmp_path / "mine.jsonl"
+    src.write_text("\n".join(json.dumps({"text": f"my own document {i} " * 5}) for i in range(20)))
+    # the store records MiniLM: an import without --tokenizer uses it; another tokenizer is refused
+    assert main(["data", "import", "--data-dir", d, "--domain", "mine", "--from", str(src)]) == 0
+    capsys.readouterr()
+    assert main(["data", "import", "--data-dir", d, "--domain", "other", "--from", str(src), "--tokenizer", "gpt2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "would mix tokenizers" in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "corpus" / "other").exists()   # refused before anything was written

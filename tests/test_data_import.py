@@ -93,3 +93,39 @@ def test_import_errors(tmp_path):
     with pytest.raises(DataImportError, match="cannot read"):
         import_megatron_domain(tmp_path / "d", "m", tmp_path / "missing", progress=False)
     assert not (tmp_path / "d" / "tokens" / "m").exists() or not any((tmp_path / "d" / "tokens" / "m").iterdir())
+
+
+def test_import_datasetdict_keeps_its_validation_split(tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:40]}),
+                               "validation": datasets.Dataset.from_dict({"text": TEXTS[40:46] + [TEXTS[0]]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    e = import_text_domain(tmp_path / "d", "hf", tmp_path / "dd", progress=False, valid_fraction=0.3)
+    assert e["provenance"]["validation_split"] == "validation"
+    valid = [json.loads(x)["text"] for x in (tmp_path / "d/corpus/hf/valid.jsonl").read_text().splitlines()]
+    train = [json.loads(x)["text"] for x in (tmp_path / "d/corpus/hf/train.jsonl").read_text().splitlines()]
+    assert valid == TEXTS[40:46] + [TEXTS[0]]          # exactly its own split, not a re-split of train
+    assert train == TEXTS[1:40] and e["duplicates_dropped"] == 1  # TEXTS[0] is held out, not leaked
+    store = TokenStore(tmp_path / "d" / "tokens")
+    assert store.num_docs("hf", "valid") == 7 and store.num_docs("hf", "train") == 39
+
+
+def test_import_megatron_with_another_tokenizer(tmp_path, wide_tokenizer):
+    """Megatron files of a >65,500-id tokenizer import as they are (int32), with no GPT-2 restriction."""
+    from megamix.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(wide_tokenizer))
+    docs = [tok(t, add_special_tokens=False)["input_ids"] + [1] for t in TEXTS[:20]]
+    docs[3] = docs[3][:-1] + [65990, 1]                 # an id only an int32 store can hold
+    write_documents(tmp_path / "wide_text_document", docs, np.int32)
+    e = import_megatron_domain(tmp_path / "d", "wide", tmp_path / "wide_text_document", valid_fraction=0.2,
+                               progress=False, tokenizer=str(wide_tokenizer), vocab_size=66000)
+    assert e["train"]["docs"] + e["valid"]["docs"] == 20
+    store = TokenStore(tmp_path / "d" / "tokens")
+    assert store.vocab_size == 66000 and store.dataset("wide").dtype is np.int32 and store.eos_id == 1
+    got = sorted(d.tolist() for sp in ("train", "valid") for d in store.dataset("wide", sp))
+    assert got == sorted(docs) and store.max_token_id == 65990
+    with pytest.raises(DataImportError, match="vocab-size mismatch.*32000"):
+        import_megatron_domain(tmp_path / "d", "w2", tmp_path / "wide_text_document", vocab_size=32000,
+                               progress=False, tokenizer=str(wide_tokenizer))

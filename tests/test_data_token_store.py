@@ -118,3 +118,53 @@ def test_byte_identical_to_megatron_core(tmp_path):
         assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"theirs{ext}").read_bytes()
     m = mi.IndexedDataset(str(tmp_path / "ours"))
     assert all(np.array_equal(m[i], docs[i]) for i in range(len(docs)))
+
+
+def test_check_index_names_every_kind_of_damage(tmp_path):
+    """One validation function (check_index): each kind of broken pair gives a one-line DataError (a
+    ConfigError, so the CLI exits 2) that names the file."""
+    from megamix.configbase import ConfigError
+    from megamix.data.errors import DataError
+    from megamix.data.token_store import check_index
+
+    docs = [[1, 2, 3], [4, 5], [6]]
+    write_documents(tmp_path / "good", docs, np.int32)
+    good_idx, good_bin = (tmp_path / "good.idx").read_bytes(), (tmp_path / "good.bin").read_bytes()
+    info = check_index(tmp_path / "good")
+    assert info.num_tokens == 6 and info.doc_offsets.tolist() == [0, 3, 5, 6] and info.dtype is np.int32
+
+    def case(name, idx: bytes, bin_: bytes, pattern: str):
+        (tmp_path / f"{name}.idx").write_bytes(idx)
+        (tmp_path / f"{name}.bin").write_bytes(bin_)
+        with pytest.raises(DataError, match=pattern) as e:
+            check_index(tmp_path / name)
+        msg = str(e.value)
+        assert "\n" not in msg and name in msg and isinstance(e.value, ConfigError), msg
+
+    case("magic", b"NOTMEGA!!" + good_idx[9:], good_bin, "not a Megatron MMIDIDX index")
+    case("version", good_idx[:9] + struct.pack("<Q", 2) + good_idx[17:], good_bin, "unsupported index version 2")
+    case("code", good_idx[:17] + bytes([42]) + good_idx[18:], good_bin, "unknown dtype code 42")
+    case("shortidx", good_idx[:-5], good_bin, "truncated index")
+    case("header", good_idx[:20], good_bin, "truncated index")
+    case("extra", good_idx + b"\x00" * 7, good_bin, "unexpected bytes")
+    case("shortbin", good_idx, good_bin[:-4], r"shortbin.bin: truncated: 20 bytes, .* 6 int32 tokens = 24 bytes")
+    case("longbin", good_idx, good_bin + good_bin, "longer than its index")
+    # an index that belongs to another .bin: same dtype, other lengths
+    write_documents(tmp_path / "other", [[9] * 3, [8]], np.int32)
+    case("mismatch", (tmp_path / "other.idx").read_bytes(), good_bin, "the .idx of another .bin")
+    # pointers that do not follow the lengths
+    bad_ptr = bytearray(good_idx)
+    struct.pack_into("<q", bad_ptr, 34 + 4 * 3 + 8, 999)
+    case("pointers", bytes(bad_ptr), good_bin, "sequence 1 points at byte 999")
+    bad_doc = bytearray(good_idx)
+    struct.pack_into("<q", bad_doc, 34 + 12 * 3 + 8, 7)
+    case("docidx", bytes(bad_doc), good_bin, "malformed document indices")
+    with pytest.raises(DataError, match="missing.idx does not exist"):
+        check_index(tmp_path / "missing")
+    (tmp_path / "dir.idx").mkdir()
+    with pytest.raises(DataError, match="is a directory"):
+        check_index(tmp_path / "dir")
+    # Megatron's multimodal indices carry one mode byte per sequence after the layout: accepted
+    (tmp_path / "mm.idx").write_bytes(good_idx + b"\x00" * 3)
+    (tmp_path / "mm.bin").write_bytes(good_bin)
+    assert check_index(tmp_path / "mm").multimodal

@@ -5,6 +5,7 @@ Examples::
     megamix data build --data-dir data --cap-mb 2            # default domains, fetched with apt-get download
     megamix data build --domains code_python,legal --no-tokenize
     megamix data tokenize --data-dir data
+    megamix data tokenize --data-dir data_minilm --tokenizer path/to/tokenizer_folder
     megamix data import --data-dir data --domain mine --from my.jsonl --text-field text
     megamix data import --data-dir data --domain web --from /data/web_text_document --format megatron
     megamix data stats --data-dir data
@@ -19,9 +20,13 @@ from pathlib import Path
 from megamix.commands.config import add_config_args, load_config
 
 
-def _common(p, with_domains: bool = True) -> None:
+def _common(p, with_domains: bool = True, with_tokenizer: bool = False) -> None:
     add_config_args(p)
     p.add_argument("--data-dir", default=None, help="Data root (default: data.data_dir from the config, 'data').")
+    if with_tokenizer:
+        p.add_argument("--tokenizer", default=None,
+                       help="Tokenizer: 'gpt2', a local tokenizer folder or a cached Hugging Face name (default: "
+                            "data.tokenizer, else the one tokens/ records, else gpt2).")
     if with_domains:
         p.add_argument("--domains", default=None,
                        help="Comma-separated domains (default: data.domains, else every default domain).")
@@ -32,7 +37,7 @@ def register(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
 
     b = dsub.add_parser("build", help="Build the default corpus from Debian packages and local text.")
-    _common(b)
+    _common(b, with_tokenizer=True)
     b.add_argument("--cap-mb", type=float, default=None, help="Per-domain cap in MB of text (default 2).")
     b.add_argument("--valid-fraction", type=float, default=None, help="Held-out fraction (default 0.05).")
     b.add_argument("--seed", type=int, default=None, help="Split/sampling seed (default data.seed).")
@@ -46,13 +51,13 @@ def register(sub) -> None:
     b.add_argument("--list", action="store_true", help="List the available domains and exit.")
     b.set_defaults(func=run_build)
 
-    t = dsub.add_parser("tokenize", help="Tokenize corpus/ into tokens/ (GPT-2 BPE, EOS after each doc).")
-    _common(t)
+    t = dsub.add_parser("tokenize", help="Tokenize corpus/ into tokens/ (data.tokenizer, EOS after each doc).")
+    _common(t, with_tokenizer=True)
     t.add_argument("--force", action="store_true", help="Re-tokenize even if the corpus is unchanged.")
     t.set_defaults(func=run_tokenize)
 
     i = dsub.add_parser("import", help="Import your own data as one domain (jsonl, parquet, hf, megatron).")
-    _common(i, with_domains=False)
+    _common(i, with_domains=False, with_tokenizer=True)
     i.add_argument("--domain", required=True, help="Name of the new domain.")
     i.add_argument("--from", dest="source", required=True,
                    help="Input: a .jsonl/.parquet file, a save_to_disk folder, or a Megatron path prefix.")
@@ -61,7 +66,7 @@ def register(sub) -> None:
     i.add_argument("--text-field", default="text", help="Text column/field (default 'text').")
     i.add_argument("--hf-split", default=None, help="Split of a saved DatasetDict (default 'train').")
     i.add_argument("--vocab-size", type=int, default=None,
-                   help="Megatron only: the vocabulary the store was tokenized with (must be 50257).")
+                   help="Megatron only: the vocabulary the files were tokenized with (must match the tokenizer's).")
     i.add_argument("--valid-fraction", type=float, default=None, help="Held-out fraction (default 0.05).")
     i.add_argument("--seed", type=int, default=None, help="Split seed (default data.seed).")
     i.add_argument("--cap-mb", type=float, default=None, help="Optional cap on imported text in MB.")
@@ -86,6 +91,10 @@ def _resolve(args):
     elif cfg.domains:
         domains = list(cfg.domains)
     return cfg, data_dir, domains
+
+
+def _tokenizer(args, cfg) -> str:
+    return args.tokenizer if getattr(args, "tokenizer", None) is not None else cfg.tokenizer
 
 
 def _fail(msg: str) -> int:
@@ -117,7 +126,7 @@ def run_build(args) -> int:
               f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         if not args.no_tokenize:
             from megamix.data.tokenize import tokenize_corpus
-            tokenize_corpus(data_dir, built, force=args.force)
+            tokenize_corpus(data_dir, built, force=args.force, tokenizer=_tokenizer(args, cfg))
             print(f"tokens: {data_dir / 'tokens'} ({time.perf_counter() - t0:.1f} s total)", file=sys.stderr)
     except (MissingPackageError, EmptyDomainError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
@@ -127,18 +136,20 @@ def run_build(args) -> int:
 def run_tokenize(args) -> int:
     from megamix.data.tokenize import tokenize_corpus
 
-    _, data_dir, domains = _resolve(args)
+    cfg, data_dir, domains = _resolve(args)
     try:
-        man = tokenize_corpus(data_dir, domains, force=args.force)
+        man = tokenize_corpus(data_dir, domains, force=args.force, tokenizer=_tokenizer(args, cfg))
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     total = sum(v["train_tokens"] + v["valid_tokens"] for v in man["domains"].values())
-    print(f"tokens: {len(man['domains'])} domains, {total:,} tokens in {data_dir / 'tokens'}")
+    print(f"tokens: {len(man['domains'])} domains, {total:,} tokens in {data_dir / 'tokens'} "
+          f"(tokenizer {man['tokenizer']}, vocab {man['vocab_size']}, {man['dtype']})")
     return 0
 
 
 def run_import(args) -> int:
-    from megamix.data.importer import DataImportError, import_megatron_domain, import_text_domain
+    from megamix.data.errors import DataError
+    from megamix.data.importer import import_megatron_domain, import_text_domain
 
     cfg, data_dir, _ = _resolve(args)
     vf = args.valid_fraction if args.valid_fraction is not None else cfg.valid_fraction
@@ -146,13 +157,14 @@ def run_import(args) -> int:
     try:
         if args.format == "megatron" or (args.format is None and args.vocab_size is not None):
             entry = import_megatron_domain(data_dir, args.domain, args.source, vocab_size=args.vocab_size,
-                                           valid_fraction=vf, seed=seed)
+                                           valid_fraction=vf, seed=seed, tokenizer=_tokenizer(args, cfg))
         else:
             entry = import_text_domain(data_dir, args.domain, args.source, fmt=args.format,
                                        text_field=args.text_field, hf_split=args.hf_split,
                                        valid_fraction=vf, seed=seed, cap_mb=args.cap_mb,
-                                       max_docs=args.max_docs, tokenize=not args.no_tokenize)
-    except (DataImportError, FileNotFoundError) as e:
+                                       max_docs=args.max_docs, tokenize=not args.no_tokenize,
+                                       tokenizer=_tokenizer(args, cfg))
+    except (DataError, FileNotFoundError) as e:
         return _fail(str(e))
     tr, va = entry["train"], entry["valid"]
     print(f"imported domain {args.domain!r}: train {tr['docs']} docs / {tr.get('tokens', '?')} tokens, "

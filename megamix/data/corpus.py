@@ -7,6 +7,7 @@ have not changed is reused as is, so a second build is fast.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -16,11 +17,13 @@ import sys
 import time
 import unicodedata
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from megamix.data.errors import check_domain_name
 from megamix.data.fetch import AptFetcher, MissingPackageError, local_package_version
 from megamix.data.sources import Source, SourceContext, get_sources
 
@@ -99,6 +102,19 @@ def atomic_write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (``flock`` on ``path``, created if needed) held for the block; blocks
+    until free. Wrap every read-modify-write of a JSON file that concurrent builders share."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def read_stats(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "corpus" / "stats.json"
     if path.is_file():
@@ -107,11 +123,13 @@ def read_stats(data_dir: str | Path) -> dict:
 
 
 def update_stats(data_dir: str | Path, domain_entries: dict[str, dict]) -> dict:
-    """Merge per-domain entries into ``corpus/stats.json`` (other domains are kept)."""
-    stats = read_stats(data_dir)
-    stats.setdefault("domains", {}).update(domain_entries)
-    stats["domains"] = dict(sorted(stats["domains"].items()))
-    atomic_write_json(Path(data_dir) / "corpus" / "stats.json", stats)
+    """Merge per-domain entries into ``corpus/stats.json`` (other domains are kept). The read-modify-write
+    holds ``corpus/.stats.lock``, so concurrent builds/imports of different domains never lose an entry."""
+    with file_lock(Path(data_dir) / "corpus" / ".stats.lock"):
+        stats = read_stats(data_dir)
+        stats.setdefault("domains", {}).update(domain_entries)
+        stats["domains"] = dict(sorted(stats["domains"].items()))
+        atomic_write_json(Path(data_dir) / "corpus" / "stats.json", stats)
     return stats
 
 
@@ -120,7 +138,7 @@ def write_domain(data_dir: str | Path, domain: str, docs: Iterable[tuple[str, st
                  cap_bytes: int | None, valid_fraction: float, seed: int,
                  max_docs: int | None = None, max_doc_chars: int | None = None,
                  min_chars: int = 16, provenance: dict | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, valid_docs: Iterable[tuple[str, str]] | None = None) -> dict:
     """Normalise, de-duplicate, cap and split ``docs`` into ``corpus/<domain>/{train,valid}.jsonl``.
 
     Args:
@@ -129,19 +147,33 @@ def write_domain(data_dir: str | Path, domain: str, docs: Iterable[tuple[str, st
         valid_fraction: expected fraction of documents held out (at least one if there are >= 2 docs).
         max_docs: keep at most this many documents.
         max_doc_chars: cut longer documents at a line boundary.
+        valid_docs: the source's own validation documents (e.g. a DatasetDict's ``validation`` split).
+            When given they are the validation split (normalised and de-duplicated, not capped; a training
+            document equal to one of them is dropped as a duplicate) and ``docs`` are all training.
 
     Returns the stats entry of the domain (docs/bytes per split, dedup counts, provenance).
     Raises :class:`EmptyDomainError` if nothing usable remains.
     """
-    if not domain or "/" in domain or domain.startswith("."):
-        raise ValueError(f"invalid domain name {domain!r}: use letters, digits, '_' or '-'")
+    check_domain_name(domain)
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     kept: list[tuple[str, str, str]] = []  # (key, text, source)
+    fixed_valid: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     total = dup = short = skipped_cap = 0
     bar = tqdm(total=cap_bytes, unit="B", unit_scale=True, desc=f"corpus {domain}", file=sys.stderr,
                disable=not progress, leave=False, mininterval=1.0)
+    for text, src in valid_docs or ():
+        text = normalize_text(_truncate(text, max_doc_chars))
+        if len(text) < min_chars:
+            short += 1
+            continue
+        key = dedup_key(text)
+        if key in seen:
+            dup += 1
+            continue
+        seen.add(key)
+        fixed_valid.append((key, text, src))
     for text, src in docs:
         text = normalize_text(_truncate(text, max_doc_chars))
         if len(text) < min_chars:
@@ -167,8 +199,14 @@ def write_domain(data_dir: str | Path, domain: str, docs: Iterable[tuple[str, st
     if not kept:
         raise EmptyDomainError(f"domain {domain!r} produced no documents "
                                f"({short} too short, {dup} duplicates); check its source")
-    is_valid = assign_splits([k for k, _, _ in kept], seed, valid_fraction,
-                             [len(t.encode('utf-8')) for _, t, _ in kept])
+    if valid_docs is not None:
+        if not fixed_valid:
+            raise EmptyDomainError(f"domain {domain!r}: the validation split has no usable documents")
+        is_valid = [False] * len(kept) + [True] * len(fixed_valid)
+        kept = kept + fixed_valid
+    else:
+        is_valid = assign_splits([k for k, _, _ in kept], seed, valid_fraction,
+                                 [len(t.encode('utf-8')) for _, t, _ in kept])
     entry: dict = {}
     root = Path(data_dir) / "corpus" / domain
     for split, want in (("train", False), ("valid", True)):

@@ -2,9 +2,12 @@
 folder or an existing Megatron ``.bin/.idx`` store into the megamix corpus/token layout.
 
 Text formats go through the same normalisation, exact de-duplication and seeded train/valid split
-as the built-in corpus, then get tokenized. Megatron stores keep their token ids (no
-re-tokenization); each document gets exactly one trailing EOS and the corpus jsonl holds the
-decoded text, so ``megamix data stats`` and Domain2Vec see the same documents.
+as the built-in corpus, then get tokenized with the store's tokenizer. A saved ``DatasetDict`` keeps its
+own ``validation`` (or ``valid``/``val``/``dev``) split instead of re-splitting train. Megatron stores keep
+their token ids (no re-tokenization; they must come from the store's tokenizer, whatever its size); each
+document gets exactly one trailing EOS and the corpus jsonl holds the decoded text, so
+``megamix data stats`` and Domain2Vec see the same documents. (To train on Megatron files or tokenised
+Arrow datasets without copying them, use ``data.paths``: :mod:`megamix.data.backings`.)
 """
 from __future__ import annotations
 
@@ -17,17 +20,17 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from megamix.data.corpus import (SPLITS, assign_splits, atomic_write_lines, read_stats,
-                                 update_stats, write_domain)
-from megamix.data.store import MANIFEST
-from megamix.data.token_store import IndexedTokenDataset, IndexedTokenWriter, best_dtype
-from megamix.data.tokenize import atomic_write_json, file_sha256, read_manifest_or_new, tokenize_corpus
-from megamix.data.tokenizer import GPT2_EOS_ID, GPT2_VOCAB_SIZE
+from megamix.data.backings import VALID_SPLIT_NAMES
+from megamix.data.corpus import SPLITS, assign_splits, atomic_write_lines, read_stats, update_stats, write_domain
+from megamix.data.errors import DataError, check_domain_name
+from megamix.data.manifest import write_domain_record
+from megamix.data.token_store import IndexedTokenDataset, IndexedTokenWriter
+from megamix.data.tokenize import file_sha256, resolve_store_tokenizer, tokenize_corpus
 
 FORMATS = ("jsonl", "parquet", "hf", "megatron")
 
 
-class DataImportError(ValueError):
+class DataImportError(DataError):
     """The input cannot be imported; the message says why and how to fix it."""
 
 
@@ -92,21 +95,12 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
         raise DataImportError(f"{path} holds no rows with text in {text_field!r}")
 
 
-def _iter_hf(path: Path, text_field: str, hf_split: str | None) -> Iterator[tuple[str, str]]:
-    import datasets
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # datasets raises several types for a bad folder
-        raise DataImportError(f"{path} is not a Hugging Face save_to_disk folder: {e}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds.keys())
-        split = hf_split or ("train" if "train" in ds else names[0])
-        if split not in ds:
-            raise DataImportError(f"{path} has splits {names}; --hf-split {split!r} is not one of them")
-        ds = ds[split]
+def _hf_rows(ds, path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     if text_field not in ds.column_names:
+        hint = (" (already tokenised? train on it in place with data.paths instead)"
+                if "input_ids" in ds.column_names else "")
         raise DataImportError(f"{path}: no column {text_field!r} (columns: {ds.column_names}); "
-                           "pass --text-field")
+                              f"pass --text-field{hint}")
     if len(ds) == 0:
         raise DataImportError(f"{path} is an empty dataset")
     for i, v in enumerate(ds[text_field] if len(ds) < 200_000 else (r[text_field] for r in ds)):
@@ -115,6 +109,25 @@ def _iter_hf(path: Path, text_field: str, hf_split: str | None) -> Iterator[tupl
         if not isinstance(v, str):
             raise DataImportError(f"{path}: column {text_field!r} holds {type(v).__name__}, not text")
         yield v, f"{path}#{i}"
+
+
+def _hf_splits(path: Path, text_field: str, hf_split: str | None):
+    """``(train rows, validation rows or None, validation split name or None)`` of a saved dataset: a
+    ``DatasetDict`` keeps its own validation split (the first of :data:`VALID_SPLIT_NAMES` it has)."""
+    import datasets
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for a bad folder
+        raise DataImportError(f"{path} is not a Hugging Face save_to_disk folder: {e}") from e
+    if not isinstance(ds, datasets.DatasetDict):
+        return _hf_rows(ds, path, text_field), None, None
+    names = list(ds.keys())
+    split = hf_split or ("train" if "train" in ds else names[0])
+    if split not in ds:
+        raise DataImportError(f"{path} has splits {names}; --hf-split {split!r} is not one of them")
+    vname = next((n for n in VALID_SPLIT_NAMES if n in ds and n != split), None)
+    valid = _hf_rows(ds[vname], path / vname, text_field) if vname else None
+    return _hf_rows(ds[split], path / split, text_field), valid, vname
 
 
 def _nonempty(it: Iterator[tuple[str, str]], path: Path) -> Iterator[tuple[str, str]]:
@@ -129,8 +142,12 @@ def _nonempty(it: Iterator[tuple[str, str]], path: Path) -> Iterator[tuple[str, 
 def import_text_domain(data_dir: str | Path, domain: str, path: str | Path, *, fmt: str | None = None,
                        text_field: str = "text", hf_split: str | None = None,
                        valid_fraction: float = 0.05, seed: int = 1234, cap_mb: float | None = None,
-                       max_docs: int | None = None, tokenize: bool = True, progress: bool = True) -> dict:
-    """Import one domain from jsonl / parquet / HF; returns its ``stats.json`` entry."""
+                       max_docs: int | None = None, tokenize: bool = True, progress: bool = True,
+                       tokenizer: str | None = None) -> dict:
+    """Import one domain from jsonl / parquet / HF; returns its ``stats.json`` entry.
+
+    ``tokenizer``: a ``data.tokenizer`` value (empty = the store's, else GPT-2)."""
+    check_domain_name(domain, "--domain")
     path = Path(path)
     if not path.exists() and not Path(str(path) + ".idx").is_file():
         raise DataImportError(f"{path} does not exist")
@@ -139,47 +156,58 @@ def import_text_domain(data_dir: str | Path, domain: str, path: str | Path, *, f
         raise DataImportError(f"unknown format {fmt!r}; use one of {FORMATS}")
     if fmt == "megatron":
         return import_megatron_domain(data_dir, domain, path, valid_fraction=valid_fraction, seed=seed,
-                                      progress=progress)
+                                      progress=progress, tokenizer=tokenizer)
+    if tokenize:  # refuse a tokenizer clash before anything is written
+        resolve_store_tokenizer(Path(data_dir) / "tokens", tokenizer, [domain])
+    valid_it, valid_name = None, None
     if fmt == "jsonl":
         it = _iter_jsonl(path, text_field)
     elif fmt == "parquet":
         it = _iter_parquet(path, text_field)
     else:
-        it = _iter_hf(path, text_field, hf_split)
+        it, valid_it, valid_name = _hf_splits(path, text_field, hf_split)
     prov = {"description": f"imported from {fmt}", "packages": [], "source_paths": [str(path.resolve())],
             "license": "user-provided", "license_files": [], "format": fmt, "text_field": text_field}
+    if valid_name:
+        prov["validation_split"] = valid_name  # the dataset's own split, not re-split from train
     try:
         entry = write_domain(data_dir, domain, _nonempty(it, path),
                              cap_bytes=int(cap_mb * 1e6) if cap_mb else None,
                              valid_fraction=valid_fraction, seed=seed, max_docs=max_docs,
-                             max_doc_chars=None, provenance=prov, progress=progress)
+                             max_doc_chars=None, provenance=prov, progress=progress, valid_docs=valid_it)
     except RuntimeError as e:  # EmptyDomainError
         raise DataImportError(f"{path}: {e}") from e
     entry["imported"] = True
     update_stats(data_dir, {domain: entry})
     if tokenize:
-        tokenize_corpus(data_dir, [domain], progress=progress)
+        tokenize_corpus(data_dir, [domain], progress=progress, tokenizer=tokenizer)
     return read_stats(data_dir)["domains"][domain]
 
 
 def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path, *,
                            vocab_size: int | None = None, valid_fraction: float = 0.05, seed: int = 1234,
-                           decode_text: bool = True, progress: bool = True) -> dict:
-    """Import an existing Megatron ``.bin/.idx`` store (GPT-2 token ids) as one domain.
+                           decode_text: bool = True, progress: bool = True, tokenizer: str | None = None) -> dict:
+    """Copy an existing Megatron ``.bin/.idx`` store into the megamix store as one domain.
 
     Args:
         prefix: the path prefix (``.../my_text_document``), with or without ``.bin``/``.idx``.
-        vocab_size: the vocabulary the store was tokenized with, if known; must be GPT-2's 50257.
+        vocab_size: the vocabulary the files were tokenized with, if known; must equal the tokenizer's.
         decode_text: also write the decoded text to ``corpus/<domain>/*.jsonl``.
+        tokenizer: the tokenizer the files were made with (a ``data.tokenizer`` value; empty = the store's,
+            else GPT-2). Its vocabulary, EOS and dtype become the domain's.
 
-    Raises :class:`DataImportError` for a missing/empty store or a vocabulary mismatch (a declared
-    ``vocab_size`` other than 50257, or token ids >= 50257).
+    Raises :class:`DataImportError` for a missing/corrupt/empty store or a vocabulary mismatch (a declared
+    ``vocab_size`` other than the tokenizer's, or token ids outside its vocabulary).
     """
+    check_domain_name(domain, "--domain")
     data_dir = Path(data_dir)
-    if vocab_size is not None and vocab_size != GPT2_VOCAB_SIZE:
+    tokens_dir = data_dir / "tokens"
+    meta = resolve_store_tokenizer(tokens_dir, tokenizer, [domain])
+    vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+    if vocab_size is not None and vocab_size != vocab:
         raise DataImportError(f"vocab-size mismatch: the store was tokenized with a {vocab_size}-token "
-                           f"vocabulary but megamix token stores use GPT-2 ({GPT2_VOCAB_SIZE}); "
-                           "re-tokenize the text with the GPT-2 tokenizer or import the raw text")
+                              f"vocabulary but the tokenizer {meta['tokenizer']!r} has {vocab}; pass the tokenizer "
+                              "the files were made with (--tokenizer, or data.tokenizer)")
     try:
         src = IndexedTokenDataset(prefix)
     except (FileNotFoundError, ValueError) as e:
@@ -190,17 +218,15 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
         raise DataImportError(f"Megatron store {prefix} holds {np.dtype(src.dtype).name} values, not token ids")
     toks = np.asarray(src.tokens)
     lo, hi = int(toks.min()), int(toks.max())
-    if lo < 0 or hi >= GPT2_VOCAB_SIZE:
-        raise DataImportError(f"vocab-size mismatch: {prefix} has token ids in [{lo}, {hi}] but the GPT-2 "
-                           f"vocabulary has {GPT2_VOCAB_SIZE} ids; it was tokenized with another "
-                           "tokenizer. Re-tokenize with GPT-2 or import the raw text instead")
+    if lo < 0 or hi >= vocab:
+        raise DataImportError(f"vocab-size mismatch: {prefix} has token ids in [{lo}, {hi}] but the tokenizer "
+                              f"{meta['tokenizer']!r} has {vocab} ids; pass the tokenizer the files were made "
+                              "with (--tokenizer, or data.tokenizer)")
     tok = None
     if decode_text:
-        from megamix.data.tokenizer import get_tokenizer
-        tok = get_tokenizer()
-    tokens_dir = data_dir / "tokens"
-    manifest = read_manifest_or_new(tokens_dir)
-    dtype = np.dtype(manifest.get("dtype", np.dtype(best_dtype(GPT2_VOCAB_SIZE)).name)).type
+        from megamix.data.tokenizer import load_tokenizer
+        tok = load_tokenizer(meta["tokenizer"])
+    dtype = np.dtype(meta["dtype"]).type
     rows: dict[str, list[str]] = {sp: [] for sp in SPLITS}
     counts = {sp: {"docs": 0, "tokens": 0, "bytes": 0} for sp in SPLITS}
     keep: list[tuple[int, str, int]] = []  # (document index, dedup key, tokens)
@@ -208,7 +234,7 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
     dup = 0
     for i in range(len(src)):
         ids = src[i]
-        if ids.size and ids[-1] == GPT2_EOS_ID:
+        if ids.size and ids[-1] == eos:
             ids = ids[:-1]
         if ids.size == 0:
             continue
@@ -224,12 +250,12 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
     writers = {sp: IndexedTokenWriter(tokens_dir / domain / sp, dtype) for sp in SPLITS}
     try:
         for (i, _, _), is_val in tqdm(list(zip(keep, splits)), desc=f"import {domain}", file=sys.stderr,
-                                   disable=not progress, leave=False):
+                                      disable=not progress, leave=False):
             ids = src[i].astype(np.int64)
-            if ids[-1] == GPT2_EOS_ID:
+            if ids[-1] == eos:
                 ids = ids[:-1]
             sp = "valid" if is_val else "train"
-            doc = np.append(ids, GPT2_EOS_ID)
+            doc = np.append(ids, eos)
             writers[sp].add_document(doc)
             counts[sp]["docs"] += 1
             counts[sp]["tokens"] += int(doc.size)
@@ -255,13 +281,13 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
                                  "license": "user-provided", "license_files": [], "format": "megatron",
                                  "source_dtype": np.dtype(src.dtype).name}})
     update_stats(data_dir, {domain: entry})
-    manifest["domains"][domain] = {
-        "train_docs": counts["train"]["docs"], "train_tokens": counts["train"]["tokens"],
-        "valid_docs": counts["valid"]["docs"], "valid_tokens": counts["valid"]["tokens"],
-        # the jsonl is derived from the tokens here; recording its hash stops `tokenize` from
-        # re-encoding the decoded text (which would not reproduce the original ids exactly)
-        "corpus_sha256": {sp: file_sha256(corpus / f"{sp}.jsonl") for sp in SPLITS},
-        "source": "megatron"}
-    manifest["domains"] = dict(sorted(manifest["domains"].items()))
-    atomic_write_json(tokens_dir / MANIFEST, manifest)
+    record = {**meta}
+    for sp in SPLITS:
+        record[f"{sp}_docs"], record[f"{sp}_tokens"] = counts[sp]["docs"], counts[sp]["tokens"]
+        record[f"{sp}_max_token_id"] = writers[sp].max_token_id
+    # the jsonl is derived from the tokens here; recording its hash stops `tokenize` from
+    # re-encoding the decoded text (which would not reproduce the original ids exactly)
+    record["corpus_sha256"] = {sp: file_sha256(corpus / f"{sp}.jsonl") for sp in SPLITS}
+    record["source"] = "megatron"
+    write_domain_record(tokens_dir, domain, record)
     return entry

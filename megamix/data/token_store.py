@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from megamix.data.errors import DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -41,7 +44,8 @@ CODE_DTYPES: dict[int, type] = {v: k for k, v in DTYPE_CODES.items()}
 
 
 def best_dtype(vocab_size: int) -> type:
-    """The smallest token dtype Megatron would pick: uint16 below 65500 ids, else int32."""
+    """The token dtype for a vocabulary of ``vocab_size`` ids, chosen as Megatron's
+    ``DType.optimal_dtype`` does: ``uint16`` when ``vocab_size < 65500``, else ``int32``."""
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     return np.uint16 if vocab_size < 65500 else np.int32
@@ -83,6 +87,7 @@ class IndexedTokenWriter:
         self._finalized = False
         info = np.iinfo(self.dtype) if np.issubdtype(self.dtype, np.integer) else None
         self._lo, self._hi = (info.min, info.max) if info is not None else (None, None)
+        self.max_token_id = -1  # largest id written so far (-1 = none); recorded in the store manifest
 
     def add_document(self, ids: Iterable[int] | np.ndarray) -> None:
         """Append one document (possibly empty) of token ids."""
@@ -98,6 +103,7 @@ class IndexedTokenWriter:
             if lo < self._lo or hi > self._hi:
                 raise ValueError(f"token id out of range for {np.dtype(self.dtype).name}: "
                                  f"min {lo}, max {hi}")
+            self.max_token_id = max(self.max_token_id, hi)
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
 
@@ -149,35 +155,124 @@ class IndexedTokenWriter:
             self.abort()
 
 
-def read_index(idx_path: str | Path) -> dict:
-    """Parse a Megatron ``.idx`` file into its fields (numpy arrays are copies)."""
-    idx_path = Path(idx_path)
-    if not idx_path.is_file():
-        raise FileNotFoundError(f"index file {idx_path} does not exist")
-    buf = idx_path.read_bytes()
-    if buf[:9] != INDEX_HEADER:
-        raise ValueError(f"{idx_path} is not a Megatron MMapIndexedDataset index "
-                         f"(header {buf[:9]!r}, expected {INDEX_HEADER!r})")
-    if len(buf) < 34:
-        raise ValueError(f"{idx_path} is truncated ({len(buf)} bytes)")
-    (version,) = struct.unpack_from("<Q", buf, 9)
+@dataclass
+class IndexInfo:
+    """A validated ``.bin/.idx`` pair (see :func:`check_index`)."""
+
+    bin_path: Path
+    idx_path: Path
+    dtype: type
+    sequence_lengths: np.ndarray   # int64 [S]
+    document_indices: np.ndarray   # int64 [D] (D = documents + 1)
+    doc_offsets: np.ndarray        # int64 [D] token offset of each document start (last = num_tokens)
+    num_tokens: int
+    multimodal: bool = False       # the index carries Megatron's per-sequence mode bytes
+
+
+def _index_error(path: Path, what: str, fix: str | None = None) -> DataError:
+    fix = fix or ("rewrite it (Megatron's tools/preprocess_data.py, or `megamix data tokenize --force`) "
+                  "or point the setting at an intact .bin/.idx pair")
+    return DataError(f"{path}: {what}; {fix}")
+
+
+def check_index(prefix: str | Path) -> IndexInfo:
+    """Validate a Megatron ``MMIDIDX`` ``.bin/.idx`` pair and return its layout.
+
+    This is the one place the pair is checked: both files exist; the header magic, version and dtype
+    code are Megatron's; the ``.idx`` size is exactly the layout its counts describe (optionally
+    followed by Megatron's per-sequence mode bytes); sequence pointers are contiguous byte offsets that
+    match the lengths; document indices run from 0 to the sequence count without going back; and the
+    ``.bin`` holds exactly the tokens the index describes. The ``.idx`` is memory-mapped (its arrays
+    are read once to compute offsets), the ``.bin`` is only ``stat``-ed. Any problem raises
+    :class:`~megamix.data.errors.DataError` with a one-line message naming the file.
+    """
+    bin_path, idx_path = _paths(prefix)
+    for f in (idx_path, bin_path):
+        if f.is_dir():
+            raise DataError(f"{f} is a directory, not a Megatron {f.suffix} file; pass the path prefix "
+                            f"of a .bin/.idx pair (e.g. /data/web_text_document)")
+        if not f.is_file():
+            raise DataError(f"{f} does not exist; pass the path prefix of an existing .bin/.idx pair "
+                            f"(e.g. /data/web_text_document for web_text_document.bin/.idx)")
+    size = idx_path.stat().st_size
+    with open(idx_path, "rb") as fh:
+        head = fh.read(34)
+    if head[:9] != INDEX_HEADER:
+        raise _index_error(idx_path, f"not a Megatron MMIDIDX index (magic {head[:9]!r}, expected "
+                                     f"{INDEX_HEADER!r})")
+    if len(head) < 34:
+        raise _index_error(idx_path, f"truncated index: {size} bytes, the header alone needs 34")
+    (version,) = struct.unpack_from("<Q", head, 9)
     if version != INDEX_VERSION:
-        raise ValueError(f"{idx_path}: unsupported index version {version} (expected 1)")
-    (code,) = struct.unpack_from("<B", buf, 17)
+        raise _index_error(idx_path, f"unsupported index version {version} (Megatron writes 1)")
+    (code,) = struct.unpack_from("<B", head, 17)
     if code not in CODE_DTYPES:
-        raise ValueError(f"{idx_path}: unknown dtype code {code}")
-    seq_count, doc_count = struct.unpack_from("<QQ", buf, 18)
-    off = 34
-    need = off + 4 * seq_count + 8 * seq_count + 8 * doc_count
-    if len(buf) < need:
-        raise ValueError(f"{idx_path} is truncated: {len(buf)} bytes, layout needs {need}")
-    lengths = np.frombuffer(buf, dtype="<i4", count=seq_count, offset=off).astype(np.int64)
-    off += 4 * seq_count
-    pointers = np.frombuffer(buf, dtype="<i8", count=seq_count, offset=off).astype(np.int64)
-    off += 8 * seq_count
-    doc_idx = np.frombuffer(buf, dtype="<i8", count=doc_count, offset=off).astype(np.int64)
-    return {"version": version, "dtype_code": code, "dtype": CODE_DTYPES[code],
-            "sequence_lengths": lengths, "sequence_pointers": pointers, "document_indices": doc_idx}
+        raise _index_error(idx_path, f"unknown dtype code {code} (Megatron's codes are "
+                                     f"{sorted(CODE_DTYPES)})")
+    dtype = CODE_DTYPES[code]
+    seq_count, doc_count = struct.unpack_from("<QQ", head, 18)
+    need = 34 + 12 * seq_count + 8 * doc_count
+    if size < need:
+        raise _index_error(idx_path, f"truncated index: {size} bytes, but its {seq_count} sequences and "
+                                     f"{doc_count} document entries need {need}")
+    if size not in (need, need + seq_count):
+        raise _index_error(idx_path, f"{size - need} unexpected bytes after the layout its counts describe "
+                                     f"({need} bytes); the header counts do not match the file")
+    mm = np.memmap(idx_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    lengths = np.frombuffer(mm, dtype="<i4", count=seq_count, offset=34).astype(np.int64)
+    pointers = np.frombuffer(mm, dtype="<i8", count=seq_count, offset=34 + 4 * seq_count)
+    doc_idx = np.frombuffer(mm, dtype="<i8", count=doc_count, offset=34 + 12 * seq_count).astype(np.int64)
+    if seq_count and lengths.min() < 0:
+        raise _index_error(idx_path, "negative sequence length in the index")
+    itemsize = np.dtype(dtype).itemsize
+    seq_offsets = np.zeros(seq_count + 1, dtype=np.int64)
+    np.cumsum(lengths, out=seq_offsets[1:])
+    if seq_count and not np.array_equal(pointers, seq_offsets[:-1] * itemsize):
+        bad = int(np.flatnonzero(pointers != seq_offsets[:-1] * itemsize)[0])
+        raise _index_error(idx_path, f"sequence {bad} points at byte {int(pointers[bad])} but the lengths "
+                                     f"before it end at byte {int(seq_offsets[bad]) * itemsize} (pointers must "
+                                     "be contiguous, as Megatron writes them)")
+    if doc_count == 0 or doc_idx[0] != 0 or doc_idx[-1] != seq_count or np.any(np.diff(doc_idx) < 0):
+        first = int(doc_idx[0]) if doc_count else None
+        last = int(doc_idx[-1]) if doc_count else None
+        raise _index_error(idx_path, f"malformed document indices (first {first}, last {last}; they must run "
+                                     f"from 0 to the sequence count {seq_count} without going back)")
+    num_tokens = int(seq_offsets[-1])
+    bin_size = bin_path.stat().st_size
+    if bin_size != num_tokens * itemsize:
+        what = "truncated" if bin_size < num_tokens * itemsize else "longer than its index"
+        raise _index_error(bin_path, f"{what}: {bin_size} bytes, but {idx_path.name} describes {num_tokens} "
+                                     f"{np.dtype(dtype).name} tokens = {num_tokens * itemsize} bytes (an "
+                                     f"interrupted write, or the .idx of another .bin)")
+    return IndexInfo(bin_path=bin_path, idx_path=idx_path, dtype=dtype, sequence_lengths=lengths,
+                     document_indices=doc_idx, doc_offsets=seq_offsets[doc_idx], num_tokens=num_tokens,
+                     multimodal=size == need + seq_count and seq_count > 0)
+
+
+def read_index_header(prefix: str | Path) -> tuple[type, int, int]:
+    """``(dtype, sequences, document entries)`` from the first 34 bytes of the ``.idx`` (no validation of
+    the rest; :func:`check_index` does that)."""
+    _, idx_path = _paths(prefix)
+    with open(idx_path, "rb") as fh:
+        head = fh.read(34)
+    if head[:9] != INDEX_HEADER or len(head) < 34:
+        raise _index_error(idx_path, "not a Megatron MMIDIDX index (bad magic or truncated header)")
+    (code,) = struct.unpack_from("<B", head, 17)
+    if code not in CODE_DTYPES:
+        raise _index_error(idx_path, f"unknown dtype code {code}")
+    seq_count, doc_count = struct.unpack_from("<QQ", head, 18)
+    return CODE_DTYPES[code], int(seq_count), int(doc_count)
+
+
+def read_index(idx_path: str | Path) -> dict:
+    """Parse and validate a Megatron ``.idx`` (and its ``.bin``) into its fields."""
+    info = check_index(idx_path)
+    lengths = info.sequence_lengths
+    itemsize = np.dtype(info.dtype).itemsize
+    pointers = np.concatenate([[0], np.cumsum(lengths[:-1]) * itemsize]).astype(np.int64) if len(lengths) \
+        else np.zeros(0, np.int64)
+    return {"version": INDEX_VERSION, "dtype_code": DTYPE_CODES[info.dtype], "dtype": info.dtype,
+            "sequence_lengths": lengths, "sequence_pointers": pointers, "document_indices": info.document_indices}
 
 
 class IndexedTokenDataset:
@@ -192,34 +287,14 @@ class IndexedTokenDataset:
     """
 
     def __init__(self, prefix: str | Path):
-        self.bin_path, self.idx_path = _paths(prefix)
-        if not self.bin_path.is_file():
-            raise FileNotFoundError(f"token file {self.bin_path} does not exist")
-        idx = read_index(self.idx_path)
-        self.dtype = idx["dtype"]
-        itemsize = np.dtype(self.dtype).itemsize
-        lengths, pointers = idx["sequence_lengths"], idx["sequence_pointers"]
-        doc_idx = idx["document_indices"]
-        self.sequence_lengths = lengths
-        self.document_indices = doc_idx
-        if len(lengths):
-            expect = np.concatenate([[0], np.cumsum(lengths[:-1] * itemsize)])
-            if pointers[0] != 0 or not np.array_equal(pointers, expect):
-                raise ValueError(f"{self.idx_path}: sequence pointers are not contiguous; "
-                                 "this reader supports only packed stores")
-        if len(doc_idx) == 0 or doc_idx[0] != 0 or doc_idx[-1] != len(lengths) \
-                or np.any(np.diff(doc_idx) < 0):
-            raise ValueError(f"{self.idx_path}: malformed document indices "
-                             f"(first {doc_idx[:1]}, last {doc_idx[-1:]}, sequences {len(lengths)})")
-        seq_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=seq_offsets[1:])
-        self.doc_offsets = seq_offsets[doc_idx]
+        info = check_index(prefix)
+        self.bin_path, self.idx_path = info.bin_path, info.idx_path
+        self.dtype = info.dtype
+        self.sequence_lengths = info.sequence_lengths
+        self.document_indices = info.document_indices
+        self.doc_offsets = info.doc_offsets
         self.doc_lengths = np.diff(self.doc_offsets)
-        self.num_tokens = int(seq_offsets[-1])
-        size = self.bin_path.stat().st_size
-        if size != self.num_tokens * itemsize:
-            raise ValueError(f"{self.bin_path} has {size} bytes but the index describes "
-                             f"{self.num_tokens} tokens of {itemsize} bytes")
+        self.num_tokens = info.num_tokens
         if self.num_tokens == 0:
             self.tokens = np.zeros(0, dtype=self.dtype)
         else:

@@ -498,8 +498,9 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
                        "domains": sorted({r.domain for r in refs}),
                        "clusters": [cluster_name(c) for c in range(k)]})
         if tokenize:
-            from megamix.data.tokenize import tokenize_corpus
-            tokenize_corpus(out, [cluster_name(c) for c in range(k)], force=True, progress=progress)
+            from megamix.data.tokenize import recorded_tokenizer, tokenize_corpus
+            tokenize_corpus(out, [cluster_name(c) for c in range(k)], force=True, progress=progress,
+                            tokenizer=recorded_tokenizer(Path(data_dir) / "tokens"))  # the source store's tokenizer
         if plot:
             from megamix.regroup.plots import plot_regroup
             report["plot"] = str(plot_regroup(report, rg / "regroup.png"))

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from megamix.config import MegamixConfig
-from megamix.configbase import ConfigError
 from megamix.integrations.hf import apply_megamix, body_hidden_states, check_supported
 from megamix.integrations.hook import attach
 from megamix.train.backend import Backend, make_backend
@@ -240,6 +239,8 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     """
     from tqdm.auto import tqdm
 
+    from megamix.data.backings import open_store
+    from megamix.data.corpus import atomic_write_json
     from megamix.data.store import TokenStore
     from megamix.mixer import Mixer
     from megamix.train.plots import plot_run
@@ -258,11 +259,8 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         out_dir.mkdir(parents=True, exist_ok=True)
         for note in notes:
             log.info("megamix: %s", note)
-    store = store or TokenStore(Path(cfg.data.data_dir) / "tokens")
-    vocab = store.manifest.get("vocab_size", cfg.model.vocab_size)
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"token store vocabulary ({vocab}) exceeds model.vocab_size ({cfg.model.vocab_size}); "
-                          f"set model.vocab_size={vocab}")
+    store = store or open_store(cfg.data)
+    store.check_vocab(cfg.model.vocab_size)  # a DataError (one line, exit 2) names the mismatch and the fix
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, seed=t.seed)
     n_params = count_parameters(model)
@@ -284,6 +282,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         elif metrics_path.exists():
             metrics_path.unlink()  # a fresh run: drop records of an earlier, unfinished one
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        atomic_write_json(out_dir / "data_manifest.json", store.manifest)  # what was trained on (sources, splits)
     logger = MetricsLogger(out_dir, enabled=main)
     if start == 0:
         logger.log("run", 0, params=n_params, domains=mixer.domains, world_size=world_size, backend=backend.name,
