@@ -3,7 +3,7 @@
 Checked: gradient accumulation under no_sync (local gradients on the first micro-step, all-reduced ones on
 the last) with the fused LM head on tied embeddings, equal to the single-process gradient of the whole
 global batch; per-step losses equal the plain single-process run over the same global batches; parameters
-identical on both ranks; exact resume mid-round; the checkpoint layout (model.pt once, a side file per rank);
+identical on both ranks; exact resume mid-round; the capture path on the DDP-wrapped model; the checkpoint layout (model.pt once, a side file per rank);
 the mixture telemetry counts every rank's samples; `torchrun -m megamix train` without DeepSpeed runs DDP.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _overrides(data_dir: str, out_dir: str) -> list[str]:
     return [f"data.data_dir={data_dir}", f"train.out_dir={out_dir}", "model.n_layer=1", "model.n_embd=32",
-            "model.n_head=2", "model.seq_len=32", "train.steps=6", "train.global_batch_size=8",
+            "model.n_head=2", "model.seq_len=32", "train.steps=4", "train.global_batch_size=8",
             "train.micro_batch_size=2", "train.lr=0.003", "train.warmup_steps=2", "train.eval_every=0",
             "train.eval_batches=1", "train.log_every=1", "train.checkpoint_every=0", "train.threads=1",
             "projection.k1=8", "projection.k2=4", "mixing.strategy=rnb", "mixing.update_every=2",
@@ -116,8 +116,10 @@ def _worker(rank: int, port: int, data_dir: str, root: str) -> None:
     from megamix.train.loop import train
 
     out = {"grad": _grad_check(rank, _cfg(data_dir, f"{root}/unused"), f"{data_dir}/tokens")}
-    for name, kw in (("A", {}), ("B1", {"stop_at_step": 3}), ("B2", {})):
-        cfg = _cfg(data_dir, f"{root}/{name[0]}")
+    runs = (("A", (), {}), ("B1", (), {"stop_at_step": 3}), ("B2", (), {}),
+            ("C", ("train.loss_impl=capture", "train.steps=2"), {}))
+    for name, extra, kw in runs:
+        cfg = _cfg(data_dir, f"{root}/{name[0]}", *extra)
         backend = make_backend(cfg, rank, WORLD)
         r = train(cfg, backend=backend, progress=False, log_to_stdout=False, **kw)
         out[name] = {"losses": r.step_losses, "weights": r.weights, "history": r.weight_history, "start": r.start_step,
@@ -155,17 +157,24 @@ def test_ddp_two_ranks_matches_single_process_and_resumes_exactly(tmp_path, tiny
         assert s1 == s2
         np.testing.assert_allclose(w1, w2, atol=1e-6)
 
-    # exact resume: stopped at step 3 (mid-round), resumed to 6: bit-identical losses, weights, parameters
+    # exact resume: stopped at step 3 (mid-round), resumed to 4: bit-identical losses, weights, parameters
     b1, b2 = r0["B1"], r0["B2"]
     assert b1["steps"] == 3 and b2["start"] == 3
     assert b1["losses"] + b2["losses"] == a["losses"]
     assert b2["history"] == a["history"] and b2["weights"] == a["weights"] and b2["valid"] == a["valid"]
     assert b2["params"] == a["params"] == r1["B2"]["params"]
 
+    # the capture LM-head path (hook on the DDP-wrapped model) trains the same model as the fused one
+    c = r0["C"]
+    assert c["path"] == "capture" and c["params"] == r1["C"]["params"]
+    np.testing.assert_allclose(c["losses"], a["losses"][:2], rtol=1e-5)
+    assert c["history"][-1][0] == a["history"][1][0] == 2
+    np.testing.assert_allclose(c["history"][-1][1], a["history"][1][1], atol=1e-4)
+
     # one layout: model.pt once (rank 0), a side file per rank, `latest`; one metrics file, one result
     ck = tmp_path / "A" / "checkpoints"
-    assert (ck / "latest").read_text() == "step_0000006"
-    assert sorted(p.name for p in (ck / "step_0000006").iterdir()) == sorted(
+    assert (ck / "latest").read_text() == "step_0000004"
+    assert sorted(p.name for p in (ck / "step_0000004").iterdir()) == sorted(
         [SIDE_FILE.format(rank=0), SIDE_FILE.format(rank=1), "model.pt"])
     assert json.loads((tmp_path / "A" / "result.json").read_text())["backend"] == "ddp"
 
@@ -176,7 +185,7 @@ def test_ddp_two_ranks_matches_single_process_and_resumes_exactly(tmp_path, tiny
                 if r["kind"] == "train"}
 
     ddp_tok, plain_tok = tokens(tmp_path / "A"), tokens(tmp_path / "plain")
-    assert ddp_tok == plain_tok and sorted(ddp_tok) == [1, 2, 3, 4, 5, 6]
+    assert ddp_tok == plain_tok and sorted(ddp_tok) == [1, 2, 3, 4]
     assert all(sum(v.values()) == s * 8 * 32 for s, v in ddp_tok.items())
 
 

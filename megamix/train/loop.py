@@ -17,7 +17,7 @@ Every ``mixing.update_every`` steps the Mixer all-reduces the statistics, runs t
 pushes new weights to every rank's loader. Per-domain validation loss, weights and throughput go to
 ``metrics.jsonl`` (+ TensorBoard); checkpoints follow :mod:`megamix.train.checkpoint`; a PNG of the
 curves and ``result.json`` are written at the end. The backend (:mod:`megamix.train.backend`)
-decides how the model is run: plain PyTorch, or a DeepSpeed engine (ZeRO 0-3) on any number of ranks.
+decides how the model is run: plain PyTorch, torch DDP, or a DeepSpeed engine (ZeRO 0-3) on any number of ranks.
 """
 from __future__ import annotations
 
