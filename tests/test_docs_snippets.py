@@ -4,8 +4,9 @@
   in order, in that script), so a documented API call cannot drift from a working one; or it is an
   interface listing (``class Name:  # path/to/module.py`` with fields and ``def name(...): ...``) whose
   classes, fields and methods all exist in that module;
-- in a ```bash block, every ``megamix ...`` command parses with the real CLI parser (subcommands and
-  flags exist), every ``make`` target exists, and every script or file a command runs exists.
+- in a ```bash block, every ``megamix ...`` command (also as ``torchrun ... -m megamix ...``) parses with the
+  real CLI parser (subcommands and flags exist), every ``make`` target exists, and every script or file a
+  command runs exists.
 """
 from __future__ import annotations
 
@@ -111,6 +112,11 @@ def test_bash_snippet_commands_exist(doc, line, code):
                 raise AssertionError(f"{where} does not parse with the megamix CLI") from e
         elif head == "make":
             assert set(words[1:]) <= _make_targets(), f"{where}: unknown make target"
+        elif head in ("python", "torchrun") and "-m" in words and words[words.index("-m") + 1:][:1] == ["megamix"]:
+            try:  # `torchrun ... -m megamix train ...`: the megamix arguments must parse
+                parser.parse_args(words[words.index("-m") + 2:])
+            except SystemExit as e:
+                raise AssertionError(f"{where} does not parse with the megamix CLI") from e
         elif head in ("python", "bash", "sbatch", "torchrun") or "/" in head:
             paths = [w for w in words if re.search(r"\.(py|sh|sbatch)$", w) or w.startswith("launch/")]
             assert paths, f"{where}: no script in the command"

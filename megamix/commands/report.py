@@ -10,28 +10,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def gram_heatmap(metrics_path: Path, out_png: Path) -> Path | None:
-    """Cosine-normalised domain Gram matrix of the last mixing round (None if the run never mixed)."""
-    from megamix.strategies.plots import plot_gram
-    from megamix.train.metrics import read_metrics
-
-    mix = [r for r in read_metrics(metrics_path) if r["kind"] == "mixing" and r.get("gram")]
-    if not mix:
-        return None
-    return plot_gram(mix[-1]["gram"], list(mix[-1]["counts"].keys()), out_png,
-                     title=f"domain gradients, round ending at step {mix[-1]['step']}")
-
-
 def run(args) -> int:
-    from megamix.train.plots import plot_run
+    from megamix.train.plots import plot_run_files
 
     rd = Path(args.run_dir)
     m = rd / "metrics.jsonl"
     if not m.exists():
         print(f"megamix report: {m} not found (is {rd} a run directory?)")
         return 2
-    print(plot_run(m, rd / "curves.png", title=rd.name))
-    g = gram_heatmap(m, rd / "gram.png")
-    if g:
-        print(g)
+    for p in plot_run_files(rd, title=rd.name):
+        print(p)
     return 0

@@ -8,6 +8,7 @@ Only ``counts`` and ``sums`` are required when loading; ``gram`` defaults to ``s
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ _OPTIONAL = ("per_sample", "per_sample_domain", "eval_sums")
 
 
 def save_snapshot_npz(snap: StatsSnapshot, path: str | Path) -> Path:
-    """Write ``snap`` to ``path`` (``.npz``); non-array ``extra`` entries are dropped."""
+    """Write ``snap`` to ``path`` (``.npz`` appended when missing) atomically; non-array ``extra`` entries are
+    dropped. Returns the path written."""
     arrays = {"step": np.asarray(snap.step), "domain_names": np.asarray(snap.domain_names, dtype=str),
               "counts": snap.counts, "sums": snap.sums, "gram": snap.gram,
               "domain_loss": snap.domain_loss}
@@ -32,9 +34,14 @@ def save_snapshot_npz(snap: StatsSnapshot, path: str | Path) -> Path:
         if isinstance(v, (np.ndarray, list, tuple)):
             arrays[f"extra__{k}"] = np.asarray(v)
     p = Path(path)
+    if p.suffix != ".npz":  # numpy's own rule for savez
+        p = p.with_name(p.name + ".npz")
     p.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(p, **arrays)
-    return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, p)  # atomic: a reader never sees a partial file
+    return p
 
 
 def load_snapshot_npz(path: str | Path) -> StatsSnapshot:

@@ -5,13 +5,15 @@ set-up, wrapping the model with its optimizer, backward / optimizer step, where 
 saved, how a parameter is gathered, and mixed precision. The loop owns everything else: data, the
 LM-head loss, statistics, mixing updates, evaluation, metrics, checkpoint layout, the summary.
 
-Backends: :class:`PlainBackend` (one process, ``torch.optim.AdamW``, CPU or one GPU) and
-:class:`DeepSpeedBackend` (a DeepSpeed engine, ZeRO 0-3, any number of ranks; built from the glue in
+Backends: :class:`PlainBackend` (one process, ``torch.optim.AdamW``, CPU or one GPU),
+:class:`DDPBackend` (torch ``DistributedDataParallel``, one process per rank, gloo on CPU / nccl on GPU)
+and :class:`DeepSpeedBackend` (a DeepSpeed engine, ZeRO 0-3, any number of ranks; built from the glue in
 :mod:`megamix.integrations.deepspeed`, which imports deepspeed inside its functions).
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +40,7 @@ class Backend:
     """What the loop needs from an execution backend. Subclasses override the hooks below.
 
     Attributes:
-        name: recorded in ``result.json`` (``plain`` | ``deepspeed``).
+        name: recorded in ``result.json`` (``plain`` | ``ddp`` | ``deepspeed``).
         rank, world_size: data-parallel position of this process.
         module: what the loop calls for a forward (the model, or the engine wrapping it).
         model: the bare ``nn.Module`` (for evaluation, the LM head and state).
@@ -115,6 +117,10 @@ class Backend:
     def close(self) -> None:
         """Release engine resources at the end of a run."""
 
+    def progress_label(self, cfg: MegamixConfig) -> str:
+        """Name of the progress bar / log lines."""
+        return "train" if self.world_size == 1 and self.name == "plain" else f"train[{self.name} x{self.world_size}]"
+
 
 class PlainBackend(Backend):
     """One process: AdamW on the model, gradient accumulation, optional bf16 autocast, CPU or one GPU."""
@@ -123,9 +129,9 @@ class PlainBackend(Backend):
 
     def check(self, cfg: MegamixConfig) -> list[str]:
         if self.world_size > 1:
-            raise ConfigError(f"world size {self.world_size} but deepspeed.enabled=false: the plain backend runs "
-                              "one process (several would train full copies into one out_dir); set "
-                              "deepspeed.enabled=true for multi-rank runs")
+            raise ConfigError(f"world size {self.world_size}: the plain backend runs one process (several would "
+                              "train full copies into one out_dir); use the DDP backend (megamix train picks it "
+                              "under torchrun) or set deepspeed.enabled=true for multi-rank runs")
         resolve_device(cfg.train.device)
         return []
 
@@ -163,18 +169,142 @@ class PlainBackend(Backend):
         path = Path(ckpt_root) / tag / MODEL_FILE
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}, tmp)
+                    "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}, tmp)
         tmp.replace(path)
 
     def load(self, ckpt_root, tag):
         state = torch.load(Path(ckpt_root) / tag / MODEL_FILE, map_location="cpu", weights_only=False)
-        self.load_legacy(state)
+        self._load_state(state)
 
     def load_legacy(self, state: dict) -> None:
+        self._load_state(state)
+
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+
+class DDPBackend(PlainBackend):
+    """torch ``DistributedDataParallel``: one process per rank, each with a full model and AdamW.
+
+    Process group: ``gloo`` on CPU; on CUDA (device ``cuda:<local_rank>``) ``nccl`` for CUDA tensors plus ``gloo``
+    for the CPU tensors of megamix's statistics (``cpu:gloo,cuda:nccl``), initialised here from
+    the rank and world size the entry point passes (the rendezvous address comes from the launcher's
+    ``MASTER_ADDR``/``MASTER_PORT`` through torch's ``env://`` init); an already initialised default group
+    of the same rank/size is reused. The loader gives each rank its own slice of every global batch.
+
+    Gradient accumulation: the micro-steps before the last one of an optimizer step run under
+    ``no_sync()`` (their gradients accumulate locally), the last one all-reduces (averages) the sum, so
+    an optimizer step sees the same gradient as a single process over the whole global batch. The
+    context is entered in :meth:`before_step` and left after the backward of the second-to-last
+    micro-step, so it covers those micro-steps' forwards too (DDP decides at forward time whether the
+    next backward synchronises). Every parameter that gets a gradient is reduced, however the forward
+    reads it: the fused LM-head patch reads the (tied) head weight by attribute inside the model's
+    forward, and its gradient reaches DDP's reducer like any other.
+
+    Checkpoints: ``model.pt`` (model + optimizer, identical on all ranks) is written by rank 0 only;
+    every rank reads it on resume.
+    """
+
+    name = "ddp"
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int | None = None,
+                 timeout_minutes: float = 30.0):
+        super().__init__(rank, world_size)
+        self.local_rank = local_rank
+        self.timeout_minutes = timeout_minutes
+        self._owns_group = False
+        self._sync_off = contextlib.ExitStack()
+        self._n_micro = 1
+        self._micro = 0
+
+    def _device(self, cfg: MegamixConfig) -> torch.device:
+        dev = resolve_device(cfg.train.device)
+        if dev.type != "cuda":
+            return dev
+        if dev.index is not None:
+            return dev
+        n = torch.cuda.device_count()
+        local = self.local_rank if self.local_rank is not None else self.rank % max(n, 1)
+        if local >= n:
+            raise ConfigError(f"rank {self.rank} (local rank {local}) has no GPU: {n} visible on this node; "
+                              "launch at most one process per GPU (torchrun --nproc_per_node) or use "
+                              "train.device=cpu")
+        return torch.device("cuda", local)
+
+    def check(self, cfg: MegamixConfig) -> list[str]:
+        t = cfg.train
+        per_rank = t.micro_batch_size * self.world_size
+        if t.global_batch_size % per_rank:
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size x world size ({t.micro_batch_size} x {self.world_size} = "
+                              f"{per_rank}); e.g. train.global_batch_size={per_rank * max(1, t.global_batch_size // per_rank)}")
+        dev = self._device(cfg)
+        n_micro = t.global_batch_size // per_rank
+        return [f"DDP over {self.world_size} rank(s), {'nccl' if dev.type == 'cuda' else 'gloo'} on {dev.type}; "
+                f"{n_micro} accumulation micro-step(s) of {t.micro_batch_size} per rank"]
+
+    def init(self, cfg: MegamixConfig) -> None:
+        dist = torch.distributed
+        self.device = self._device(cfg)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if dist.is_initialized():
+            if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+                raise RuntimeError(f"torch.distributed is already initialised as rank {dist.get_rank()}/"
+                                   f"{dist.get_world_size()}, not {self.rank}/{self.world_size}")
+            return
+        # on GPUs the group has both: nccl for CUDA tensors (gradients), gloo for the CPU tensors of megamix's
+        # statistics all-reduce and weight broadcast
+        dist.init_process_group("cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo", rank=self.rank,
+                                world_size=self.world_size,
+                                timeout=datetime.timedelta(minutes=self.timeout_minutes))
+        self._owns_group = True
+
+    def setup(self, model, optimizer, lr_at, cfg) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = self._device(cfg)
+        super().setup(model, optimizer, lr_at, cfg)
+        self.device = device
+        self.model = model.to(device)
+        self.module = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.world_size)
+
+    def before_step(self, step: int) -> None:
+        super().before_step(step)
+        self._sync_off.close()
+        self._micro = 0
+        if self._n_micro > 1:
+            self._sync_off.enter_context(self.module.no_sync())
+
+    def backward(self, loss, n_micro):
+        (loss / n_micro).backward()
+        self._micro += 1
+        if self._micro == n_micro - 1:
+            self._sync_off.close()   # the last micro-step's forward and backward synchronise
+
+    def optimizer_step(self) -> float:
+        self._sync_off.close()
+        return super().optimizer_step()
+
+    def save(self, ckpt_root, tag):
+        if self.rank == 0:
+            super().save(ckpt_root, tag)
+
+    def load_legacy(self, state: dict) -> None:
+        raise ConfigError("this checkpoint was written by megamix 0.1's single-process trainer; resume it with one "
+                          "process (no torchrun) or start a new train.out_dir")
+
+    def close(self) -> None:
+        self._sync_off.close()
+        if self._owns_group and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        self._owns_group = False
 
 
 class DeepSpeedBackend(Backend):
@@ -228,6 +358,9 @@ class DeepSpeedBackend(Backend):
     def gathered(self, param):
         return ds_glue.gathered_parameter(param)
 
+    def progress_label(self, cfg: MegamixConfig) -> str:
+        return f"train[deepspeed z{cfg.deepspeed.zero_stage} x{self.world_size}]"
+
     def save(self, ckpt_root, tag):
         ds_glue.save_engine(self.engine, ckpt_root, tag)
 
@@ -235,10 +368,15 @@ class DeepSpeedBackend(Backend):
         ds_glue.load_engine(self.engine, ckpt_root, tag)
 
 
-def make_backend(cfg: MegamixConfig, rank: int = 0, world_size: int = 1) -> Backend:
-    """The backend ``cfg`` asks for: DeepSpeed when ``deepspeed.enabled``, else the plain one."""
-    cls = DeepSpeedBackend if cfg.deepspeed.enabled else PlainBackend
-    return cls(rank, world_size)
+def make_backend(cfg: MegamixConfig, rank: int = 0, world_size: int = 1, local_rank: int | None = None) -> Backend:
+    """The backend ``cfg`` and the launch ask for: DeepSpeed when ``deepspeed.enabled``; else DDP when
+    ``world_size > 1`` (``local_rank`` picks the GPU; default ``rank % GPUs``); else the plain one."""
+    if cfg.deepspeed.enabled:
+        return DeepSpeedBackend(rank, world_size)
+    if world_size > 1:
+        return DDPBackend(rank, world_size, local_rank=local_rank)
+    return PlainBackend(rank, world_size)
 
 
-__all__ = ["Backend", "PlainBackend", "DeepSpeedBackend", "make_backend", "resolve_device", "MODEL_FILE"]
+__all__ = ["Backend", "PlainBackend", "DDPBackend", "DeepSpeedBackend", "make_backend", "resolve_device",
+           "MODEL_FILE"]

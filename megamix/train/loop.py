@@ -17,7 +17,7 @@ Every ``mixing.update_every`` steps the Mixer all-reduces the statistics, runs t
 pushes new weights to every rank's loader. Per-domain validation loss, weights and throughput go to
 ``metrics.jsonl`` (+ TensorBoard); checkpoints follow :mod:`megamix.train.checkpoint`; a PNG of the
 curves and ``result.json`` are written at the end. The backend (:mod:`megamix.train.backend`)
-decides how the model is run: plain PyTorch, or a DeepSpeed engine (ZeRO 0-3) on any number of ranks.
+decides how the model is run: plain PyTorch, torch DDP, or a DeepSpeed engine (ZeRO 0-3) on any number of ranks.
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ from megamix.integrations.hf import apply_megamix, body_hidden_states, check_sup
 from megamix.integrations.hook import attach
 from megamix.train.backend import Backend, make_backend
 from megamix.train.checkpoint import Checkpoints
-from megamix.train.metrics import MetricsLogger, read_metrics
+from megamix.train.metrics import MetricsLogger, mixture_fields, read_metrics
 from megamix.train.model import build_model, count_parameters
+from megamix.train.progress import StepReporter
 
 log = logging.getLogger("megamix")
 
@@ -58,7 +59,7 @@ class TrainResult:
     weights: dict[str, float]
     tokens_per_second: float
     wall_seconds: float
-    backend: str = "plain"           # plain | deepspeed
+    backend: str = "plain"           # plain | ddp | deepspeed
     world_size: int = 1
     lm_head_path: str = "fused"      # fused | capture | torch: how the LM-head loss and statistics ran
     peak_rss_mb: float = float("nan")        # this process's peak resident memory
@@ -230,20 +231,19 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         cfg: the run config.
         rank, world_size: this process's data-parallel position (from the launcher's environment, read
             by the entry point). Ignored when ``backend`` is given.
-        backend: default: DeepSpeed when ``deepspeed.enabled``, else plain PyTorch.
-        progress: tqdm bar (rank 0).
-        log_to_stdout: evaluation lines and the final summary (rank 0).
+        backend: default: DeepSpeed when ``deepspeed.enabled``, else DDP when ``world_size > 1``, else plain
+            PyTorch (:func:`megamix.train.backend.make_backend`).
+        progress: tqdm bar on a terminal, plain log lines every ``train.log_every`` steps otherwise (rank 0).
+        log_to_stdout: evaluation lines, plain log lines and the final summary (rank 0).
         stop_at_step: stop (and checkpoint) after this many completed steps although ``train.steps`` is
             larger, e.g. to fit a job's time limit; the LR schedule still follows ``train.steps``.
         store: an open TokenStore (default: ``<data.data_dir>/tokens``).
     """
-    from tqdm.auto import tqdm
-
     from megamix.data.backings import open_store
     from megamix.data.corpus import atomic_write_json
     from megamix.data.store import TokenStore
     from megamix.mixer import Mixer
-    from megamix.train.plots import plot_run
+    from megamix.train.plots import plot_run_files
 
     cfg.validate()
     backend = backend or make_backend(cfg, rank, world_size)
@@ -283,7 +283,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
             metrics_path.unlink()  # a fresh run: drop records of an earlier, unfinished one
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
         atomic_write_json(out_dir / "data_manifest.json", store.manifest)  # what was trained on (sources, splits)
-    logger = MetricsLogger(out_dir, enabled=main)
+    logger = MetricsLogger(out_dir, enabled=main, resume_step=start, logging=cfg.logging, run_config=cfg.to_dict())
     if start == 0:
         logger.log("run", 0, params=n_params, domains=mixer.domains, world_size=world_size, backend=backend.name,
                    zero_stage=cfg.deepspeed.zero_stage if backend.name == "deepspeed" else None,
@@ -308,8 +308,8 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
               "train; evaluating the checkpoint (raise train.steps to continue)")
     backend.model.train()
     t0 = time.time()
-    desc = "train" if backend.name == "plain" else f"train[{backend.name} z{cfg.deepspeed.zero_stage}]"
-    bar = tqdm(range(start, end), desc=desc, disable=not (progress and main), initial=start, total=t.steps)
+    bar = StepReporter(backend.progress_label(cfg), start, end, t.steps, bar=progress and main,
+                       lines=main and (progress or log_to_stdout))
     for step in bar:
         ts = time.perf_counter()
         backend.before_step(step)
@@ -328,20 +328,21 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
             snap = update["snapshot"]
             logger.log("mixing", done, domain_train_loss=dict(zip(mixer.domains, snap.domain_loss.tolist())),
                        counts=dict(zip(mixer.domains, snap.counts.tolist())), gram=np.asarray(snap.gram).tolist())
+            logger.snapshot(snap)
             if update["changed"]:
                 logger.log("weights", done, weights=dict(zip(mixer.domains, update["weights"].tolist())))
         if done % t.log_every == 0 or done == end:
             med = float(np.median(step_times[-t.log_every:]))
             logger.log("train", done, loss=last_loss, lr=lr_at(step, cfg), grad_norm=gnorm, step_seconds=med,
-                       tokens_per_second=tokens_per_step / med,
-                       realised_share=mixer.loader.telemetry().get("realised_share", {}))
-            bar.set_postfix(loss=f"{last_loss:.3f}")
+                       tokens_per_second=tokens_per_step / med, **mixture_fields(mixer.loader.telemetry()))
+            bar.log(done, loss=last_loss, tokens_per_second=tokens_per_step / med, lr=lr_at(step, cfg),
+                    weights=dict(zip(mixer.domains, mixer.weights.tolist())))
         if (t.eval_every and done % t.eval_every == 0) or done == end:
             vl = evaluate(head, eval_store, eval_domains, cfg)
             logger.log("eval", done, valid_loss=vl, valid_loss_avg=_avg(vl))
             if main and log_to_stdout:
-                tqdm.write(f"step {done}: train {last_loss:.3f} | valid avg {_avg(vl):.3f} | " +
-                           " ".join(f"{k}={v:.2f}" for k, v in vl.items()))
+                bar.write(f"step {done}: train {last_loss:.3f} | valid avg {_avg(vl):.3f} | " +
+                          " ".join(f"{k}={v:.2f}" for k, v in vl.items()))
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == end:
             ckpt.save(done, backend, mixer, cfg)
     bar.close()
@@ -354,8 +355,8 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     if main:
         history = [{"step": r["step"], "valid_loss": r["valid_loss"]}
                    for r in read_metrics(metrics_path) if r["kind"] == "eval"]
-        plot = str(plot_run(metrics_path, out_dir / "curves.png",
-                            title=f"{cfg.mixing.strategy} — {out_dir.name} ({backend.name}, {head.path})"))
+        plot = str(plot_run_files(out_dir, title=f"{cfg.mixing.strategy} — {out_dir.name} "
+                                                 f"({backend.name} x{world_size}, {head.path})")[0])
     result = TrainResult(
         out_dir=str(out_dir), steps=max(end, start), start_step=start, valid_loss=vl, valid_loss_avg=_avg(vl),
         train_loss=last_loss, weights=dict(zip(mixer.domains, mixer.weights.tolist())),
