@@ -8,7 +8,7 @@
   parameters, engine checkpoint files); the only module that imports deepspeed.
 - :mod:`megamix.integrations.megatron`: Megatron-core wiring, any tensor-parallel size: the capture on
   ``output_layer`` (``attach_megatron``) and the vocab-parallel fused loss (``vocab_parallel_lm_head_loss``).
-- :mod:`megamix.integrations.apex_compat`: optional NVIDIA apex with torch fallbacks.
+- :mod:`megamix.integrations.apex_compat`: optional NVIDIA apex (its FusedAdam, only the real apex on CUDA).
 
 The training loop (:mod:`megamix.train`) is built on these; they never import it.
 """
