@@ -204,7 +204,8 @@ class DeepSpeedBackend(Backend):
 
     def check(self, cfg: MegamixConfig) -> list[str]:
         check_attn_implementation(cfg.model.attn_implementation)
-        notes = ds_glue.validate_launch(cfg, self.world_size, hidden_size=resolve_hf_config(cfg.model).hidden_size)
+        hidden = getattr(resolve_hf_config(cfg.model), "hidden_size", None)
+        notes = ds_glue.validate_launch(cfg, self.world_size, hidden_size=hidden)
         optim.resolve_optimizer(cfg)
         return notes["notes"]
 
