@@ -17,6 +17,8 @@ MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
 #: the names megamix.strategies.STRATEGIES registers (a test keeps the two in step; config sits below
 #: strategies in the layering, so it cannot import the registry)
 STRATEGY_NAMES = ("static", "rnb", "rnb-damped", "dograph")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+OPTIMIZERS = ("auto", "adamw", "fused_adam", "apex_fused_adam")
 
 
 @dataclass
@@ -65,22 +67,50 @@ class DataConfig(ConfigBase):
 
 @dataclass
 class ModelConfig(ConfigBase):
-    """A GPT-2 style decoder (transformers GPT2LMHeadModel, random init)."""
+    """The model: a GPT-2 style decoder by default, or any Hugging Face causal LM (model.hf_config)."""
 
-    n_layer: int = doc("Number of transformer blocks.", 2)
-    n_embd: int = doc("Hidden size d.", 128)
-    n_head: int = doc("Attention heads (must divide n_embd).", 4)
+    n_layer: int = doc("GPT-2 only (ignored when model.hf_config is set): number of transformer blocks.", 2)
+    n_embd: int = doc("GPT-2 only (ignored when model.hf_config is set): hidden size d.", 128)
+    n_head: int = doc("GPT-2 only (ignored when model.hf_config is set): attention heads (must divide n_embd).", 4)
     seq_len: int = doc("Training sequence length in tokens.", 128)
-    vocab_size: int = doc("Vocabulary size; 50257 is GPT-2's BPE.", 50257)
-    tie_embeddings: bool = doc("Tie the LM head to the token embedding (GPT-2 default).", True)
-    dropout: float = doc("Dropout probability.", 0.0)
+    vocab_size: int = doc("Vocabulary size of the model (50257 is GPT-2's BPE). With model.hf_config it must "
+                          "equal the HF config's vocab_size; an inline hf_config without vocab_size takes it "
+                          "from here.", 50257)
+    tie_embeddings: bool = doc("GPT-2 only (with model.hf_config, tie_word_embeddings of the HF config decides): "
+                               "tie the LM head to the token embedding.", True)
+    dropout: float = doc("GPT-2 only (ignored when model.hf_config is set): dropout probability.", 0.0)
+    hf_config: str | dict[str, Any] = doc(
+        "Any Hugging Face causal LM instead of the built-in GPT-2 (empty = GPT-2 from the fields above): a local "
+        "folder with config.json, an HF config name found in the local Hugging Face cache (runs are offline), "
+        "or an inline architecture, e.g. {model_type: llama, hidden_size: 768, num_hidden_layers: 12, "
+        "num_attention_heads: 12, intermediate_size: 2048}. Built with random init (seeded by train.seed).", "")
+    init_from: str = doc("Start from these weights instead of random init: a Hugging Face save_pretrained folder, "
+                         "a megamix checkpoint folder (checkpoints/step_XXXXXXX) or its model.pt. The shapes must "
+                         "match the model built from this section. Empty = random init.", "")
+    attn_implementation: str = doc("Attention kernel: sdpa (default; torch scaled_dot_product_attention), eager, "
+                                   "or flash_attention_2 (CUDA and the flash-attn package only).", "sdpa")
+    doc_masking: bool = doc("Block-diagonal causal attention inside packed windows: a token attends only to "
+                            "earlier tokens of its own document (from the loader's segment_ids). false = the whole "
+                            "window attends causally across document boundaries.", True)
+    gradient_checkpointing: bool = doc("Recompute activations in the backward pass (less memory, ~30% more "
+                                       "compute).", False)
+    compile: bool = doc("torch.compile the model body (the transformer blocks; the LM head and loss stay eager, "
+                        "so the fused head still applies). The first steps are slow while it compiles.", False)
 
     def validate(self):
-        check(self.n_layer >= 1, "model.n_layer must be >= 1")
-        check(self.n_embd % self.n_head == 0,
-              f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         check(self.seq_len >= 8, "model.seq_len must be >= 8")
         check(self.vocab_size >= 256, "model.vocab_size must be >= 256")
+        check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
+              f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)} "
+              f"(got {self.attn_implementation!r})")
+        if isinstance(self.hf_config, dict):
+            check(isinstance(self.hf_config.get("model_type"), str) and self.hf_config["model_type"],
+                  "model.hf_config as an inline architecture needs model_type, e.g. "
+                  "{model_type: llama, hidden_size: 768, num_hidden_layers: 12, ...}")
+        if self.hf_config in ("", {}):
+            check(self.n_layer >= 1, "model.n_layer must be >= 1")
+            check(self.n_embd % self.n_head == 0,
+                  f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         return self
 
 
@@ -110,6 +140,9 @@ class TrainConfig(ConfigBase):
                          "the Hugging Face patch; no [B,T,V] logits; emits the projections), 'capture' (the "
                          "model's own logits + cross-entropy, statistics read by a backward hook) or 'torch' "
                          "(the model's own logits + cross-entropy, no statistics: static mixing only).", "fused")
+    optimizer: str = doc("auto (torch AdamW; DeepSpeed's CPU Adam under ZeRO-Offload; the ds_config's own when "
+                         "deepspeed.config has an optimizer section) | adamw (torch.optim.AdamW) | fused_adam "
+                         "(DeepSpeed's FusedAdam, CUDA) | apex_fused_adam (NVIDIA apex's FusedAdam, CUDA).", "auto")
 
     def validate(self):
         check(self.steps >= 1, "train.steps must be >= 1")
@@ -122,6 +155,8 @@ class TrainConfig(ConfigBase):
               f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         check(self.loss_impl in ("fused", "capture", "torch"),
               f"train.loss_impl must be 'fused', 'capture' or 'torch' (got {self.loss_impl!r})")
+        check(self.optimizer in OPTIMIZERS,
+              f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         return self
 
 
@@ -263,10 +298,17 @@ class DeepSpeedConfig(ConfigBase):
                                True)
     offload_optimizer: bool = doc("ZeRO-Offload: keep optimizer states on the CPU (needs zero_stage >= 1; "
                                   "JIT-builds DeepSpeed's cpu_adam op once).", False)
+    config: str = doc("Your own DeepSpeed JSON config (ds_config.json), merged with what megamix sets: batch "
+                      "geometry, bf16, ZeRO stage, gradient clipping, and the optimizer and LR schedule unless the "
+                      "file has its own. \"auto\" values are filled; a value that contradicts the megamix config is "
+                      "an error naming both (nothing is overridden silently). Empty = megamix builds it all.", "")
 
     def validate(self):
         check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3 (got {self.zero_stage})")
         check(self.backend in ("gloo", "nccl"), f"deepspeed.backend must be gloo or nccl (got {self.backend!r})")
+        check(not self.config or self.enabled,
+              f"deepspeed.config={self.config} is set but deepspeed.enabled=false: set deepspeed.enabled=true "
+              "(or remove deepspeed.config)")
         return self
 
 
@@ -303,7 +345,7 @@ class MegamixConfig(ConfigBase):
     """A full megamix run."""
 
     data: DataConfig = doc("Corpus and token store.", default_factory=DataConfig)
-    model: ModelConfig = doc("The GPT model.", default_factory=ModelConfig)
+    model: ModelConfig = doc("The model (GPT-2 or any HF causal LM).", default_factory=ModelConfig)
     train: TrainConfig = doc("Optimisation.", default_factory=TrainConfig)
     mixture: MixtureConfig = doc("Starting / static mixture.", default_factory=MixtureConfig)
     projection: ProjectionConfig = doc("Per-sample gradient projection.", default_factory=ProjectionConfig)

@@ -1,4 +1,5 @@
-"""apex detection: absent, an unrelated 'apex' package, and a fake NVIDIA-shaped apex."""
+"""apex detection: absent, an unrelated 'apex' package, and a fake NVIDIA-shaped apex (its FusedAdam is what
+train.optimizer=apex_fused_adam builds)."""
 from __future__ import annotations
 
 import sys
@@ -21,16 +22,14 @@ def clean_apex(monkeypatch):
             sys.modules.pop(name, None)
 
 
-def test_no_apex_falls_back(clean_apex, tmp_path):
+def test_no_apex_is_an_error_not_a_fallback(clean_apex, tmp_path):
     clean_apex.setattr(sys, "path", [str(tmp_path)] + [p for p in sys.path if "apex" not in p])
     if apex_compat._module_available("apex"):
         pytest.skip("an apex package is installed in this environment")
     st = apex_compat.nvidia_apex_status()
     assert not st.usable and "not installed" in st.reason
-    ln = apex_compat.get_layer_norm(8)
-    assert type(ln) is nn.LayerNorm
-    opt = apex_compat.get_fused_adam(nn.Linear(2, 2).parameters(), lr=1e-3)
-    assert type(opt) is torch.optim.AdamW
+    with pytest.raises(RuntimeError, match="not installed"):
+        apex_compat.apex_fused_adam(nn.Linear(2, 2).parameters(), lr=1e-3)
 
 
 def test_unrelated_apex_is_rejected(clean_apex, tmp_path):
@@ -42,7 +41,6 @@ def test_unrelated_apex_is_rejected(clean_apex, tmp_path):
     clean_apex.syspath_prepend(str(tmp_path))
     st = apex_compat.nvidia_apex_status(require_cuda=False)
     assert not st.usable and "not NVIDIA apex" in st.reason
-    assert type(apex_compat.get_layer_norm(4)) is nn.LayerNorm
 
 
 def test_fake_nvidia_apex_detected_but_needs_cuda(clean_apex, tmp_path):
@@ -60,9 +58,9 @@ def test_fake_nvidia_apex_detected_but_needs_cuda(clean_apex, tmp_path):
     if not torch.cuda.is_available():
         st = apex_compat.nvidia_apex_status()
         assert not st.usable and "CUDA" in st.reason
-        assert type(apex_compat.get_layer_norm(4)) is nn.LayerNorm
-    clean_apex.setattr(apex_compat, "has_nvidia_apex", lambda require_cuda=True: True)
-    ln = apex_compat.get_layer_norm(4)
-    assert type(ln).__name__ == "FusedLayerNorm"
-    opt = apex_compat.get_fused_adam(nn.Linear(2, 2).parameters(), lr=1e-3)
-    assert type(opt).__name__ == "FusedAdam"
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            apex_compat.apex_fused_adam(nn.Linear(2, 2).parameters(), lr=1e-3)
+    clean_apex.setattr(apex_compat, "nvidia_apex_status",
+                       lambda require_cuda=True: apex_compat.ApexStatus(True, "pretend"))
+    opt = apex_compat.apex_fused_adam(nn.Linear(2, 2).parameters(), lr=1e-3, weight_decay=0.1)
+    assert type(opt).__name__ == "FusedAdam" and opt.defaults["weight_decay"] == 0.1

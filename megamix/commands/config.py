@@ -19,6 +19,8 @@ def register(sub) -> None:
     p = sub.add_parser("config", help="Print, explain or validate a run config.")
     add_config_args(p)
     p.add_argument("--explain", action="store_true", help="List every field with its documentation.")
+    p.add_argument("--params", action="store_true",
+                   help="Also count the model's parameters (built on the meta device: nothing is allocated).")
     p.set_defaults(func=run)
 
 
@@ -28,4 +30,9 @@ def run(args) -> int:
         return 0
     cfg = load_config(args)
     print(cfg.to_yaml(), end="")
+    if args.params:
+        from megamix.train.model import count_config_parameters
+
+        n = count_config_parameters(cfg.model)
+        print(f"# model: {n['class']}, {n['total']:,} parameters ({n['non_embedding']:,} non-embedding)")
     return 0

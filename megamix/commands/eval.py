@@ -41,8 +41,9 @@ def _conditions(cfg, seeds) -> dict:
     import torch
     m, t = cfg.model, cfg.train
     return {
-        "model": f"GPT-2 style, {m.n_layer} layers, d={m.n_embd}, {m.n_head} heads, vocab {m.vocab_size}, "
-                 f"seq {m.seq_len}",
+        "model": (f"GPT-2 style, {m.n_layer} layers, d={m.n_embd}, {m.n_head} heads, vocab {m.vocab_size}, "
+                  f"seq {m.seq_len}") if m.hf_config in ("", {}) else
+                 f"model.hf_config={m.hf_config}, vocab {m.vocab_size}, seq {m.seq_len}",
         "budget": f"{t.steps} steps x {t.global_batch_size} sequences x {m.seq_len} tokens = "
                   f"{t.steps * t.global_batch_size * m.seq_len:,} tokens per run",
         "seeds": ",".join(map(str, seeds)),

@@ -8,7 +8,7 @@
   parameters, engine checkpoint files); the only module that imports deepspeed.
 - :mod:`megamix.integrations.megatron`: Megatron-core wiring, any tensor-parallel size: the capture on
   ``output_layer`` (``attach_megatron``) and the vocab-parallel fused loss (``vocab_parallel_lm_head_loss``).
-- :mod:`megamix.integrations.apex_compat`: optional NVIDIA apex with torch fallbacks.
+- :mod:`megamix.integrations.apex_compat`: optional NVIDIA apex (its FusedAdam, only the real apex on CUDA).
 - :mod:`megamix.integrations.hf_trainer`: ``transformers.Trainer`` and Accelerate (``MegamixTrainer``,
   ``MegamixCallback``, ``MegamixFeed``, per-rank state files in the Trainer's checkpoints); import it
   directly (it loads the Trainer, so this package does not).

@@ -1,10 +1,11 @@
-"""Optional NVIDIA apex: use its fused kernels only when the real thing is installed.
+"""Optional NVIDIA apex: its FusedAdam (``train.optimizer=apex_fused_adam``), only when the real thing is installed.
 
 PyPI's ``apex`` is an unrelated Pyramid web toolkit, so ``import apex`` succeeding proves nothing.
 :func:`nvidia_apex_status` accepts apex only when ``apex.normalization`` and ``apex.optimizers`` import,
 expose ``FusedLayerNorm`` and ``FusedAdam``, and (unless ``require_cuda=False``) CUDA is available
-together with apex's compiled extensions. Everything else falls back to torch. apex is never a
-dependency of megamix.
+together with apex's compiled extensions. megamix uses apex only when asked (``train.optimizer=
+apex_fused_adam``, built by :mod:`megamix.train.optim`), and then an unusable apex is an error that says
+why. apex is never a dependency of megamix.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -63,27 +63,15 @@ def has_nvidia_apex(require_cuda: bool = True) -> bool:
     return nvidia_apex_status(require_cuda).usable
 
 
-def get_fused_adam(params: Iterable, *, lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                   eps: float = 1e-8, weight_decay: float = 0.0, prefer_apex: bool = True
-                   ) -> torch.optim.Optimizer:
-    """apex ``FusedAdam`` (AdamW mode) when usable, else ``torch.optim.AdamW`` (fused on CUDA)."""
-    if prefer_apex and has_nvidia_apex():
-        FusedAdam = importlib.import_module("apex.optimizers").FusedAdam
-        return FusedAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
-    params = list(params)
-    fused = torch.cuda.is_available() and all(
-        (p["params"][0] if isinstance(p, dict) else p).is_cuda for p in params[:1])
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             fused=True if fused else None)
+def apex_fused_adam(params: Iterable, *, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                    eps: float = 1e-8, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """NVIDIA apex's ``FusedAdam`` in AdamW mode. Raises RuntimeError with :func:`nvidia_apex_status`'s
+    reason when apex is not usable here (never falls back silently; the caller chooses another optimizer)."""
+    status = nvidia_apex_status()
+    if not status.usable:
+        raise RuntimeError(status.reason)
+    FusedAdam = importlib.import_module("apex.optimizers").FusedAdam
+    return FusedAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
 
 
-def get_layer_norm(normalized_shape: int | tuple[int, ...], *, eps: float = 1e-5,
-                   prefer_apex: bool = True) -> nn.Module:
-    """apex ``FusedLayerNorm`` when usable, else ``torch.nn.LayerNorm``."""
-    if prefer_apex and has_nvidia_apex():
-        FusedLayerNorm = importlib.import_module("apex.normalization").FusedLayerNorm
-        return FusedLayerNorm(normalized_shape, eps=eps)
-    return nn.LayerNorm(normalized_shape, eps=eps)
-
-
-__all__ = ["ApexStatus", "nvidia_apex_status", "has_nvidia_apex", "get_fused_adam", "get_layer_norm"]
+__all__ = ["ApexStatus", "nvidia_apex_status", "has_nvidia_apex", "apex_fused_adam"]

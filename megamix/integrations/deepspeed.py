@@ -13,7 +13,10 @@ statistics of a round therefore equal those of a single-process run over the sam
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
+import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,38 +43,240 @@ def gradient_accumulation_steps(cfg: MegamixConfig, world_size: int) -> int:
     return t.global_batch_size // per_step
 
 
-def build_ds_config(cfg: MegamixConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON config for this run (the optimizer and LR schedule are passed as objects)."""
+# ---------------------------------------------------------------------------------------- the ds_config
+AUTO = "auto"
+_MISSING = object()
+
+#: DeepSpeed LR schedulers whose parameters mean the same as megamix fields: key -> (field, value of cfg).
+_SCHEDULER_FIELDS: dict[str, dict[str, tuple[str, Callable[[MegamixConfig], Any]]]] = {
+    "WarmupLR": {"warmup_max_lr": ("train.lr", lambda c: c.train.lr),
+                 "warmup_num_steps": ("train.warmup_steps", lambda c: c.train.warmup_steps)},
+    "WarmupDecayLR": {"warmup_max_lr": ("train.lr", lambda c: c.train.lr),
+                      "warmup_num_steps": ("train.warmup_steps", lambda c: c.train.warmup_steps),
+                      "total_num_steps": ("train.steps", lambda c: c.train.steps)},
+    "WarmupCosineLR": {"warmup_num_steps": ("train.warmup_steps", lambda c: c.train.warmup_steps),
+                       "total_num_steps": ("train.steps", lambda c: c.train.steps),
+                       "cos_min_ratio": ("train.min_lr_ratio", lambda c: c.train.min_lr_ratio)},
+}
+#: "auto" values megamix fills although it has no field for them (DeepSpeed's defaults, megamix's linear warm-up).
+_SCHEDULER_AUTO_DEFAULTS = {"warmup_min_lr": 0.0, "warmup_min_ratio": 0.0, "warmup_type": "linear"}
+#: megamix's AdamW hyper-parameters that have no config field.
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+
+
+def load_user_ds_config(path: str | Path) -> dict:
+    """The user's DeepSpeed JSON (``deepspeed.config``); one-line ConfigError for a missing or invalid file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config={path}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config={path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
+            from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config={path}: the top level must be a JSON object")
+    return data
+
+
+def user_ds_config(cfg: MegamixConfig) -> dict:
+    """The user's ds_config of ``cfg`` (``{}`` when ``deepspeed.config`` is empty)."""
+    return load_user_ds_config(cfg.deepspeed.config) if cfg.deepspeed.config else {}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class _Merge:
+    """The user's ds_config plus megamix's settings: ``require`` (must agree: filled when missing or "auto",
+    a conflict otherwise), ``default`` (filled when missing or "auto"; the user's value wins)."""
+
+    def __init__(self, user: dict, source: str):
+        self.conf = copy.deepcopy(user)
+        self.source = source
+        self.conflicts: list[str] = []
+        self.notes: list[str] = []
+
+    def get(self, path: tuple[str, ...]) -> Any:
+        node: Any = self.conf
+        for k in path:
+            if not isinstance(node, dict) or k not in node:
+                return _MISSING
+            node = node[k]
+        return node
+
+    def set(self, path: tuple[str, ...], value: Any) -> None:
+        node = self.conf
+        for k in path[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[path[-1]] = value
+
+    def require(self, path: tuple[str, ...], value: Any, field: str, fix: str | None = None,
+                only_if_present: bool = False, shown: str | None = None) -> None:
+        cur = self.get(path)
+        if cur is _MISSING and only_if_present:
+            return
+        if cur is _MISSING or cur == AUTO:
+            self.set(path, value)
+        elif not _same(cur, value):
+            key = ".".join(path)
+            fix = fix or (f"set {field}={_fmt(cur)} in the megamix config, or set {key} to {_fmt(value)} or \"auto\" "
+                          f"in {self.source}")
+            self.conflicts.append(f"{key}={_fmt(cur)} in {self.source} vs {shown or f'{field}={_fmt(value)}'}: {fix}")
+
+    def default(self, path: tuple[str, ...], value: Any) -> None:
+        cur = self.get(path)
+        if cur is _MISSING or cur == AUTO:
+            self.set(path, value)
+
+    def leftover_autos(self) -> list[str]:
+        out = []
+
+        def walk(node, prefix):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(v, prefix + (k,))
+            elif node == AUTO:
+                out.append(".".join(prefix))
+        walk(self.conf, ())
+        return out
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (bool, str, list, tuple)) or v is None else repr(v)
+
+
+def merge_ds_config(cfg: MegamixConfig, world_size: int, user: dict | None = None, *, source: str = "ds_config",
+                    hidden_size: int | None = None) -> tuple[dict, list[str]]:
+    """The DeepSpeed config of this run: the user's ``user`` dict (from ``deepspeed.config``) merged with what
+    megamix must set. Returns ``(ds_config, notes)``; raises ConfigError listing every conflict, one per line.
+
+    megamix sets: ``train_batch_size``, ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``
+    (batch geometry), ``bf16.enabled`` (``train.dtype``; ``fp16``/``amp`` must be off), ``zero_optimization.stage``
+    (``deepspeed.zero_stage``), ``gradient_clipping`` (``train.grad_clip``), and with an ``optimizer`` section its
+    ``lr``/``weight_decay`` (``train.lr``/``train.weight_decay``), with a ``scheduler`` section the parameters
+    that mean a megamix field (warm-up steps, total steps, peak LR, final LR ratio). A user value that differs
+    is a conflict; "auto" is filled (also the ZeRO bucket sizes from ``hidden_size``); an "auto" megamix has no
+    value for is an error. Everything else in the file is kept as it is. The optimizer and LR schedule are not
+    written: without a section of their own, megamix passes its optimizer and schedule to
+    ``deepspeed.initialize`` as objects."""
     t, ds = cfg.train, cfg.deepspeed
+    m = _Merge(user or {}, source)
     gas = gradient_accumulation_steps(cfg, world_size)
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    m.require(("train_batch_size",), t.global_batch_size, "train.global_batch_size")
+    m.require(("train_micro_batch_size_per_gpu",), t.micro_batch_size, "train.micro_batch_size")
+    m.require(("gradient_accumulation_steps",), gas, "train.global_batch_size",
+              shown=f"train.global_batch_size / (train.micro_batch_size x world size {world_size}) = {gas}",
+              fix=f"megamix derives it from train.global_batch_size and train.micro_batch_size; remove it from "
+                  f"{source} or set it to \"auto\"")
+    # precision: megamix trains in fp32 or bf16 (train.dtype)
+    bf16 = "bfloat16" if "bfloat16" in m.conf and "bf16" not in m.conf else "bf16"
+    on = t.dtype == "bf16"
+    m.require((bf16, "enabled"), on, "train.dtype", shown=f"train.dtype={t.dtype}",
+              fix=(f"set train.dtype=bf16, or {bf16}.enabled to true or \"auto\" in {source}" if on else
+                   f"set train.dtype=bf16 in the megamix config, or {bf16}.enabled to false or \"auto\" in {source}"))
+    for sec in ("fp16", "amp"):
+        m.require((sec, "enabled"), False, "train.dtype", only_if_present=True, shown=f"train.dtype={t.dtype}",
+                  fix=f"megamix trains in fp32 or bf16 (train.dtype); set {sec}.enabled to false in {source} "
+                      "and use train.dtype=bf16 for mixed precision")
+    # ZeRO
+    m.require(("zero_optimization", "stage"), ds.zero_stage, "deepspeed.zero_stage")
     if ds.zero_stage >= 1:
-        zero.update({"overlap_comm": ds.backend == "nccl", "contiguous_gradients": True})
+        m.default(("zero_optimization", "overlap_comm"), ds.backend == "nccl")
+        m.default(("zero_optimization", "contiguous_gradients"), True)
     if ds.zero_stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": False})
+        m.default(("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False)
+    off = ("zero_optimization", "offload_optimizer")
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    conf: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": t.dtype == "bf16"},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if t.grad_clip > 0:
-        conf["gradient_clipping"] = t.grad_clip
-    return conf
+        m.require(off + ("device",), "cpu", "deepspeed.offload_optimizer", shown="deepspeed.offload_optimizer=true",
+                  fix=f"set deepspeed.offload_optimizer=false to keep the offload_optimizer section of {source}")
+        m.default(off + ("pin_memory",), torch.cuda.is_available())
+    elif m.get(off + ("device",)) not in (_MISSING, "none", None):
+        m.notes.append(f"ZeRO-Offload of the optimizer states to {m.get(off + ('device',))} comes from {source}")
+    if hidden_size:  # "auto" ZeRO bucket sizes, from the hidden size as the Hugging Face integration fills them
+        h = int(hidden_size)
+        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                           ("stage3_param_persistence_threshold", 10 * h)):
+            if m.get(("zero_optimization", key)) == AUTO:
+                m.set(("zero_optimization", key), value)
+    # gradient clipping
+    m.require(("gradient_clipping",), float(t.grad_clip), "train.grad_clip", only_if_present=t.grad_clip <= 0)
+    # optimizer: the user's section means DeepSpeed builds it
+    if "optimizer" in m.conf:
+        typ = m.get(("optimizer", "type"))
+        if t.optimizer != "auto":
+            m.conflicts.append(f"optimizer (type {_fmt(typ)}) in {source} vs train.optimizer={t.optimizer}: DeepSpeed "
+                               f"builds the optimizer from the file; set train.optimizer=auto, or remove the "
+                               f"optimizer section from {source}")
+        p = ("optimizer", "params")
+        m.require(p + ("lr",), t.lr, "train.lr")
+        m.require(p + ("weight_decay",), t.weight_decay, "train.weight_decay")
+        m.default(p + ("betas",), list(ADAM_BETAS))
+        m.default(p + ("eps",), ADAM_EPS)
+        m.notes.append(f"optimizer: {typ} from {source}, built by DeepSpeed")
+    # LR schedule: the user's section replaces megamix's warm-up + cosine
+    if "scheduler" in m.conf:
+        typ = m.get(("scheduler", "type"))
+        fields = _SCHEDULER_FIELDS.get(typ, {})
+        p = ("scheduler", "params")
+        for key, (field, value) in fields.items():
+            m.require(p + (key,), value(cfg), field)
+        for key, value in _SCHEDULER_AUTO_DEFAULTS.items():
+            if m.get(p + (key,)) == AUTO:
+                m.set(p + (key,), value)
+        if "warmup_num_steps" in fields and m.get(p + ("warmup_num_steps",)) == 0:
+            m.conflicts.append(f"scheduler.params.warmup_num_steps=0 in {source}: DeepSpeed's {typ} needs at least 1 "
+                               "warm-up step; set train.warmup_steps >= 1")
+        unused = [f for f in ("train.warmup_steps", "train.min_lr_ratio", "train.steps")
+                  if f not in {v[0] for v in fields.values()}]
+        m.notes.append(f"LR schedule: {typ} from {source} (megamix's linear warm-up + cosine decay is not used"
+                       + (f"; {', '.join(unused)} do not apply to it)" if unused else ")"))
+    m.default(("zero_allow_untested_optimizer",), True)
+    m.default(("steps_per_print",), 10 ** 9)
+    m.default(("wall_clock_breakdown",), False)
+    for key in m.leftover_autos():
+        m.conflicts.append(f"{key}=\"auto\" in {source}: megamix has no value to fill in; set it explicitly")
+    if m.conflicts:
+        raise ConfigError(f"deepspeed.config {source} conflicts with the megamix config ({len(m.conflicts)}):\n  - "
+                          + "\n  - ".join(m.conflicts))
+    return m.conf, m.notes
 
 
-def validate_launch(cfg: MegamixConfig, world_size: int, *, check_devices: bool = True) -> dict:
+def ds_config_and_notes(cfg: MegamixConfig, world_size: int, *, hidden_size: int | None = None
+                        ) -> tuple[dict, list[str]]:
+    """:func:`merge_ds_config` of ``deepspeed.config`` (or of nothing, when it is empty)."""
+    return merge_ds_config(cfg, world_size, user_ds_config(cfg), source=cfg.deepspeed.config or "ds_config",
+                           hidden_size=hidden_size)
+
+
+def build_ds_config(cfg: MegamixConfig, world_size: int, *, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed JSON config for this run (see :func:`merge_ds_config`)."""
+    return ds_config_and_notes(cfg, world_size, hidden_size=hidden_size)[0]
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """True when ``ds_config`` offloads the optimizer states (ZeRO-Offload to cpu or nvme)."""
+    dev = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+    return dev in ("cpu", "nvme")
+
+
+def validate_launch(cfg: MegamixConfig, world_size: int, *, check_devices: bool = True,
+                    hidden_size: int | None = None) -> dict:
     """Check a DeepSpeed run config against the launch geometry without training.
 
     Checks: the config itself (``cfg.validate()``), batch divisibility (global = micro x world x gas),
-    ZeRO settings, backend vs devices, dtype support, and that every rank gets at least one sample
-    per micro-step. Raises :class:`ConfigError` with a fix; returns a summary dict
+    ZeRO settings, backend vs devices, dtype support, that every rank gets at least one sample
+    per micro-step, and the merge with the user's ``deepspeed.config`` (every conflict reported). Raises :class:`ConfigError` with a fix; returns a summary dict
     (``world_size``, ``gradient_accumulation_steps``, ``ds_config``, ``notes``).
     """
     cfg.validate()
@@ -79,7 +284,7 @@ def validate_launch(cfg: MegamixConfig, world_size: int, *, check_devices: bool 
     if not ds.enabled:
         raise ConfigError("validate_launch is for DeepSpeed runs: set deepspeed.enabled=true")
     gas = gradient_accumulation_steps(cfg, world_size)
-    notes: list[str] = []
+    ds_config, notes = ds_config_and_notes(cfg, world_size, hidden_size=hidden_size)
     if check_devices and ds.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("deepspeed.backend=nccl needs CUDA GPUs, and none is visible; use "
                           "deepspeed.backend=gloo for CPU runs")
@@ -89,9 +294,10 @@ def validate_launch(cfg: MegamixConfig, world_size: int, *, check_devices: bool 
         notes.append("gloo on a GPU machine is slow for large models; nccl is the usual choice")
     if ds.zero_stage >= 1 and world_size == 1:
         notes.append(f"ZeRO-{ds.zero_stage} with a single rank partitions nothing (works, no memory saving)")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
-    if ds.offload_optimizer and not torch.cuda.is_available():
+    if offloads_optimizer(ds_config) and ds.zero_stage == 0:
+        raise ConfigError("optimizer offload (deepspeed.offload_optimizer or zero_optimization.offload_optimizer in "
+                          "deepspeed.config) needs deepspeed.zero_stage >= 1")
+    if offloads_optimizer(ds_config) and not torch.cuda.is_available():
         notes.append("offload_optimizer on CPU JIT-builds DeepSpeed's cpu_adam op (about a minute, once)")
     if t.dtype == "bf16" and check_devices and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.dtype=bf16 but this GPU has no bf16 support; use train.dtype=fp32")
@@ -102,8 +308,7 @@ def validate_launch(cfg: MegamixConfig, world_size: int, *, check_devices: bool 
         notes.append("checkpoint_every is not a multiple of mixing.update_every: checkpoints fall inside a "
                      "round; each rank's accumulators are saved in its side file so resume stays exact, "
                      "but the world size must then stay the same")
-    return {"world_size": world_size, "gradient_accumulation_steps": gas,
-            "ds_config": build_ds_config(cfg, world_size), "notes": notes}
+    return {"world_size": world_size, "gradient_accumulation_steps": gas, "ds_config": ds_config, "notes": notes}
 
 
 # ---------------------------------------------------------------------------------------- distributed
@@ -140,21 +345,42 @@ def init_distributed(backend: str = "gloo", *, rank: int, world_size: int, skip_
                                timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float],
-                  ds_config: dict, *, skip_op_builds: bool = True):
-    """``deepspeed.initialize`` with an optimizer object (torch's AdamW avoids DeepSpeed's fused_adam
-    build) and a ``LambdaLR`` schedule whose multiplier at step ``s`` is ``lr_lambda(s)``. Returns the engine."""
+def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                  lr_lambda: Callable[[int], float] | None, ds_config: dict, *, model_parameters: Any = None,
+                  skip_op_builds: bool = True):
+    """``deepspeed.initialize``; returns the engine.
+
+    ``optimizer``: an optimizer object (torch's AdamW avoids DeepSpeed's fused_adam build), or None when
+    ``ds_config`` has an ``optimizer`` section, which DeepSpeed builds over ``model_parameters`` (param groups).
+    ``lr_lambda``: a ``LambdaLR`` schedule whose multiplier at step ``s`` is ``lr_lambda(s)``, or None when
+    ``ds_config`` has a ``scheduler`` section."""
     import deepspeed
 
     if skip_op_builds:
         patch_cpu_op_builds()
-
-    def make_sched(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_sched,
-                                           config=ds_config)
+    kw: dict[str, Any] = {}
+    if optimizer is not None:
+        kw["optimizer"] = optimizer
+    else:
+        kw["model_parameters"] = model_parameters if model_parameters is not None else model.parameters()
+    if lr_lambda is not None:
+        kw["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kw)
     return engine
+
+
+def fused_adam(params: Any, **kw) -> torch.optim.Optimizer:
+    """DeepSpeed's ``FusedAdam`` (``deepspeed.ops.adam``; a CUDA kernel, JIT-built on first use unless prebuilt)."""
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam(params, adam_w_mode=True, **kw)
+
+
+def cpu_adam(params: Any, **kw) -> torch.optim.Optimizer:
+    """DeepSpeed's ``DeepSpeedCPUAdam``, the optimizer ZeRO-Offload runs (JIT-builds the cpu_adam op once)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
 
 
 # ---------------------------------------------------------------------------------------- ZeRO-3 parameters
@@ -200,8 +426,9 @@ def load_engine(engine, ckpt_root: str | Path, tag: str) -> None:
                           "or was written with another ZeRO stage / world size. Start a new train.out_dir")
 
 
-__all__ = ["gradient_accumulation_steps", "build_ds_config", "validate_launch", "patch_cpu_op_builds",
-           "init_distributed", "create_engine", "is_zero3_param", "register_external", "gathered_parameter",
-           "save_engine", "load_engine"]
+__all__ = ["gradient_accumulation_steps", "load_user_ds_config", "user_ds_config", "merge_ds_config",
+           "ds_config_and_notes", "build_ds_config", "offloads_optimizer", "validate_launch", "patch_cpu_op_builds",
+           "init_distributed", "create_engine", "fused_adam", "cpu_adam", "is_zero3_param", "register_external",
+           "gathered_parameter", "save_engine", "load_engine"]
 
 

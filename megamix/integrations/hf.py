@@ -66,16 +66,18 @@ def check_supported(model: nn.Module) -> None:
                         f"(got {type(head).__name__}); use megamix.integrations.attach(model, mixer) instead")
 
 
-def body_hidden_states(model: nn.Module, batch: Any) -> torch.Tensor:
+def body_hidden_states(model: nn.Module, batch: Any, **model_kwargs) -> torch.Tensor:
     """The LM head's input ``[b, T, d]`` for a loader batch: the model body only (no LM head, no loss), in
-    eval mode and without gradients. Under ZeRO-3 every rank must call it (the body's gathers are collective)."""
+    eval mode and without gradients. Under ZeRO-3 every rank must call it (the body's gathers are collective).
+    ``model_kwargs`` (e.g. ``attention_mask``) go to the body's forward; None values are dropped."""
     was = model.training
     model.eval()
     try:
         dev = model.get_output_embeddings().weight.device
         with torch.no_grad():
+            extra = {k: v for k, v in model_kwargs.items() if v is not None}
             out = model.base_model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
-                                   use_cache=False)
+                                   use_cache=False, **extra)
         return out[0]
     finally:
         model.train(was)

@@ -22,7 +22,10 @@ from torch import nn
 
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
+from megamix.data.corpus import atomic_write_json
 from megamix.integrations import deepspeed as ds_glue
+from megamix.train import optim
+from megamix.train.model import check_attn_implementation, resolve_hf_config
 
 MODEL_FILE = "model.pt"
 
@@ -48,6 +51,7 @@ class Backend:
     """
 
     name = "base"
+    lr_at: Callable[[int], float] | None = None
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = int(rank), int(world_size)
@@ -76,6 +80,10 @@ class Backend:
 
     def before_step(self, step: int) -> None:
         """Called before the micro-batches of optimizer step ``step`` (0-based)."""
+
+    def current_lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (for the metrics)."""
+        return float(self.lr_at(step)) if self.lr_at is not None else float("nan")
 
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:
         raise NotImplementedError
@@ -132,7 +140,9 @@ class PlainBackend(Backend):
             raise ConfigError(f"world size {self.world_size}: the plain backend runs one process (several would "
                               "train full copies into one out_dir); use the DDP backend (megamix train picks it "
                               "under torchrun) or set deepspeed.enabled=true for multi-rank runs")
-        resolve_device(cfg.train.device)
+        cuda = resolve_device(cfg.train.device).type == "cuda"
+        check_attn_implementation(cfg.model.attn_implementation, cuda=cuda)
+        optim.resolve_optimizer(cfg, cuda=cuda)
         return []
 
     def setup(self, model, optimizer, lr_at, cfg) -> None:
@@ -310,16 +320,24 @@ class DDPBackend(PlainBackend):
 class DeepSpeedBackend(Backend):
     """A DeepSpeed engine (ZeRO 0-3, fp32 or bf16, gradient accumulation), one process per rank.
 
-    The optimizer and LR schedule are the loop's (passed to ``deepspeed.initialize`` as objects), the
-    batch geometry and ZeRO settings come from :func:`megamix.integrations.deepspeed.build_ds_config`.
+    The batch geometry, precision and ZeRO settings come from
+    :func:`megamix.integrations.deepspeed.build_ds_config`, merged with the user's ``deepspeed.config``. The
+    optimizer and LR schedule are the loop's (passed to ``deepspeed.initialize`` as objects) unless that file
+    has an ``optimizer`` / ``scheduler`` section, which DeepSpeed then builds.
     Checkpoints: the engine's files in the checkpoint directory (``save_latest=False``; the loop
     writes ``latest``).
     """
 
     name = "deepspeed"
+    user_schedule = False    # the ds_config's scheduler section drives the LR (not megamix's lr_at)
+    _lr: float | None = None
 
     def check(self, cfg: MegamixConfig) -> list[str]:
-        return ds_glue.validate_launch(cfg, self.world_size)["notes"]
+        check_attn_implementation(cfg.model.attn_implementation)
+        hidden = getattr(resolve_hf_config(cfg.model), "hidden_size", None)
+        notes = ds_glue.validate_launch(cfg, self.world_size, hidden_size=hidden)
+        optim.resolve_optimizer(cfg)
+        return notes["notes"]
 
     def init(self, cfg: MegamixConfig) -> None:
         ds_glue.init_distributed(cfg.deepspeed.backend, rank=self.rank, world_size=self.world_size,
@@ -327,10 +345,17 @@ class DeepSpeedBackend(Backend):
 
     def setup(self, model, optimizer, lr_at, cfg) -> None:
         base = cfg.train.lr
-        self.engine = ds_glue.create_engine(model, optimizer, lambda s: lr_at(s) / base,
-                                            ds_glue.build_ds_config(cfg, self.world_size),
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        ds_config = ds_glue.build_ds_config(cfg, self.world_size, hidden_size=hidden)
+        self.lr_at = lr_at
+        self.user_schedule = "scheduler" in ds_config
+        params = optim.param_groups(model, cfg.train.weight_decay) if optimizer is None else None
+        lr_lambda = None if self.user_schedule else (lambda s: lr_at(s) / base)
+        self.engine = ds_glue.create_engine(model, optimizer, lr_lambda, ds_config, model_parameters=params,
                                             skip_op_builds=cfg.deepspeed.skip_op_builds)
         self._bind(self.engine)
+        if self.rank == 0 and cfg.deepspeed.config:  # the merged config this run used, next to its config.yaml
+            atomic_write_json(Path(cfg.train.out_dir) / "ds_config.json", ds_config)
 
     def _bind(self, engine) -> None:
         self.engine = self.module = engine
@@ -344,6 +369,12 @@ class DeepSpeedBackend(Backend):
         b = cls(rank, world_size)
         b._bind(engine)
         return b
+
+    def before_step(self, step: int) -> None:
+        self._lr = float(self.engine.get_lr()[0]) if self.user_schedule else None
+
+    def current_lr(self, step: int) -> float:
+        return self._lr if self.user_schedule and self._lr is not None else super().current_lr(step)
 
     def backward(self, loss, n_micro):
         # engine.backward scales by 1/gradient_accumulation_steps; engine.step applies the update at the

@@ -40,7 +40,8 @@ from megamix.integrations.hook import attach
 from megamix.train.backend import Backend, make_backend
 from megamix.train.checkpoint import Checkpoints
 from megamix.train.metrics import MetricsLogger, mixture_fields, read_metrics
-from megamix.train.model import build_model, count_parameters
+from megamix.train.model import build_model, count_parameters, model_inputs
+from megamix.train.optim import build_optimizer
 from megamix.train.progress import StepReporter
 
 log = logging.getLogger("megamix")
@@ -81,25 +82,14 @@ def lr_at(step: int, cfg: MegamixConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: MegamixConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (biases, norms and position embeddings excluded)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
 # ------------------------------------------------------------------------------------------- LM head
 class LMHead:
     """The LM-head loss of the loop for one of the three paths (see the module docstring)."""
 
     def __init__(self, cfg: MegamixConfig, backend: Backend, mixer: Any):
         self.backend = backend
-        self.vocab_size = cfg.model.vocab_size
+        self.vocab_size = backend.model.config.vocab_size
+        self.doc_masking = cfg.model.doc_masking
         self.patch = self.hook = None
         path = cfg.train.loss_impl
         if path == "fused":
@@ -112,21 +102,23 @@ class LMHead:
             self.patch = apply_megamix(backend.model, mixer)
         elif path == "capture" and cfg.projection.enabled:
             self.hook = attach(backend.module, mixer, auto_step=False, dp_world_size=backend.world_size,
-                               vocab_size=cfg.model.vocab_size, hidden_size=cfg.model.n_embd)
+                               vocab_size=self.vocab_size, hidden_size=backend.model.config.hidden_size)
         self.path = path
+
+    def inputs(self, batch) -> dict:
+        """The forward's inputs on the device: ids, positions and the document mask (model.doc_masking)."""
+        return model_inputs(batch, self.backend.model, self.doc_masking, self.backend.device)
 
     def loss(self, batch) -> torch.Tensor:
         """Mean token cross-entropy of a micro-batch (statistics recorded on the way)."""
-        dev = self.backend.device
-        ids, pos, labels = batch.input_ids.to(dev), batch.position_ids.to(dev), batch.labels.to(dev)
+        kw, labels = self.inputs(batch), batch.labels.to(self.backend.device)
         with self.backend.autocast():
             if self.patch is not None:
                 self.patch.set_batch(batch)
-                return self.backend.module(input_ids=ids, position_ids=pos, shift_labels=labels,
-                                           use_cache=False).loss
+                return self.backend.module(**kw, shift_labels=labels, use_cache=False).loss
             if self.hook is not None:
                 self.hook.set_batch(batch)
-            logits = self.backend.module(input_ids=ids, position_ids=pos, use_cache=False).logits
+            logits = self.backend.module(**kw, use_cache=False).logits
         token_loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), labels.reshape(-1),
                                      ignore_index=-100, reduction="none").reshape(labels.shape)
         if self.hook is not None:
@@ -136,21 +128,20 @@ class LMHead:
     @torch.no_grad()
     def eval_loss_sum(self, batch) -> tuple[float, int]:
         """(summed token loss, number of target tokens) of a validation batch, no statistics."""
-        dev = self.backend.device
-        ids, pos, labels = batch.input_ids.to(dev), batch.position_ids.to(dev), batch.labels.to(dev)
+        kw, labels = self.inputs(batch), batch.labels.to(self.backend.device)
         n = int((labels != -100).sum())
         with self.backend.autocast():
             if self.patch is not None:
-                return float(self.backend.model(input_ids=ids, position_ids=pos, shift_labels=labels,
-                                                use_cache=False).loss) * n, n
-            logits = self.backend.model(input_ids=ids, position_ids=pos, use_cache=False).logits
+                return float(self.backend.model(**kw, shift_labels=labels, use_cache=False).loss) * n, n
+            logits = self.backend.model(**kw, use_cache=False).logits
         return float(F.cross_entropy(logits.float().reshape(-1, self.vocab_size), labels.reshape(-1),
                                      ignore_index=-100, reduction="sum")), n
 
     def hidden_states(self, batch) -> torch.Tensor:
         """The LM head's input for a held-out batch (eval mode, no gradients)."""
         with self.backend.autocast():
-            return body_hidden_states(self.backend.model, batch)
+            return body_hidden_states(self.backend.model, batch,
+                                      attention_mask=self.inputs(batch).get("attention_mask"))
 
     def weight_context(self):
         """Context yielding the full LM-head matrix (gathered under ZeRO-3)."""
@@ -333,9 +324,10 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
                 logger.log("weights", done, weights=dict(zip(mixer.domains, update["weights"].tolist())))
         if done % t.log_every == 0 or done == end:
             med = float(np.median(step_times[-t.log_every:]))
-            logger.log("train", done, loss=last_loss, lr=lr_at(step, cfg), grad_norm=gnorm, step_seconds=med,
+            lr_now = backend.current_lr(step)
+            logger.log("train", done, loss=last_loss, lr=lr_now, grad_norm=gnorm, step_seconds=med,
                        tokens_per_second=tokens_per_step / med, **mixture_fields(mixer.loader.telemetry()))
-            bar.log(done, loss=last_loss, tokens_per_second=tokens_per_step / med, lr=lr_at(step, cfg),
+            bar.log(done, loss=last_loss, tokens_per_second=tokens_per_step / med, lr=lr_now,
                     weights=dict(zip(mixer.domains, mixer.weights.tolist())))
         if (t.eval_every and done % t.eval_every == 0) or done == end:
             vl = evaluate(head, eval_store, eval_domains, cfg)
