@@ -140,10 +140,14 @@ class PlainBackend(Backend):
             raise ConfigError(f"world size {self.world_size}: the plain backend runs one process (several would "
                               "train full copies into one out_dir); use the DDP backend (megamix train picks it "
                               "under torchrun) or set deepspeed.enabled=true for multi-rank runs")
-        cuda = resolve_device(cfg.train.device).type == "cuda"
+        self._check_model(cfg, cuda=resolve_device(cfg.train.device).type == "cuda")
+        return []
+
+    @staticmethod
+    def _check_model(cfg: MegamixConfig, *, cuda: bool) -> None:
+        """The attention implementation and optimizer can run on this device (one-line errors otherwise)."""
         check_attn_implementation(cfg.model.attn_implementation, cuda=cuda)
         optim.resolve_optimizer(cfg, cuda=cuda)
-        return []
 
     def setup(self, model, optimizer, lr_at, cfg) -> None:
         self.device = resolve_device(cfg.train.device)
@@ -252,6 +256,7 @@ class DDPBackend(PlainBackend):
                               f"train.micro_batch_size x world size ({t.micro_batch_size} x {self.world_size} = "
                               f"{per_rank}); e.g. train.global_batch_size={per_rank * max(1, t.global_batch_size // per_rank)}")
         dev = self._device(cfg)
+        self._check_model(cfg, cuda=dev.type == "cuda")
         n_micro = t.global_batch_size // per_rank
         return [f"DDP over {self.world_size} rank(s), {'nccl' if dev.type == 'cuda' else 'gloo'} on {dev.type}; "
                 f"{n_micro} accumulation micro-step(s) of {t.micro_batch_size} per rank"]
