@@ -1,9 +1,12 @@
-"""DA² solvers: exact vs brute force, Dirichlet search vs exact, constraints, bad input."""
+"""DA² solvers: exact vs brute force, Dirichlet search vs exact, constraints, bad input, Huber δ and
+the Dirichlet α options."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from megamix.domain2vec.da2 import (DISTANCES, da2_objective, data_caps, dirichlet_alpha, dirichlet_search,
-                                    distance, distance_batch, solve_exact)
+                                    distance, distance_batch, huber_delta_auto, search_alpha, solve_exact)
 from megamix.simplex import project_capped
 
 
@@ -102,3 +105,49 @@ def test_projection_and_distances():
         assert distance(p, q, kind) == pytest.approx(0.0, abs=1e-9)
     assert distance(np.array([1.0, 0]), np.array([0, 1.0]), "l1") == pytest.approx(2.0)
     assert distance(np.array([1.0, 0]), np.array([0, 1.0]), "js") == pytest.approx(np.log(2), rel=1e-6)
+
+
+COMMITTED_VECTORS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "d2v" / "vectors.json"
+
+
+def test_huber_delta_one_is_half_mse_and_auto_delta_is_a_real_huber():
+    """On the committed domain vectors of the real corpus: δ = 1 gives exactly ½·MSE (the same ranking
+    as L2), the automatic δ puts half of the component differences in the linear part, and the loss
+    is then not a multiple of the MSE and ranks candidates differently from L2."""
+    from scipy.stats import spearmanr
+
+    from megamix.domain2vec.vectorize import load_vectors
+
+    vec = load_vectors(COMMITTED_VECTORS)
+    alpha = search_alpha(vec.tokens_array(), len(vec.domains), "scaled")
+    delta, info = huber_delta_auto(vec.V_train, vec.v_valid, alpha, seed=0)
+    R = np.random.default_rng(1).dirichlet(alpha, size=3000)
+    D = R @ vec.V_train - vec.v_valid
+    half_mse = 0.5 * (D ** 2).mean(axis=1)
+    np.testing.assert_allclose(distance_batch(R @ vec.V_train, vec.v_valid, "huber", 1.0), half_mse, rtol=1e-12)
+    assert info["linear_fraction_at_delta_1"] == 0.0 and info["abs_diff_max"] < 1.0
+    assert 0 < delta < info["abs_diff_quantiles"]["p90"] and 0.4 < info["linear_fraction"] < 0.6
+    hub = distance_batch(R @ vec.V_train, vec.v_valid, "huber", delta)
+    ratio = hub / half_mse
+    assert ratio.max() / ratio.min() > 1.5  # not ½·MSE times a constant
+    assert spearmanr(hub, half_mse)[0] < 0.999  # and not a monotone transform of it either
+    assert spearmanr(distance_batch(R @ vec.V_train, vec.v_valid, "huber", 1.0), half_mse)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="quantile"):
+        huber_delta_auto(vec.V_train, vec.v_valid, alpha, quantile=1.0)
+
+
+def test_search_alpha_scaled_and_paper():
+    tokens = np.array([100.0, 300.0, 600.0])
+    paper = search_alpha(tokens, 3, "paper")
+    np.testing.assert_allclose(paper, [0.1, 0.3, 0.6])            # the paper's Dirichlet(a_train)
+    np.testing.assert_allclose(search_alpha(tokens, 3, "scaled"), [0.3, 0.9, 1.8])
+    np.testing.assert_allclose(search_alpha(None, 4, "scaled"), 1.0)  # uniform on the simplex
+    np.testing.assert_allclose(search_alpha(tokens, 3, "scaled", 2.0), [0.6, 1.8, 3.6])
+    rng = np.random.default_rng(0)
+    top_paper = rng.dirichlet(paper, size=4000).max(axis=1).mean()
+    top_scaled = rng.dirichlet(search_alpha(tokens, 3, "scaled"), size=4000).max(axis=1).mean()
+    assert top_paper > top_scaled + 0.08  # the literal α draws mixtures nearer a vertex
+    with pytest.raises(ValueError, match="concentration"):
+        search_alpha(tokens, 3, "paper", 2.0)
+    with pytest.raises(ValueError, match="scaled"):
+        search_alpha(tokens, 3, "flat")

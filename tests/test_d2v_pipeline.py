@@ -151,6 +151,99 @@ def test_cli_help_and_da2(world, tmp_path):
     assert doc["method"] == "da2" and abs(sum(doc["weights"].values()) - 1) < 1e-9
     for d in ("changelogs", "code_python", "legal"):
         assert doc["weights"][d] <= 0.1 + 1e-9  # data-amount cap: 100 tokens of 1000, 1 epoch
+    meta = doc["meta"]
+    assert 0 < meta["delta"] < meta["delta_info"]["abs_diff_max"] <= 1 and meta["delta_arg"] == "auto"
+    assert meta["dirichlet"] == "scaled" and "dirichlet_search_paper_alpha" in meta
+    r = subprocess.run([sys.executable, "-m", "megamix", "d2v", "da2", "--vectors", str(vec_path), "--delta", "-1"],
+                       cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--delta" in r.stderr
+
+
+def test_validation_documents_roundtrip_and_changed_corpus_refused(world, tmp_path):
+    import shutil
+
+    from megamix.domain2vec.metaloss import load_valid_docs
+
+    root, _, clf = world
+    vec_path = tmp_path / "vectors.json"
+    vectorize_corpus(clf, root / "data", vec_path, n_samples=7, seed=2, progress=False)
+    vec = load_vectors(vec_path)
+    docs = load_valid_docs(vec)
+    assert len(docs) == vec.raw["valid"]["docs"]["n"] == sum(min(7, c) for c in np.bincount(docs.domain_idx))
+    for k in range(len(vec.valid_domains)):  # V_valid is exactly the mean of the recorded rows
+        np.testing.assert_allclose(docs.proba[docs.domain_idx == k].mean(axis=0) / docs.proba[docs.domain_idx == k].mean(axis=0).sum(),
+                                   vec.V_valid[k], rtol=1e-12)
+    assert abs(docs.weights.sum() - 1) < 1e-12 and all(len(t) > 0 for t in docs.texts)
+    np.testing.assert_allclose(clf.predict_proba(docs.texts), docs.proba, rtol=1e-6, atol=1e-9)
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "data" / "corpus", moved / "corpus")
+    assert load_valid_docs(vec, moved).texts == docs.texts  # the corpus may move, not change
+    f = moved / "corpus" / vec.valid_domains[0] / "valid.jsonl"
+    objs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    f.write_text("".join(json.dumps({**o, "text": o["text"].upper()}) + "\n" for o in objs))
+    with pytest.raises(ValueError, match="corpus changed"):
+        load_valid_docs(vec, moved)
+    (tmp_path / "vectors.valid_docs.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="vectorize"):
+        load_valid_docs(vec)
+
+
+def _fake_make_trainer_fn(calls):
+    """Stands in for the real proxy trainer: losses follow the mixture, one loss per document."""
+    from megamix.domain2vec.regmix import ProxyResult
+
+    def make(cfg, root, *, steps=None, docs=None, progress=False):
+        def train_fn(weights, index):
+            calls.append(index)
+            w = np.array(list(weights.values()))
+            vl = {d: float(3 + (1 - x) ** 2 + 0.1 * i) for i, (d, x) in enumerate(weights.items())}
+            dl = None if docs is None else [float(3 + w[int(k)] * (1 + j % 3)) for j, k in enumerate(docs.domain_idx)]
+            return ProxyResult(vl, dl)
+        return train_fn
+    return make
+
+
+def test_cli_evaluate_records_budget_vectors_and_predictors(world, tmp_path, monkeypatch):
+    """evaluate.json records the proxy budget (from --proxy-steps, which also sets the proxies'
+    data-amount caps), a vectors path that exists with its hash, the Huber δ rule, and every
+    predictor's rank correlation on all mixtures and without the sparse ones; regmix reuses the proxies."""
+    import hashlib
+
+    import megamix.domain2vec.evaluate as ev
+    from megamix.cli import main
+
+    root, _, clf = world
+    vec_path = tmp_path / "vectors.json"
+    vectorize_corpus(clf, root / "data", vec_path, n_samples=6, seed=0, progress=False,
+                     train_tokens={"changelogs": 3000, "code_python": 3000, "legal": 3000, "manpages": 3000})
+    calls = []
+    monkeypatch.setattr(ev, "make_trainer_fn", _fake_make_trainer_fn(calls))
+    # train.steps is far beyond the corpus (the target run's caps would be infeasible); proxies run 3 steps
+    common = ["--vectors", str(vec_path), "--set", f"data.data_dir={root / 'data'}", "--set", "train.steps=100000",
+              "--set", "train.global_batch_size=4", "--set", "train.micro_batch_size=4", "--set", "model.seq_len=16",
+              "--proxy-steps", "3", "--samples", "2000", "--top-k", "10", "--proxy-dir", str(tmp_path / "px")]
+    rc = main(["d2v", "evaluate", *common, "--mixtures", "4", "--sparse", "2", "--pairs", "2", "--bootstrap", "20"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "evaluate.json").read_text())
+    cfg = rep["config"]
+    assert cfg["proxy"]["steps"] == 3 and cfg["proxy"]["tokens"] == 3 * 4 * 16 and cfg["proxy"]["proxy_steps_arg"] == 3
+    assert cfg["proxy"]["caps"]["legal"] == pytest.approx(min(1.0, 3000 / 192))
+    assert Path(cfg["vectors"]).is_file()
+    assert cfg["vectors_sha256"] == hashlib.sha256(Path(cfg["vectors"]).read_bytes()).hexdigest()
+    assert 0 < cfg["delta"] < 1 and "quantile 0.5" in cfg["delta_info"]["rule"] and cfg["dirichlet"] == "scaled"
+    assert rep["n_runs"] == 4 + 2 + 2 + 4 and rep["subset_sizes"]["without_sparse"] == 8
+    for sub in ("all", "without_sparse"):
+        assert {"da2_huber", "da2_huber_delta1", "l1_to_uniform", "neg_entropy", "regmix_cv_bayes",
+                "regmix_cv_argmax", "regmix_cv_proba"} <= set(rep["correlations"][sub])
+    assert {r["group"] for r in rep["runs"]} == {"dirichlet", "sparse", "pair", "reference", "da2_pick"}
+    assert len(calls) == 12
+    calls.clear()
+    rc = main(["d2v", "regmix", *common, "--proxies", "4", "--set", "train.steps=2",
+               "--out", str(tmp_path / "rm.json")])
+    assert rc == 0 and calls == []  # the same Dirichlet draws: every proxy comes from the shared cache
+    meta = json.loads((tmp_path / "rm.json").read_text())["meta"]
+    assert meta["meta_targets"] == "argmax" and meta["proxy"]["steps"] == 3 and "argmax" in meta["meta_loss_mapping"]
+    assert isinstance(meta["meta_domains_without_target"], list)
 
 
 def test_transformer_classifier_interface():
@@ -172,3 +265,33 @@ def test_transformer_classifier_interface():
     assert list(clf.predict(["a", "a" * 50])) == [0, 1]
     v = domain_vector(clf, ["a", "b", "c" * 40, "d" * 40])
     np.testing.assert_allclose(v, [0.5, 0.5], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_real_proxies_scored_per_document(world, tmp_path):
+    """The real trainer as proxy: every proxy is scored on the validation documents; the proxy trained
+    on a single domain fits that domain's documents better than the other proxy does."""
+    from megamix.config import MegamixConfig
+    from megamix.domain2vec.evaluate import make_trainer_fn
+    from megamix.domain2vec.metaloss import load_valid_docs
+    from megamix.domain2vec.regmix import run_proxies
+
+    root, _, clf = world
+    vec_path = tmp_path / "vectors.json"
+    vectorize_corpus(clf, root / "data", vec_path, n_samples=6, seed=0, progress=False)
+    vec = load_vectors(vec_path)
+    docs = load_valid_docs(vec)
+    cfg = MegamixConfig.from_dict({"data": {"data_dir": str(root / "data")},
+                                   "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "seq_len": 16},
+                                   "train": {"steps": 30, "global_batch_size": 8, "micro_batch_size": 8, "lr": 0.01,
+                                             "eval_batches": 1, "threads": 1}})
+    fn = make_trainer_fn(cfg, tmp_path / "px", docs=docs)
+    m = len(vec.domains)
+    R = np.eye(m)[[0, 1]]
+    runs = run_proxies(R, fn, vec.domains, cache_path=tmp_path / "px" / "proxies.jsonl", docs_sha=docs.sha256,
+                       progress=False)
+    D = np.array([r.doc_loss for r in runs])
+    assert D.shape == (2, len(docs)) and np.isfinite(D).all()
+    own0 = D[:, docs.domain_idx == vec.valid_domains.index(vec.domains[0])].mean(axis=1)
+    own1 = D[:, docs.domain_idx == vec.valid_domains.index(vec.domains[1])].mean(axis=1)
+    assert own0[0] < own0[1] and own1[1] < own1[0]

@@ -90,7 +90,7 @@ def run(args) -> int:
     return 0
 
 
-D2V_EVAL_DEFAULT = "benchmarks/results/d2v/eval_cap1mb/evaluate.json"
+D2V_EVAL_DEFAULT = "benchmarks/results/d2v/evaluate.json"
 
 
 def _paper_table(summaries, out: Path, d2v_eval: str | None = D2V_EVAL_DEFAULT) -> dict:

@@ -45,11 +45,13 @@ _CODE_SYMBOLS = set("{}()[];=<>_*&|#")
 
 @dataclass
 class Passage:
-    """A unit of text for Domain2Vec: a document or a chunk of one."""
+    """A unit of text for Domain2Vec: a document or a chunk of one. ``index`` is its position in the
+    domain split's passage stream (:func:`iter_passages`), so a sample can be located again."""
 
     text: str
     domain: str
     source: str
+    index: int = -1
 
 
 def domain_file(data_dir: str | Path, domain: str, split: str) -> Path:
@@ -120,10 +122,12 @@ def chunk_text(text: str, max_chars: int = 1024, min_chars: int = 32) -> list[st
 
 def iter_passages(data_dir: str | Path, domain: str, split: str = "train",
                   max_chars: int = 1024) -> Iterator[Passage]:
-    """All passages of one domain split, in file order."""
+    """All passages of one domain split, in file order (``Passage.index`` counts from 0)."""
+    i = 0
     for text, source in iter_jsonl_texts(domain_file(data_dir, domain, split)):
         for chunk in chunk_text(text, max_chars=max_chars):
-            yield Passage(chunk, domain, source)
+            yield Passage(chunk, domain, source, i)
+            i += 1
 
 
 def sample_passages(passages: Iterable[Passage], n: int, seed: int) -> list[Passage]:

@@ -14,8 +14,20 @@ Two solvers:
   the token distribution, infeasible ones rejected, the top-k (default 100) averaged. It takes any
   vectorised objective, so Domain2Vec+RegMix reuses it.
 
-Distances (``distance=``): ``huber`` (mean Huber loss, ``delta`` default 1.0 as in torch/sklearn;
-the paper's choice), ``l2`` (Euclidean), ``l1``, ``kl`` (KL(v_valid ‖ r@V)), ``js`` (Jensen-Shannon).
+Distances (``distance=``): ``huber`` (the paper's choice: mean Huber loss over the n components),
+``l2`` (Euclidean), ``l1``, ``kl`` (KL(v_valid ‖ r@V)), ``js`` (Jensen-Shannon).
+
+Huber δ. The Huber loss is ½d² for |d| ≤ δ and δ(|d| − ½δ) beyond. Both vectors are probability
+distributions, so every component difference is at most 1 in absolute value: with δ = 1 (the torch
+and sklearn default; the paper does not state its δ) the loss is exactly ½·MSE and Huber is just L2.
+:func:`huber_delta_auto` picks δ from the data instead: the median of the component differences
+``|(r @ V_train − v_valid)_j|`` over the Dirichlet candidate mixtures (10k draws of the search's α),
+so half of the components fall in the quadratic part and half in the linear part. The CLI uses it by
+default (``--delta auto``) and records δ and the quantiles of the differences.
+
+Dirichlet α (:func:`search_alpha`): ``scaled`` (default) is ``α = m · a_train`` (``a_train`` = token
+shares, so uniform token shares give the uniform distribution on the simplex); ``paper`` is the
+paper's literal ``Dirichlet(a_train)`` (α sums to 1: nearly every draw is close to a single domain).
 """
 from __future__ import annotations
 
@@ -26,10 +38,12 @@ import numpy as np
 
 from megamix.simplex import normalize, project_capped
 
-__all__ = ["DISTANCES", "distance", "distance_batch", "data_caps", "solve_exact", "dirichlet_search",
-           "dirichlet_alpha", "Da2Result", "check_inputs"]
+__all__ = ["DISTANCES", "ALPHA_KINDS", "distance", "distance_batch", "data_caps", "solve_exact",
+           "dirichlet_search", "dirichlet_alpha", "search_alpha", "huber_delta_auto", "Da2Result",
+           "check_inputs"]
 
 DISTANCES = ("huber", "l2", "l1", "kl", "js")
+ALPHA_KINDS = ("scaled", "paper")
 _EPS = 1e-10
 
 
@@ -251,6 +265,46 @@ def dirichlet_alpha(tokens: np.ndarray | None, m: int, concentration: float = 1.
     if concentration <= 0:
         raise ValueError(f"concentration must be > 0 (got {concentration})")
     return np.maximum(concentration * m * a, floor)
+
+
+def search_alpha(tokens: np.ndarray | None, m: int, kind: str = "scaled",
+                 concentration: float = 1.0) -> np.ndarray:
+    """The Dirichlet parameters of the candidate search (see the module docstring).
+
+    ``scaled``: ``α = concentration · m · a_train``. ``paper``: ``α = a_train`` exactly, the paper's
+    ``Dirichlet(a_train)`` (``concentration`` must stay 1)."""
+    if kind == "scaled":
+        return dirichlet_alpha(tokens, m, concentration)
+    if kind == "paper":
+        if concentration != 1.0:
+            raise ValueError("the paper's Dirichlet(a_train) has no concentration; use --concentration "
+                             "only with --dirichlet scaled")
+        return dirichlet_alpha(tokens, m, 1.0 / m)
+    raise ValueError(f"Dirichlet α must be one of {ALPHA_KINDS} (got {kind!r})")
+
+
+def huber_delta_auto(V: np.ndarray, v: np.ndarray, alpha: np.ndarray, *, n_samples: int = 10_000,
+                     seed: int = 0, quantile: float = 0.5) -> tuple[float, dict]:
+    """δ for the Huber DA² distance: the ``quantile`` (default median) of the component differences
+    ``|(r @ V − v)_j|`` over ``n_samples`` mixtures drawn from ``Dirichlet(alpha)``.
+
+    Returns ``(delta, stats)`` with the quantiles of the differences and the fraction of components
+    in the linear part at this δ and at δ = 1."""
+    V, v = check_inputs(V, v)
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1) (got {quantile})")
+    R = np.random.default_rng(seed).dirichlet(np.asarray(alpha, np.float64), size=n_samples)
+    d = np.abs(R @ V - v).ravel()
+    delta = float(np.quantile(d, quantile))
+    if not delta > 0:
+        raise ValueError("the candidate mixtures all match v_valid exactly; pass an explicit --delta")
+    qs = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+    stats = {"rule": f"quantile {quantile} of |(r @ V_train - v_valid)_j| over {n_samples} Dirichlet(alpha) "
+                     f"draws (seed {seed})",
+             "abs_diff_quantiles": {f"p{int(q * 100)}": float(np.quantile(d, q)) for q in qs},
+             "abs_diff_max": float(d.max()), "linear_fraction": float(np.mean(d > delta)),
+             "linear_fraction_at_delta_1": float(np.mean(d > 1.0))}
+    return delta, stats
 
 
 def dirichlet_search(objective: Callable[[np.ndarray], np.ndarray], alpha: np.ndarray, *,

@@ -6,21 +6,31 @@ passages (Domain2Vec eq. 3). ``V_train`` stacks the training domains' vectors as
 
     {"domains": [..], "meta_domains": [..names..], "V_train": [[..] per domain],
      "valid": {"domains": [..], "V_valid": [[..] per valid domain], "weights": [..],
-               "v_valid": [..]},      # v_valid = weights @ V_valid
-     "train_tokens": {domain: tokens}, "n_samples": N, "seed": s, "sample_counts": {domain: n}}
+               "v_valid": [..],       # v_valid = weights @ V_valid
+               "docs": {"file": "<stem>.valid_docs.npz", "n": N_docs, "sha256": ..}},
+     "train_tokens": {domain: tokens}, "n_samples": N, "seed": s, "sample_counts": {domain: n},
+     "corpus": {"data_dir": .., "max_chars": .., "sha256": {domain: {"train": .., "valid": ..}}}}
+
+``valid.docs`` names the sidecar with the validation passages behind ``V_valid`` (their domain, their
+index in the domain's passage stream, their classifier probabilities; see
+:mod:`megamix.domain2vec.metaloss`), which Domain2Vec+RegMix scores proxies on. ``corpus.sha256``
+fingerprints the jsonl files the vectors were computed from.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from megamix.data.corpus import atomic_write_json
 from megamix.domain2vec.classifier import MetaDomainClassifier
-from megamix.domain2vec.corpus import Passage, corpus_domains, iter_passages, sample_passages
+from megamix.domain2vec.corpus import Passage, corpus_domains, domain_file, iter_passages, sample_passages
+from megamix.domain2vec.metaloss import docs_fingerprint, save_valid_docs
 from megamix.simplex import normalize
 
-__all__ = ["domain_vector", "vectorize_corpus", "load_vectors", "DomainVectors"]
+__all__ = ["domain_vector", "vectorize_corpus", "load_vectors", "DomainVectors", "valid_docs_path"]
 
 
 def domain_vector(classifier: MetaDomainClassifier, passages: list[Passage] | list[str],
@@ -30,16 +40,37 @@ def domain_vector(classifier: MetaDomainClassifier, passages: list[Passage] | li
     if not texts:
         raise ValueError("cannot vectorise an empty dataset (0 documents)")
     p = classifier.predict_proba(texts, batch_size=batch_size, progress=progress)
+    return _mean_vector(p)
+
+
+def _mean_vector(p: np.ndarray) -> np.ndarray:
     v = p.mean(axis=0)
     return v / v.sum()
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def valid_docs_path(vectors_path: str | Path) -> Path:
+    """``<dir>/<stem>.valid_docs.npz`` next to ``vectors.json``."""
+    p = Path(vectors_path)
+    return p.with_name(p.stem + ".valid_docs.npz")
 
 
 class DomainVectors:
     """Loaded ``vectors.json``: ``domains``, ``V_train [m, n]``, ``valid_domains``, ``V_valid``,
     ``valid_weights``, ``v_valid [n]``, ``meta_names`` and ``train_tokens``."""
 
-    def __init__(self, obj: dict):
+    def __init__(self, obj: dict, path: str | Path | None = None):
         self.raw = obj
+        self.path = Path(path) if path is not None else None
         self.domains: list[str] = list(obj["domains"])
         self.V_train = np.asarray(obj["V_train"], dtype=np.float64)
         self.meta_names: list[str] = list(obj.get("meta_domains", []))
@@ -64,7 +95,7 @@ def load_vectors(path: str | Path) -> DomainVectors:
         p = p / "vectors.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: run `megamix d2v vectorize` first")
-    return DomainVectors(json.loads(p.read_text()))
+    return DomainVectors(json.loads(p.read_text()), path=p)
 
 
 def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out_path: str | Path | None,
@@ -95,12 +126,16 @@ def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out
             raise ValueError(f"training domain {d!r} is empty (no passages in its train split)")
         rows.append(domain_vector(classifier, ps))
         counts[d] = len(ps)
+    all_doms = list(dict.fromkeys(list(domains) + list(valid_domains or [])))
     obj: dict = {"domains": list(domains), "V_train": np.asarray(rows).tolist(),
                  "meta_domains": meta_names or [str(j) for j in range(len(rows[0]))],
                  "n_samples": n_samples, "seed": seed, "sample_counts": counts,
-                 "train_tokens": train_tokens or {}}
+                 "train_tokens": train_tokens or {},
+                 "corpus": {"data_dir": str(data_dir), "max_chars": max_chars,
+                            "sha256": {d: {sp: _sha256(domain_file(data_dir, d, sp)) for sp in ("train", "valid")}
+                                       for d in all_doms}}}
     if valid_domains:
-        vrows = []
+        vrows, d_idx, p_idx, probs, texts = [], [], [], [], []
         vit = list(enumerate(valid_domains))
         if progress:
             from tqdm import tqdm
@@ -110,15 +145,23 @@ def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out
                                  seed * 7919 + 100003 + i)
             if not ps:
                 raise ValueError(f"validation domain {d!r} is empty (no passages in its valid split)")
-            vrows.append(domain_vector(classifier, ps))
+            P = classifier.predict_proba([p.text for p in ps])
+            vrows.append(_mean_vector(P))
+            probs.append(P)
+            d_idx += [i] * len(ps)
+            p_idx += [p.index for p in ps]
+            texts += [p.text for p in ps]
         try:
             w = normalize([(valid_weights or {}).get(d, 1.0) for d in valid_domains], names=valid_domains)
         except ValueError as e:
             raise ValueError(f"valid_weights: {e}") from None
         obj["valid"] = {"domains": list(valid_domains), "V_valid": np.asarray(vrows).tolist(),
                         "weights": w.tolist(), "v_valid": (w @ np.asarray(vrows)).tolist()}
+        if out_path is not None:
+            side = valid_docs_path(out_path)
+            save_valid_docs(side, d_idx, p_idx, np.concatenate(probs))
+            obj["valid"]["docs"] = {"file": side.name, "n": len(d_idx),
+                                    "sha256": docs_fingerprint(list(valid_domains), d_idx, p_idx, texts)}
     if out_path is not None:
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(obj, indent=1))
+        atomic_write_json(Path(out_path), obj)
     return obj
