@@ -151,15 +151,21 @@ class ProjectionConfig(ConfigBase):
 class MixingConfig(ConfigBase):
     """Online mixing strategy: which one, how often, and its guards."""
 
-    strategy: str = doc("static | rnb | dograph (see `megamix mix --list`).", "static")
+    strategy: str = doc("static | rnb | dograph | dograph-sample (see `megamix mix --list`). dograph reweights "
+                        "each sample's gradient by its cluster's weight (the paper); dograph-sample turns the "
+                        "cluster weights into domain sampling weights instead.", "static")
     update_every: int = doc("K: propose new weights every K optimizer steps.", 10)
     rnb_lambda: float = doc("R&B temperature λ in softmax(λ·Gp/‖Gp‖).", 1.0)
     min_weight: float = doc("Floor applied to every domain weight after an update.", 0.01)
     ema: float = doc("EMA smoothing of weights: p ← ema·p_old + (1-ema)·p_new (0 = none).", 0.0)
-    dograph_objective: str = doc("DoGraph objective: variance | robust | alignment | uncertainty.",
-                                 "variance")
-    dograph_clusters: int = doc("DoGraph: k for k-means in projected-gradient space (0 = number of "
-                                "domains).", 0)
+    dograph_objective: str = doc("DoGraph objective: uncertainty (the paper's best) | variance | robust | "
+                                 "alignment.", "uncertainty")
+    dograph_clusters: int = doc("DoGraph: m, the number of k-means clusters in projected-gradient space (0 = the "
+                                "paper's 11, or the number of domains if smaller).", 0)
+    dograph_reservoir: int = doc("DoGraph: per-sample gradient rows kept per round to refresh the clusters, a "
+                                 "seeded uniform sample identical on every rank (memory R·(k+5) numbers per rank, "
+                                 "communication world·R keys + R·(k+4) numbers per round, whatever the global "
+                                 "batch).", 1024)
     min_count: int = doc("Guard: a domain with fewer samples than this in a round keeps its previous "
                          "weight (its statistics are too noisy).", 1)
     rnb_use_eval: bool = doc("R&B: align train-domain gradients with held-out eval gradients "
@@ -183,15 +189,17 @@ class MixingConfig(ConfigBase):
         check(self.update_every >= 1, "mixing.update_every must be >= 1")
         check(0 <= self.min_weight < 1, "mixing.min_weight must be in [0, 1)")
         check(0 <= self.ema < 1, "mixing.ema must be in [0, 1)")
-        check(self.strategy in ("static", "rnb", "dograph"),
-              f"mixing.strategy must be static, rnb or dograph (got {self.strategy!r}); "
+        check(self.strategy in ("static", "rnb", "dograph", "dograph-sample"),
+              f"mixing.strategy must be static, rnb, dograph or dograph-sample (got {self.strategy!r}); "
               "see `megamix mix --list`")
         check(self.dograph_objective in ("variance", "robust", "alignment", "uncertainty"),
               "mixing.dograph_objective must be variance, robust, alignment or uncertainty "
               f"(got {self.dograph_objective!r})")
         check(self.rnb_lambda > 0, f"mixing.rnb_lambda must be > 0 (got {self.rnb_lambda})")
         check(self.min_count >= 0, "mixing.min_count must be >= 0")
-        check(self.dograph_clusters >= 0, "mixing.dograph_clusters must be >= 0 (0 = number of domains)")
+        check(self.dograph_clusters >= 0, "mixing.dograph_clusters must be >= 0 (0 = min(11, number of domains))")
+        check(self.dograph_reservoir >= 2, f"mixing.dograph_reservoir must be >= 2 rows (got {self.dograph_reservoir}); "
+                                           "e.g. mixing.dograph_reservoir=1024")
         check(self.dograph_tau > 0, "mixing.dograph_tau must be > 0")
         check(self.dograph_beta >= 0, "mixing.dograph_beta must be >= 0")
         check(self.dograph_iters >= 1, "mixing.dograph_iters must be >= 1")

@@ -1,4 +1,4 @@
-"""Online mixing strategies: static baselines, R&B Balance and DoGraph.
+"""Online mixing strategies: static baselines, R&B Balance and DoGraph (gradient reweighting, or sampling).
 
 ``build_strategy(cfg, domain_names, initial_weights, max_drift=None)`` returns the strategy named by
 ``cfg.strategy`` (a :class:`megamix.config.MixingConfig`). ``STRATEGIES`` lists them with a one-line
@@ -10,24 +10,27 @@ from typing import Sequence
 
 from megamix.strategies.base import MixingStrategy
 from megamix.strategies.baselines import StaticStrategy
-from megamix.strategies.dograph import DoGraphStrategy
+from megamix.strategies.dograph import DoGraphSampleStrategy, DoGraphStrategy
 from megamix.strategies.rnb import RnBStrategy
 
-__all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "DoGraphStrategy", "STRATEGIES",
+__all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "DoGraphStrategy", "DoGraphSampleStrategy", "STRATEGIES",
            "build_strategy", "describe_strategies"]
 
 #: name -> (class, description)
 STRATEGIES: dict[str, tuple[type[MixingStrategy], str]] = {
     "static": (StaticStrategy, "fixed weights (natural/uniform/temperature/explicit/file mixture)"),
     "rnb": (RnBStrategy, "R&B Balance: p <- softmax(lambda * Gp/||Gp||) from the domain gradient Gram"),
-    "dograph": (DoGraphStrategy, "DoGraph: k-means of per-sample gradients -> cluster weights by "
-                                 "objective (variance|robust|alignment|uncertainty) -> domain weights"),
+    "dograph": (DoGraphStrategy, "DoGraph (paper): k-means of per-sample gradients -> cluster weights pi by "
+                                 "objective (uncertainty|variance|robust|alignment) -> each sample's loss "
+                                 "weighted by its cluster's pi in every step (update = sum_c pi_c g_c)"),
+    "dograph-sample": (DoGraphSampleStrategy, "DoGraph variant: the same cluster weights pi mapped to domain "
+                                              "sampling weights w_d = sum_c pi_c n_cd/n_c (no gradient weights)"),
 }
 
 
 def describe_strategies() -> list[str]:
     """One line per strategy: name and description."""
-    return [f"{name:8s} {desc}" for name, (_, desc) in STRATEGIES.items()]
+    return [f"{name:14s} {desc}" for name, (_, desc) in STRATEGIES.items()]
 
 
 def build_strategy(cfg, domain_names: Sequence[str], initial_weights, *,
