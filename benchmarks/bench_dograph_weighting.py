@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="Write the JSON report here.")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    cond = conditions() | {"threads": args.threads}
+    t_start = time.time()
     from megamix.integrations import attach
     from megamix.integrations.hf import apply_megamix
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                 mean_w[v] = float(w[w > 0].mean()) if w is not None else None
     med = {v: float(np.median(times[v])) for v in VARIANTS}
     report = {
-        "conditions": conditions() | {"threads": args.threads, "load_avg_end": os.getloadavg()},
+        "conditions": cond | {"load_avg_end": os.getloadavg(), "wall_seconds": time.time() - t_start},
         "shape": {"n_layer": args.n_layer, "n_embd": args.n_embd, "seq_len": args.seq_len, "micro_batch": args.micro,
                   "vocab_size": args.vocab, "chunk_tokens": args.chunk_tokens,
                   "chunk_tokens_small": args.seq_len // 2, "k1xk2": [cfg.projection.k1, cfg.projection.k2]},

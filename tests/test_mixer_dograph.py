@@ -137,10 +137,12 @@ def test_fused_weighted_gradient_reaches_the_whole_network(tiny_store, backend, 
     _check_weighted(model, mixer, lambda b: _fused_step(model, mixer, b))
 
 
-def test_capture_weighted_gradient_reaches_the_whole_network(tiny_store):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_capture_weighted_gradient_reaches_the_whole_network(tiny_store, backend):
+    """The capture's tensor hook returns δ scaled per sample (Triton: the interpreted per-sample reduction)."""
     from megamix.integrations import attach
 
-    mixer = _mixer(tiny_store)
+    mixer = _mixer(tiny_store, f"projection.backend={backend}")
     torch.manual_seed(0)
     model = TinyLM()
     hook = attach(model, mixer, auto_step=False)
