@@ -8,6 +8,17 @@ For hidden states ``a_t`` (rows of ``hidden [N,d]``), LM head ``W [V,d]`` and la
 
 so that the projected per-sample gradient is ``g_i = Σ_{t∈i} u_t w_tᵀ = P1 G_i P2ᵀ``.
 
+Per-row loss weights (``row_weights``, DoGraph's in-step reweighting): ``loss = Σ_t r_t s_t ℓ_t``, so
+``dX_t = r_t Wᵀ δ_t`` and ``dW = Σ_t δ_t (r_t a_t)ᵀ``; ``u`` and ``token_loss`` stay those of the
+unweighted loss. The weights may be a tensor known up front, or a function of the projections
+``r = f(start, end, u[start:end], w[start:end])`` called once per chunk after its CE pass and before
+its dX/dW GEMMs; chunks are then cut at multiples of ``row_group`` rows, so a group (a sample) is
+complete when its weights are asked for. When one group is longer than ``chunk_tokens`` the weights
+are asked for all rows after a first pass (CE + projections, no dX/dW) and a second pass recomputes the
+chunks' logits with the weights known (one more logits GEMM and CE pass). The weights scale the
+``[C, d]`` rows of ``x`` before the dW GEMM and of dX after its GEMM; δ itself and the CE kernels are
+untouched, and without ``row_weights`` the driver runs exactly as before.
+
 The forward walks the tokens in chunks of ``chunk_tokens``: logits chunk = ``x @ Wᵀ`` (torch.mm),
 then one CE pass turns the logits into δ *in place* (online log-sum-exp, loss, and — when a
 projection is given — ``u = δ P1ᵀ`` accumulated with ``tl.dot`` over V tiles inside the same pass),
@@ -69,13 +80,20 @@ class LinearCEOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 def fused_linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                    ignore_index: int = -100, reduction: str = "mean",
-                                   projection: Projection | None = None) -> LinearCEOutput:
+                                   projection: Projection | None = None,
+                                   row_weights: torch.Tensor | None = None) -> LinearCEOutput:
     """Exact reference in fp32: full logits + ``F.cross_entropy`` + explicit δ and materialised
-    projection. Differentiable through autograd."""
+    projection. Differentiable through autograd. ``row_weights [N]`` weights each token's loss
+    (``Σ_t r_t ℓ_t``, divided by the number of valid tokens for ``mean``); ``u`` stays unweighted."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     logits = hidden.float() @ weight.float().t()
-    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    if row_weights is None:
+        loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    else:
+        per_tok = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+        total = (per_tok * row_weights.reshape(-1).float().to(per_tok.device)).sum()
+        loss = total / int((labels != ignore_index).sum()) if reduction == "mean" else total
     token_loss = F.cross_entropy(logits.detach(), labels, ignore_index=ignore_index, reduction="none")
     u = w = None
     if projection is not None:
@@ -456,12 +474,53 @@ class VocabShard(NamedTuple):
     reduce_dx: bool
 
 
+def _row_weights_of(row_weights, s: int, e: int, u, w, dev) -> torch.Tensor:
+    """The fp32 weights ``[e - s]`` of rows ``[s, e)``: a slice of a tensor, or the function's answer."""
+    if callable(row_weights):
+        r = row_weights(s, e, None if u is None else u[s:e], None if w is None else w[s:e])
+    else:
+        r = row_weights[s:e]
+    if not isinstance(r, torch.Tensor) or r.shape != (e - s,):
+        raise ValueError(f"row_weights must give a tensor of shape [{e - s}] for rows [{s}, {e}), got "
+                         f"{type(r).__name__} {tuple(getattr(r, 'shape', ()))}")
+    return r.to(device=dev, dtype=torch.float32)
+
+
+def _two_pass_forward(hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend,
+                      need_dx, need_dw, shard, row_weights):
+    """Row weights that need a group longer than a chunk: pass 1 (CE + projections, no dX/dW), the weights
+    of all rows, then pass 2 recomputes every chunk's logits with the weights known (dX, dW)."""
+    _, token_loss, u, w, _, _ = _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection,
+                                                 chunk_tokens, backend, False, False, shard)
+    r = _row_weights_of(row_weights, 0, hidden.shape[0], u, w, hidden.device)
+    loss, dX, dW = _weighted_loss(token_loss, r, labels, ignore_index, reduction), None, None
+    if need_dx or need_dw:
+        _, _, _, _, dX, dW = _chunked_forward(hidden, weight, labels, ignore_index, reduction, None, chunk_tokens,
+                                              backend, need_dx, need_dw, shard, row_weights=r)
+    return loss, token_loss, u, w, dX, dW
+
+
+def _weighted_loss(token_loss, r, labels, ignore_index, reduction):
+    total = (token_loss * r).sum()
+    if reduction == "mean":
+        n_valid = int((labels != ignore_index).sum())
+        return total / n_valid if n_valid > 0 else total * float("nan")
+    return total
+
+
 def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend,
-                     need_dx, need_dw, shard: VocabShard | None = None):
+                     need_dx, need_dw, shard: VocabShard | None = None, row_weights=None, row_group: int = 1):
     """Returns (loss, token_loss, u, w, dX, dW) with dX/dW already scaled by the loss's own scaling.
 
     With ``shard``, ``weight`` is a vocab shard: the CE pass is :func:`ce_vocab_parallel`, P1ᵀ is sliced to
-    the shard's rows, and after the last chunk ``u`` (and ``dX`` if ``shard.reduce_dx``) are all-reduced."""
+    the shard's rows, and after the last chunk ``u`` (and ``dX`` if ``shard.reduce_dx``) are all-reduced.
+    With ``row_weights`` (a tensor [N] or a function, see the module docstring) every token's loss, dX row
+    and dW contribution is weighted."""
+    if callable(row_weights):
+        if row_group > chunk_tokens:
+            return _two_pass_forward(hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens,
+                                     backend, need_dx, need_dw, shard, row_weights)
+        chunk_tokens = (chunk_tokens // row_group) * row_group   # chunks never split a group
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -496,6 +555,7 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
     w = torch.empty(N, projection.k2, device=dev, dtype=torch.float32) if projection is not None else None
     dX = torch.empty_like(hidden) if need_dx else None
     dW = weight.new_zeros(V_pad, d) if need_dw else None
+    r_all = torch.empty(N, device=dev, dtype=torch.float32) if row_weights is not None else None
     for s in range(0, N, chunk_tokens):
         e = min(N, s + chunk_tokens)
         x = hidden[s:e]
@@ -508,8 +568,13 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
             torch.mm(x.float(), p2t, out=w[s:e])
             if p2_scale != 1.0:
                 w[s:e].mul_(p2_scale)
+        if r_all is not None:  # weighted rows: dX_t = r_t Wᵀδ_t, dW += δᵀ (r x)
+            r_all[s:e] = _row_weights_of(row_weights, s, e, u, w, dev)
+            x = x * r_all[s:e, None].to(x.dtype)
         if need_dx:
             torch.mm(logits_full, w_c, out=dX[s:e])
+            if r_all is not None:
+                dX[s:e].mul_(r_all[s:e, None].to(dX.dtype))
         if need_dw:
             if dW.dtype == logits_full.dtype:
                 dW.addmm_(logits_full.t(), x)
@@ -523,7 +588,9 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
             all_reduce_(u, "sum", shard.group)
         if dX is not None and shard.reduce_dx:
             all_reduce_(dX, "sum", shard.group)
-    if reduction == "mean":
+    if r_all is not None:
+        loss = _weighted_loss(token_loss, r_all, labels, ignore_index, reduction)
+    elif reduction == "mean":
         loss = token_loss.sum() / n_valid if n_valid > 0 else token_loss.sum() * float("nan")
     else:
         loss = token_loss.sum()
@@ -538,11 +605,12 @@ class _FusedLinearCEFunction(torch.autograd.Function):
     ``grad_output`` in backward (no communication in backward, also for a vocab shard)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend, shard):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend, shard,
+                row_weights, row_group):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, token_loss, u, w, dX, dW = _chunked_forward(hidden, weight, labels, ignore_index, reduction,
                                                           projection, chunk_tokens, backend, need_dx, need_dw,
-                                                          shard)
+                                                          shard, row_weights, row_group)
         ctx.save_for_backward(dX, dW)
         empty = hidden.new_empty(0, dtype=torch.float32)
         u = empty if u is None else u
@@ -559,7 +627,7 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             gx = dX if unit else dX * grad_loss.to(dX.dtype)
         if dW is not None:
             gw = dW if unit else dW * grad_loss.to(dW.dtype)
-        return gx, gw, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,25 +659,26 @@ def _flatten_checked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
 
 def _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, backend,
-         shard: VocabShard | None) -> LinearCEOutput:
+         shard: VocabShard | None, row_weights=None, row_group: int = 1) -> LinearCEOutput:
     """Through the autograd.Function when a gradient is needed, else the driver alone."""
     with torch.autocast(device_type=hidden2.device.type, enabled=False):
         if torch.is_grad_enabled() and (hidden2.requires_grad or weight.requires_grad):
             loss, token_loss, u, w = _FusedLinearCEFunction.apply(hidden2, weight, labels1, ignore_index,
                                                                   reduction, projection, chunk_tokens, backend,
-                                                                  shard)
+                                                                  shard, row_weights, row_group)
             if projection is None:
                 u = w = None
         else:
             loss, token_loss, u, w, _, _ = _chunked_forward(hidden2, weight, labels1, ignore_index, reduction,
-                                                            projection, chunk_tokens, backend, False, False, shard)
+                                                            projection, chunk_tokens, backend, False, False, shard,
+                                                            row_weights, row_group)
     return LinearCEOutput(loss, token_loss, u, w)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                ignore_index: int = -100, reduction: str = "mean",
                                projection: Projection | None = None, chunk_tokens: int = 4096,
-                               backend: str = "auto") -> LinearCEOutput:
+                               backend: str = "auto", row_weights=None, row_group: int = 1) -> LinearCEOutput:
     """Cross-entropy of ``hidden @ weightᵀ`` against ``labels`` without materialising all logits.
 
     Args:
@@ -621,6 +690,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             emit ``u = P1 δ`` and ``w = P2 a``; None disables it.
         chunk_tokens: tokens per chunk (peak extra memory ≈ chunk_tokens × V logits).
         backend: ``"auto"`` (triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
+        row_weights: None (default: the plain loss), a tensor ``[N]`` of per-token loss weights, or a
+            function ``f(start, end, u_rows, w_rows) -> [end - start]`` giving the weights of rows
+            ``[start, end)`` from their projections (``u_rows``/``w_rows`` are None without a projection).
+            The loss is then ``Σ_t r_t ℓ_t`` (÷ valid tokens for ``mean``) and its gradient is weighted
+            alike; ``u``, ``w`` and ``token_loss`` stay unweighted. See the module docstring.
+        row_group: with a function ``row_weights``: rows come in groups of this many consecutive rows
+            (e.g. the tokens of one sample, ``N`` a multiple of it) that a call never splits.
 
     Returns:
         :class:`LinearCEOutput`; ``loss`` is differentiable w.r.t. ``hidden`` and ``weight``.
@@ -629,8 +705,21 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if projection is not None and (projection.V != weight.shape[0] or projection.d != hidden2.shape[1]):
         raise ValueError(f"projection is for V={projection.V}, d={projection.d} but the LM head is "
                          f"V={weight.shape[0]}, d={hidden2.shape[1]}")
+    if row_weights is not None:
+        N = hidden2.shape[0]
+        if not (isinstance(row_group, int) and row_group >= 1):
+            raise ValueError(f"row_group must be a positive int, got {row_group!r}")
+        if callable(row_weights):
+            if N % row_group:
+                raise ValueError(f"{N} rows are not a whole number of groups of row_group={row_group}")
+        elif not isinstance(row_weights, torch.Tensor) or row_weights.reshape(-1).shape != (N,):
+            raise ValueError(f"row_weights must be None, a function or a tensor with one weight per row ({N}), "
+                             f"got {type(row_weights).__name__} {tuple(getattr(row_weights, 'shape', ()))}")
+        else:
+            row_weights = row_weights.reshape(-1).detach()
     be = resolve_backend(backend, hidden.device)
-    return _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, be, None)
+    return _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, be, None,
+                row_weights, row_group)
 
 
 def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torch.Tensor,

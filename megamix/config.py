@@ -16,7 +16,7 @@ from megamix.data.backings import parse_paths
 MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
 #: the names megamix.strategies.STRATEGIES registers (a test keeps the two in step; config sits below
 #: strategies in the layering, so it cannot import the registry)
-STRATEGY_NAMES = ("static", "rnb", "rnb-damped", "dograph")
+STRATEGY_NAMES = ("static", "rnb", "rnb-damped", "dograph", "dograph-sample")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "apex_fused_adam")
 
@@ -215,20 +215,26 @@ class ProjectionConfig(ConfigBase):
 class MixingConfig(ConfigBase):
     """Online mixing strategy: which one, how often, and its guards."""
 
-    strategy: str = doc("static | rnb | rnb-damped | dograph (see `megamix mix --list`). `rnb` is R&B as the "
-                        "paper runs it (no EMA, no floor); `rnb-damped` adds EMA 0.5 and a 0.02 floor.", "static")
+    strategy: str = doc("static | rnb | rnb-damped | dograph | dograph-sample (see `megamix mix --list`). `rnb` is "
+                        "R&B as the paper runs it (no EMA, no floor); `rnb-damped` adds EMA 0.5 and a 0.02 floor. "
+                        "`dograph` reweights each sample's gradient by its cluster's weight (the paper); "
+                        "`dograph-sample` turns the cluster weights into domain sampling weights instead.", "static")
     update_every: int = doc("K: propose new weights every K optimizer steps.", 10)
     rnb_lambda: float = doc("R&B λ in softmax(λ·Gp/‖Gp‖): a multiplier (inverse temperature), so a larger λ "
                             "sharpens the weights and λ → 0 gives uniform.", 1.0)
-    min_weight: float | None = doc("Floor applied to every domain weight after an update. null = the "
-                                   "strategy's default (rnb: 0, as in the paper; rnb-damped: 0.02; dograph: 0.01).",
-                                   None)
+    min_weight: float | None = doc("Floor applied to every domain (or DoGraph cluster) weight after an update. "
+                                   "null = the strategy's default (rnb: 0, as in the paper; rnb-damped: 0.02; "
+                                   "dograph, dograph-sample: 0.01).", None)
     ema: float | None = doc("EMA smoothing of weights: p ← ema·p_old + (1-ema)·p_new (0 = none). null = the "
                             "strategy's default (rnb: 0, as in the paper; rnb-damped: 0.5; dograph: 0).", None)
-    dograph_objective: str = doc("DoGraph objective: variance | robust | alignment | uncertainty.",
-                                 "variance")
-    dograph_clusters: int = doc("DoGraph: k for k-means in projected-gradient space (0 = number of "
-                                "domains).", 0)
+    dograph_objective: str = doc("DoGraph objective: uncertainty (the paper's best) | variance | robust | "
+                                 "alignment.", "uncertainty")
+    dograph_clusters: int = doc("DoGraph: m, the number of k-means clusters in projected-gradient space (0 = the "
+                                "paper's 11, or the number of domains if smaller).", 0)
+    dograph_reservoir: int = doc("DoGraph: per-sample gradient rows kept per round to refresh the clusters, a "
+                                 "seeded uniform sample identical on every rank (memory R·(k+5) numbers per rank, "
+                                 "communication world·R keys + R·(k+4) numbers per round, whatever the global "
+                                 "batch).", 1024)
     min_count: int = doc("Guard: a domain with fewer samples than this in a round keeps its previous "
                          "weight (its statistics are too noisy).", 1)
     rnb_use_eval: bool = doc("R&B: align train-domain gradients with held-out eval gradients "
@@ -262,7 +268,9 @@ class MixingConfig(ConfigBase):
               f"(got {self.dograph_objective!r})")
         check(self.rnb_lambda > 0, f"mixing.rnb_lambda must be > 0 (got {self.rnb_lambda})")
         check(self.min_count >= 0, "mixing.min_count must be >= 0")
-        check(self.dograph_clusters >= 0, "mixing.dograph_clusters must be >= 0 (0 = number of domains)")
+        check(self.dograph_clusters >= 0, "mixing.dograph_clusters must be >= 0 (0 = min(11, number of domains))")
+        check(self.dograph_reservoir >= 2, f"mixing.dograph_reservoir must be >= 2 rows (got {self.dograph_reservoir}); "
+                                           "e.g. mixing.dograph_reservoir=1024")
         check(self.dograph_tau > 0, "mixing.dograph_tau must be > 0")
         check(self.dograph_beta >= 0, "mixing.dograph_beta must be >= 0")
         check(self.dograph_iters >= 1, "mixing.dograph_iters must be >= 1")

@@ -18,6 +18,16 @@ Two ways to get the statistics, both feeding the same :class:`megamix.stats.Doma
   loss, and emits u = P1 δ and w = P2 a on the way; no logits tensor of size N×V is kept.
 - capture (:func:`megamix.integrations.attach`): a hook on an existing LM head reads δ from the
   normal backward (any loss, any model).
+
+With ``mixing.strategy=dograph`` (a strategy with ``reweights_gradient``) both paths also weight every
+sample's loss in-step once the strategy has clusters: the sample's factor ``ω_i`` (its nearest
+centroid's ``π_c / q_c``, :meth:`DoGraphStrategy.sample_factors`) normalised to mean 1 over the
+micro-batch's samples, ``w_i = ω_i · b / Σ_j ω_j`` (:meth:`Mixer.sample_weights`). The weights reach the
+whole network: the fused kernel weights dX and dW per token (``row_weights``; the factors come from each
+chunk's own projections before its dX/dW, chunks being cut at sample boundaries), the capture scales the
+logits gradient δ per sample. The loss *value* returned stays the unweighted mean cross-entropy (the
+number logged), its gradient is that of ``Σ_i w_i ℓ_i``. The statistics record the unweighted per-sample
+gradients.
 """
 from __future__ import annotations
 
@@ -84,10 +94,14 @@ class Mixer:
         p = cfg.projection
         self.k = p.k if p.k > 0 else p.k1 * p.k2   # dimension of one projected per-sample gradient
         self.strategy = build_strategy(cfg.mixing, self.domains, self.initial_weights, max_drift=self.max_drift)
-        self.stats = DomainStats(len(self.domains), self.k,
-                                 keep_per_sample=cfg.mixing.strategy == "dograph")
+        per_sample = bool(self.strategy.needs_per_sample)
+        self.stats = DomainStats(len(self.domains), self.k, keep_per_sample=per_sample,
+                                 max_rows=cfg.mixing.dograph_reservoir if per_sample else None,
+                                 key_seed=cfg.mixing.seed)
         self.projection = None  # built lazily once V and d are known
         self._grad_scale = 1.0 / (cfg.train.global_batch_size // cfg.train.micro_batch_size)
+        #: the per-sample loss weights of the last reweighted micro-batch (``[b]``, mean 1 over its samples)
+        self.last_sample_weights: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ data
     def next_step(self):
@@ -136,7 +150,9 @@ class Mixer:
             record: record statistics (only when ``projection.enabled`` and autograd is on).
 
         Returns the scalar loss (differentiable w.r.t. hidden and weight); the full ``[b·T, V]`` logits
-        never exist.
+        never exist. With a gradient-reweighting strategy (``dograph``) that has clusters, the gradient is
+        that of the per-sample weighted loss (see the module docstring) while the value stays the plain
+        mean cross-entropy.
         """
         from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy
 
@@ -148,20 +164,85 @@ class Mixer:
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
         proj = self.projection_for(weight.shape[0], d, hidden.device) if record else None
-        out = fused_linear_cross_entropy(
-            hidden.reshape(b * T, d), weight, labels.reshape(-1), ignore_index=-100,
-            reduction="mean" if num_items_in_batch is None else "sum", projection=proj,
-            chunk_tokens=self.cfg.projection.chunk_tokens, backend=self.cfg.projection.backend)
-        loss = out.loss
         # Scale g to the sample's share of the gradient the optimizer applies: the mean over micro-steps
         # and data-parallel ranks (the same convention as the capture path).
         scale = self._grad_scale
         if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
             scale = 1.0 / (float(num_items_in_batch) * self.world_size)
+        kw = dict(ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum", projection=proj,
+                  chunk_tokens=self.cfg.projection.chunk_tokens, backend=self.cfg.projection.backend)
+        if record and self.reweighting:
+            return self._reweighted_loss(hidden.reshape(b * T, d), weight, labels, domain_ids, sample_ids,
+                                         proj, scale, num_items_in_batch, kw)
+        out = fused_linear_cross_entropy(hidden.reshape(b * T, d), weight, labels.reshape(-1), **kw)
+        loss = out.loss
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
         if record:
             self.record(out.u, out.w, out.token_loss, labels, domain_ids, sample_ids, scale=scale)
         return loss
+
+    def _reweighted_loss(self, hidden2, weight, labels, domain_ids, sample_ids, proj, scale, num_items, kw):
+        """The fused loss with DoGraph's per-sample weights: each chunk (cut at sample boundaries) gives its
+        samples' projected gradients, hence their factors, before the kernel forms its dX/dW."""
+        from kernels.domain_gram import per_sample_grads
+        from kernels.fused_linear_ce import fused_linear_cross_entropy
+
+        b, T = labels.shape
+        dev = hidden2.device
+        rows = torch.zeros(b, proj.k, device=dev)
+        omega = torch.zeros(b, device=dev)
+        valid = torch.zeros(b, dtype=torch.bool, device=dev)
+
+        def row_weights(s, e, u, w):
+            i0, i1 = s // T, e // T
+            g = proj.finalize(per_sample_grads(u, w, _sample_index(i1 - i0, T, dev), i1 - i0,
+                                               backend=self.cfg.projection.backend)) * scale
+            rows[i0:i1] = g
+            omega[i0:i1], valid[i0:i1] = self._sample_factors(g)
+            return omega[i0:i1].repeat_interleave(T)
+
+        out = fused_linear_cross_entropy(hidden2, weight, labels.reshape(-1), row_weights=row_weights, row_group=T,
+                                         **kw)
+        norm = self._normaliser(omega, valid)
+        self.last_sample_weights = (omega * norm).detach()
+        weighted = out.loss * norm
+        plain = out.token_loss.sum() / (labels != -100).sum() if num_items is None else out.token_loss.sum()
+        if num_items is not None:
+            weighted, plain = weighted / num_items, plain / num_items
+        self._record_rows(rows, out.token_loss, labels, domain_ids, sample_ids)
+        return weighted + (plain - weighted).detach()   # value: the plain loss; gradient: the weighted one
+
+    # ------------------------------------------------------------------ DoGraph gradient weights
+    @property
+    def reweighting(self) -> bool:
+        """True when the strategy weights per-sample gradients and has its clusters (after the first round)."""
+        return bool(getattr(self.strategy, "reweights_gradient", False)) and \
+            getattr(self.strategy, "centroids", None) is not None
+
+    def _sample_factors(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(factors ω [B], valid [B]) of recorded rows ``g``; rows that are exactly zero (no loss-bearing
+        token) are not samples of the loss: factor 0."""
+        valid = (g != 0).any(dim=1)
+        om = self.strategy.sample_factors(g).to(g.device)
+        return torch.where(valid, om, torch.zeros_like(om)), valid
+
+    @staticmethod
+    def _normaliser(omega: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``n_valid / Σ ω``, so the weights ``ω·norm`` have mean 1 over the valid samples (0 if Σ ω = 0)."""
+        tot = omega.sum()
+        return torch.where(tot > 0, valid.sum().to(omega.dtype) / tot.clamp_min(1e-30), torch.zeros_like(tot))
+
+    def sample_weights(self, g: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights ``[B]`` of a micro-batch from its recorded rows ``g [B, k]`` (mean 1 over
+        the samples with a loss), or None when the strategy does not reweight (yet). The capture path uses
+        it; the fused path computes the same per chunk."""
+        if not self.reweighting:
+            return None
+        omega, valid = self._sample_factors(g)
+        w = omega * self._normaliser(omega, valid)
+        self.last_sample_weights = w.detach()
+        return w
 
     def loss_and_stats(self, hidden: torch.Tensor, weight: torch.Tensor, batch) -> torch.Tensor:
         """``lm_head_loss`` for a loader :class:`~megamix.loader.Batch` (labels, domain and sample ids)."""
@@ -187,13 +268,30 @@ class Mixer:
         from megamix.kernels.domain_gram import per_sample_grads
 
         b, T = labels.shape
+        g = self.projection.finalize(
+            per_sample_grads(u, w, _sample_index(b, T, u.device), b, backend=self.cfg.projection.backend))
+        self._record_rows(g * (self._grad_scale if scale is None else scale), token_loss, labels, domain_ids,
+                          sample_ids)
+
+    def _record_rows(self, g: torch.Tensor, token_loss: torch.Tensor, labels: torch.Tensor,
+                     domain_ids: torch.Tensor, sample_ids: torch.Tensor | None) -> None:
+        b, T = labels.shape
         valid = (labels != -100)
         loss_sum = (token_loss.detach().reshape(b, T) * valid).sum(1).double().cpu()
-        count = valid.sum(1).double().cpu()
-        g = self.projection.finalize(
-            per_sample_grads(u, w, _sample_index(b, T, u.device), b, backend=self.cfg.projection.backend)).cpu()
-        self.stats.update(g * (self._grad_scale if scale is None else scale), domain_ids.cpu(), sample_ids=None if sample_ids is None else sample_ids.cpu(),
-                          token_loss_sum=loss_sum, token_count=count)
+        self.record_rows(g.cpu(), domain_ids.cpu(), None if sample_ids is None else sample_ids.cpu(),
+                         token_loss_sum=loss_sum, token_count=valid.sum(1).double().cpu())
+
+    def record_rows(self, g: torch.Tensor, domain_ids: torch.Tensor, sample_ids: torch.Tensor | None = None,
+                    token_loss_sum: torch.Tensor | None = None, token_count: torch.Tensor | None = None) -> None:
+        """Add per-sample rows ``g [B, k]`` (already scaled to each sample's share of the applied gradient)
+        to the statistics; the reservoir key of each sample is its (loader step, sample id)."""
+        from megamix.stats import sample_keys
+
+        keys = None
+        if sample_ids is not None and self.stats.keep_per_sample and bool((sample_ids >= 0).all()):
+            keys = sample_keys(self.cfg.mixing.seed, self.loader.step, sample_ids)
+        self.stats.update(g, domain_ids, sample_ids=sample_ids, token_loss_sum=token_loss_sum,
+                          token_count=token_count, keys=keys)
 
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
@@ -239,7 +337,8 @@ class Mixer:
 
         Every ``mixing.update_every`` steps: all-reduce the statistics over data-parallel ranks, show
         the snapshot to the strategy, push its proposal to the loader (identically on every rank)
-        and reset the accumulators. Returns a telemetry dict on update steps, else None.
+        and reset the accumulators. Returns a telemetry dict on update steps (``snapshot``, ``weights``,
+        ``changed``, and ``log``: the strategy's cluster telemetry and fallback reason, if any), else None.
         With ``mixing.eval_grad_batches > 0``, pass ``hidden_fn`` and ``lm_head_weight`` (a tensor, or a
         callable returning a context manager that yields it) so the held-out gradient (R&B's evaluation
         variant) can be computed; see :meth:`eval_gradients`.
@@ -261,13 +360,34 @@ class Mixer:
             # Rule (see megamix.loader.sampler): rank 0 decides, everyone takes rank 0's weights.
             from megamix.loader import broadcast_weights
             new = np.asarray(broadcast_weights(new, self.group), dtype=np.float64)
+            if getattr(self.strategy, "reweights_gradient", False):
+                self._broadcast_clusters()
         # the loader quantises weights to multiples of 2^-32; smaller differences are no change
         changed = not unchanged(new, self.weights)
         if changed:
             self.loader.set_weights(new, verify=self.cfg.loader.verify_weights and self._dist_active(),
                                     group=self.group)
         self.stats.reset()
-        return {"snapshot": snap, "weights": new, "changed": changed}
+        info = self.strategy.last_info or {}
+        log = {k: info[k] for k in ("cluster_weights", "cluster_shares", "cluster_sizes", "fallback") if k in info}
+        return {"snapshot": snap, "weights": new, "changed": changed, "log": log}
+
+    def _broadcast_clusters(self) -> None:
+        """Rank 0's DoGraph cluster table (centroids, π, q) on every rank, bit for bit."""
+        from megamix.loader import broadcast_weights
+
+        st = self.strategy
+        m_max, k = st.num_clusters(), self.k
+        buf = np.zeros(1 + m_max * (k + 2))
+        if st.centroids is not None:
+            m = st.centroids.shape[0]
+            buf[0] = m
+            buf[1:1 + m * (k + 2)] = np.concatenate([st.centroids, st.cluster_weights[:, None],
+                                                     st.cluster_shares[:, None]], axis=1).reshape(-1)
+        buf = broadcast_weights(buf, self.group)
+        m = int(buf[0])
+        t = buf[1:1 + m * (k + 2)].reshape(m, k + 2)
+        st.set_clusters(*((t[:, :k], t[:, k], t[:, k + 1]) if m else (None, None, None)))
 
     def _dist_active(self) -> bool:
         return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -4,10 +4,21 @@ It accumulates, across micro-steps (and optimizer steps) of a round:
 - ``sums [D,k]``: Σ g_i over the round's samples of each domain (float64),
 - ``counts [D]``: samples seen per domain,
 - ``loss_sum [D]`` / ``token_count [D]``: train token-loss totals (for the mean train loss per domain),
-- optionally the per-sample rows ``g_i`` with their domain ids (and global sample ids).
+- optionally the per-sample rows ``g_i`` with their domain ids, global sample ids, reservoir keys and
+  train-loss totals: all of them, or (``max_rows=R``) a bounded reservoir of R rows.
 
-``all_reduce(group)`` sums the accumulators over data-parallel ranks and all-gathers the per-sample
-rows (rank order). The Gram ``S Sᵀ`` is computed from the (reduced) sums in :meth:`snapshot`.
+``all_reduce(group)`` sums the accumulators over data-parallel ranks and merges the per-sample rows
+(rank order). The Gram ``S Sᵀ`` is computed from the (reduced) sums in :meth:`snapshot`.
+
+**The reservoir** (``max_rows=R``, what DoGraph uses): every row carries a 63-bit key, a seeded hash of
+the sample's identity in the round (:func:`sample_keys`: the loader step and the sample id), and the
+round keeps the R rows with the smallest keys, i.e. a uniform sample without replacement of the round's
+samples. Each rank keeps its own R smallest (memory: R rows of ``k`` fp32 plus 5 numbers, whatever the
+global batch); :meth:`DomainStats.all_reduce` all-gathers the R keys of every rank (``world × R`` int64),
+picks the R smallest of all, and sums one ``[R, k + 4]`` float64 buffer in which each rank has written
+its surviving rows at their slots (one all-reduce of ``R·(k+4)`` values). The result is the same set of
+rows for any number of ranks and any micro-batch split, so a 2-rank run and a 1-rank run over the same
+global batches hold identical reservoirs.
 """
 from __future__ import annotations
 
@@ -15,7 +26,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamix.loader.permutation import derive_key, keyed_hash
 from megamix.snapshot import StatsSnapshot
+
+_NO_KEY = torch.iinfo(torch.int64).max   # pads key gathers; sorts after every real (63-bit) key
+
+
+def sample_keys(seed: int, step: int, sample_ids) -> torch.Tensor:
+    """Reservoir keys ``[B]`` (int64, 0 <= key < 2^63) of the samples ``sample_ids`` drawn at loader step
+    ``step``: a seeded hash of (step, sample id), so a sample has the same key on whichever rank and in
+    whichever micro-batch it is processed."""
+    ids = np.asarray(torch.as_tensor(sample_ids).cpu(), dtype=np.int64)
+    if ids.size and ids.min() < 0:
+        raise ValueError("sample ids must be >= 0 to key the reservoir")
+    h = keyed_hash(ids, derive_key(int(seed), int(step))) >> np.uint64(1)
+    return torch.from_numpy(h.astype(np.int64))
 
 
 class DomainStats:
@@ -26,15 +51,23 @@ class DomainStats:
         k: dimension of each projected per-sample gradient row.
         keep_per_sample: also keep the per-sample rows (needed by DoGraph-style strategies).
         device: where accumulators live (default: the device of the first ``update``).
+        max_rows: keep at most this many per-sample rows per round, the reservoir of the module docstring
+            (None: every row, which grows with the round's global batch).
+        key_seed: seed of the keys given to rows that come without ``keys`` (a per-rank counter; such a
+            reservoir is deterministic but depends on how samples were split over ranks).
     """
 
     def __init__(self, num_domains: int, k: int, keep_per_sample: bool = True,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, *, max_rows: int | None = None, key_seed: int = 0):
         if num_domains < 1 or k < 1:
             raise ValueError(f"DomainStats needs num_domains >= 1 and k >= 1, got {num_domains}, {k}")
+        if max_rows is not None and int(max_rows) < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
         self.num_domains = int(num_domains)
         self.k = int(k)
         self.keep_per_sample = bool(keep_per_sample)
+        self.max_rows = None if max_rows is None else int(max_rows)
+        self.key_seed = int(key_seed)
         self.device = torch.device(device) if device is not None else None
         self.reset()
 
@@ -53,6 +86,9 @@ class DomainStats:
         self._rows: list[torch.Tensor] = []
         self._row_domains: list[torch.Tensor] = []
         self._row_ids: list[torch.Tensor] = []
+        self._row_keys: list[torch.Tensor] = []
+        self._row_loss: list[torch.Tensor] = []    # [n, 2] float64: token-loss sum, token count (nan: unknown)
+        self._counter = 0                          # rows seen this round on this rank (keys of unkeyed rows)
         self.reduced = False
 
     @property
@@ -61,7 +97,8 @@ class DomainStats:
 
     # ------------------------------------------------------------------------------------------
     def update(self, g: torch.Tensor, domain_ids: torch.Tensor, sample_ids: torch.Tensor | None = None,
-               token_loss_sum: torch.Tensor | None = None, token_count: torch.Tensor | None = None) -> None:
+               token_loss_sum: torch.Tensor | None = None, token_count: torch.Tensor | None = None,
+               keys: torch.Tensor | None = None) -> None:
         """Add one micro-step.
 
         Args:
@@ -71,6 +108,8 @@ class DomainStats:
             token_loss_sum: optional ``[B]`` sum of each sample's (unscaled) token losses.
             token_count: optional ``[B]`` number of loss-bearing tokens per sample (required with
                 ``token_loss_sum``).
+            keys: optional ``[B]`` reservoir keys (:func:`sample_keys`); default: a seeded hash of this
+                rank's running row count.
         """
         if self.reduced:
             raise RuntimeError("DomainStats.update after all_reduce: call reset() to start a new round first")
@@ -108,17 +147,46 @@ class DomainStats:
                 self._row_ids.append(sample_ids.to(dev).long())
             else:
                 self._row_ids.append(torch.full((B,), -1, dtype=torch.long, device=dev))
+            if keys is None:
+                keys = torch.from_numpy((keyed_hash(np.arange(self._counter, self._counter + B),
+                                                    derive_key(self.key_seed, 1 << 40)) >> np.uint64(1))
+                                        .astype(np.int64))
+            elif keys.shape != (B,):
+                raise ValueError(f"keys must be [{B}], got {tuple(keys.shape)}")
+            self._counter += B
+            self._row_keys.append(keys.to(dev).long())
+            lc = torch.full((B, 2), float("nan"), dtype=torch.float64, device=dev)
+            if token_loss_sum is not None:
+                lc[:, 0] = token_loss_sum.detach().to(dev, torch.float64)
+                lc[:, 1] = token_count.detach().to(dev, torch.float64)
+            self._row_loss.append(lc)
+            if self.max_rows is not None and sum(r.shape[0] for r in self._rows) > self.max_rows:
+                self._shrink()
 
     # ------------------------------------------------------------------------------------------
-    def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _local_rows(self) -> tuple[torch.Tensor, ...]:
+        """(rows [n,k] fp32, domains [n], ids [n], keys [n], loss [n,2] float64) in arrival order."""
         dev = self.sums.device
         if not self._rows:
-            return (torch.zeros(0, self.k, device=dev), torch.zeros(0, dtype=torch.long, device=dev),
-                    torch.zeros(0, dtype=torch.long, device=dev))
-        return torch.cat(self._rows), torch.cat(self._row_domains), torch.cat(self._row_ids)
+            z = torch.zeros(0, dtype=torch.long, device=dev)
+            return (torch.zeros(0, self.k, device=dev), z, z.clone(), z.clone(),
+                    torch.zeros(0, 2, dtype=torch.float64, device=dev))
+        return (torch.cat(self._rows), torch.cat(self._row_domains), torch.cat(self._row_ids),
+                torch.cat(self._row_keys), torch.cat(self._row_loss))
+
+    def _set_rows(self, rows, doms, ids, keys, loss) -> None:
+        self._rows, self._row_domains, self._row_ids = [rows], [doms], [ids]
+        self._row_keys, self._row_loss = [keys], [loss]
+
+    def _shrink(self) -> None:
+        """Keep the ``max_rows`` rows with the smallest keys (ties: earlier rows), in arrival order."""
+        rows, doms, ids, keys, loss = self._local_rows()
+        keep = torch.sort(keys, stable=True).indices[:self.max_rows].sort().values
+        self._set_rows(rows[keep], doms[keep], ids[keep], keys[keep], loss[keep])
 
     def all_reduce(self, group=None) -> None:
-        """Sum sums/counts/losses over the ranks of ``group`` and all-gather per-sample rows (rank order).
+        """Sum sums/counts/losses over the ranks of ``group`` and merge the per-sample rows (rank order):
+        all of them, or with ``max_rows`` the reservoir's R smallest keys over all ranks (module docstring).
 
         A no-op (except marking the round reduced) when torch.distributed is not initialised or the
         group has one rank. Every rank must call it, with the same ``keep_per_sample``."""
@@ -138,24 +206,44 @@ class DomainStats:
         self.counts = flat[o:o + D].clone(); o += D
         self.loss_sum = flat[o:o + D].clone(); o += D
         self.token_count = flat[o:o + D].clone()
-        if self.keep_per_sample:
-            rows, doms, ids = self._local_rows()
-            dev = rows.device
+        if not self.keep_per_sample:
+            return
+        rows, doms, ids, keys, loss = self._local_rows()
+        dev = rows.device
+        if self.max_rows is None:   # every row of every rank, in rank order
             n = torch.tensor([rows.shape[0]], dtype=torch.long, device=dev)
             ns = [torch.zeros_like(n) for _ in range(world)]
             dist.all_gather(ns, n, group=group)
             ns = [int(x.item()) for x in ns]
             m = max(ns)
-            packed = torch.zeros(m, k + 2, dtype=torch.float64, device=dev)
-            packed[:rows.shape[0], :k] = rows.double()
-            packed[:rows.shape[0], k] = doms.double()
-            packed[:rows.shape[0], k + 1] = ids.double()
+            packed = torch.zeros(m, k + 4, dtype=torch.float64, device=dev)
+            packed[:rows.shape[0]] = _pack(rows, doms, ids, loss)
             outs = [torch.zeros_like(packed) for _ in range(world)]
             dist.all_gather(outs, packed, group=group)
-            allp = torch.cat([o_[:c] for o_, c in zip(outs, ns)])
-            self._rows = [allp[:, :k].float()]
-            self._row_domains = [allp[:, k].long()]
-            self._row_ids = [allp[:, k + 1].long()]
+            kpad = torch.full((m,), _NO_KEY, dtype=torch.long, device=dev)
+            kpad[:keys.shape[0]] = keys
+            kouts = [torch.empty_like(kpad) for _ in range(world)]
+            dist.all_gather(kouts, kpad, group=group)
+            r_, d_, i_, l_ = _unpack(torch.cat([o_[:c] for o_, c in zip(outs, ns)]), k)
+            self._set_rows(r_, d_, i_, torch.cat([o_[:c] for o_, c in zip(kouts, ns)]), l_)
+            return
+        # the reservoir: the R smallest keys over all ranks, rows summed into their slots
+        R = self.max_rows
+        kpad = torch.full((R,), _NO_KEY, dtype=torch.long, device=dev)
+        kpad[:keys.shape[0]] = keys
+        kouts = [torch.empty_like(kpad) for _ in range(world)]
+        dist.all_gather(kouts, kpad, group=group)
+        allk = torch.stack(kouts)                                     # [world, R], rank-major
+        flat = allk.reshape(-1)
+        chosen = torch.sort(flat, stable=True).indices[:R]
+        chosen = chosen[flat[chosen] != _NO_KEY].sort().values        # rank order, arrival order in a rank
+        me = dist.get_rank(group)
+        mine = (chosen // R) == me
+        packed = torch.zeros(chosen.shape[0], k + 4, dtype=torch.float64, device=dev)
+        packed[mine] = _pack(rows, doms, ids, loss)[chosen[mine] % R]
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        r_, d_, i_, l_ = _unpack(packed, k)
+        self._set_rows(r_, d_, i_, flat[chosen], l_)
 
     # ------------------------------------------------------------------------------------------
     def snapshot(self, step: int, domain_names: list[str]) -> StatsSnapshot:
@@ -169,10 +257,14 @@ class DomainStats:
         per_sample = per_dom = None
         extra: dict = {"reduced": self.reduced}
         if self.keep_per_sample:
-            rows, doms, ids = self._local_rows()
+            rows, doms, ids, keys, lc = self._local_rows()
             per_sample = rows.cpu().numpy()
             per_dom = doms.cpu().numpy()
             extra["per_sample_ids"] = ids.cpu().numpy()
+            extra["per_sample_keys"] = keys.cpu().numpy()
+            lc = lc.cpu().numpy()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                extra["per_sample_loss"] = np.where(lc[:, 1] > 0, lc[:, 0] / lc[:, 1], np.nan)
         return StatsSnapshot(step=int(step), domain_names=list(domain_names),
                              counts=self.counts.cpu().numpy().round().astype(np.int64), sums=sums,
                              gram=sums @ sums.T, domain_loss=loss, per_sample=per_sample,
@@ -181,11 +273,12 @@ class DomainStats:
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """CPU tensors + config; restores the round in progress exactly."""
-        rows, doms, ids = self._local_rows()
+        rows, doms, ids, keys, loss = self._local_rows()
         return {"num_domains": self.num_domains, "k": self.k, "keep_per_sample": self.keep_per_sample,
                 "sums": self.sums.cpu(), "counts": self.counts.cpu(), "loss_sum": self.loss_sum.cpu(),
                 "token_count": self.token_count.cpu(), "rows": rows.cpu(), "row_domains": doms.cpu(),
-                "row_ids": ids.cpu(), "reduced": self.reduced}
+                "row_ids": ids.cpu(), "row_keys": keys.cpu(), "row_loss": loss.cpu(), "counter": self._counter,
+                "max_rows": self.max_rows, "reduced": self.reduced}
 
     def load_state_dict(self, sd: dict) -> None:
         if (sd["num_domains"], sd["k"]) != (self.num_domains, self.k):
@@ -197,10 +290,27 @@ class DomainStats:
         self.counts = sd["counts"].to(dev, torch.float64).clone()
         self.loss_sum = sd["loss_sum"].to(dev, torch.float64).clone()
         self.token_count = sd["token_count"].to(dev, torch.float64).clone()
-        self._rows = [sd["rows"].to(dev).clone()] if sd["rows"].shape[0] else []
-        self._row_domains = [sd["row_domains"].to(dev).clone()] if sd["rows"].shape[0] else []
-        self._row_ids = [sd["row_ids"].to(dev).clone()] if sd["rows"].shape[0] else []
+        if sd.get("max_rows", self.max_rows) != self.max_rows:
+            raise ValueError(f"state keeps at most {sd.get('max_rows')} per-sample rows but this DomainStats keeps "
+                             f"{self.max_rows}; resume with the same mixing.dograph_reservoir")
+        n = sd["rows"].shape[0]
+        self._rows, self._row_domains, self._row_ids, self._row_keys, self._row_loss = [], [], [], [], []
+        if n:   # states written before rows had keys and losses: keys from the arrival order, losses unknown
+            keys = sd.get("row_keys", torch.arange(n, dtype=torch.long))
+            loss = sd.get("row_loss", torch.full((n, 2), float("nan"), dtype=torch.float64))
+            self._set_rows(*(t.to(dev).clone() for t in (sd["rows"], sd["row_domains"], sd["row_ids"], keys, loss)))
+        self._counter = int(sd.get("counter", n))
         self.reduced = bool(sd["reduced"])
 
 
-__all__ = ["DomainStats"]
+def _pack(rows, doms, ids, loss) -> torch.Tensor:
+    """``[n, k + 4]`` float64: the row, its domain, its sample id, its loss sum and token count (exact:
+    fp32 values, ids < 2^53)."""
+    return torch.cat([rows.double(), doms.double()[:, None], ids.double()[:, None], loss], dim=1)
+
+
+def _unpack(p: torch.Tensor, k: int):
+    return p[:, :k].float(), p[:, k].long(), p[:, k + 1].long(), p[:, k + 2:k + 4].clone()
+
+
+__all__ = ["DomainStats", "sample_keys"]

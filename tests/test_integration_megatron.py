@@ -100,7 +100,7 @@ def _glue_cfg(store_dir: str):
     return MegamixConfig.from_yaml(None, overrides=[
         f"data.data_dir={os.path.dirname(store_dir)}", f"model.seq_len={GLUE_S}",
         f"train.global_batch_size={GLUE_B}", f"train.micro_batch_size={GLUE_B}", "projection.k1=4",
-        "projection.k2=3", "projection.k=5", "projection.backend=torch", "mixing.strategy=dograph"]).validate()
+        "projection.k2=3", "projection.k=5", "projection.backend=torch", "mixing.strategy=dograph-sample"]).validate()
 
 
 def _glue_mixer(store_dir: str):

@@ -158,3 +158,69 @@ def test_vocab_padding_path_matches(backend, monkeypatch):
     assert res[1][3].shape == W.shape
     for a, b, q in zip(res[0], res[1], ("loss", "proj", "grad", "grad")):
         assert_close(b, a, q, F32, DEV, "padded vs unpadded")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk,reduction", [(26, "mean"), (13, "sum"), (5, "mean")])
+def test_row_weights_match_the_weighted_reference(backend, chunk, reduction):
+    """Per-row loss weights (DoGraph's per-sample weights): a function of each chunk's projections, called
+    with whole groups (chunk 26: 2 samples of 13 rows, cut at 26; chunk 13: one sample; chunk 5 < 13: the
+    two-pass recompute, called once for all rows); loss, dX and dW equal the reference on Σ_t r_t ℓ_t, and
+    u, w, token_loss stay unweighted."""
+    B, T, d, V = 4, 13, 12, 101
+    h, W, y = _data(B * T, d, V, seed=8)
+    P = make_projection(V, d, 8, 4, seed=2, device=DEV)
+    r = (torch.tensor([0.2, 1.7, 0.0, 1.1], device=DEV)).repeat_interleave(T)
+    calls = []
+
+    def fn(s, e, u, w):
+        assert s % T == 0 and e % T == 0 and u.shape == (e - s, 8) and w.shape == (e - s, 4)
+        calls.append((s, e))
+        return r[s:e]
+
+    h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    out = fused_linear_cross_entropy(h1, W1, y, reduction=reduction, projection=P, chunk_tokens=chunk,
+                                     backend=backend, row_weights=fn, row_group=T)
+    (out.loss * 2.0).backward()
+    h2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref = fused_linear_cross_entropy_ref(h2, W2, y, reduction=reduction, projection=P, row_weights=r)
+    (ref.loss * 2.0).backward()
+    expect_calls = [(0, B * T)] if chunk < T else [(s, min(s + chunk // T * T, B * T))
+                                                    for s in range(0, B * T, chunk // T * T)]
+    assert calls == expect_calls
+    assert_close(out.loss, ref.loss, "loss", F32, DEV, "weighted loss")
+    assert_close(h1.grad, h2.grad, "grad", F32, DEV, "weighted dX")
+    assert_close(W1.grad, W2.grad, "grad", F32, DEV, "weighted dW")
+    assert_close(out.u, ref.u, "proj", F32, DEV, "u (unweighted)")
+    assert_close(out.token_loss, ref.token_loss, "loss", F32, DEV, "token_loss (unweighted)")
+    # a tensor of weights gives the same
+    h3, W3 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    out3 = fused_linear_cross_entropy(h3, W3, y, reduction=reduction, projection=P, chunk_tokens=chunk,
+                                      backend=backend, row_weights=r)
+    (out3.loss * 2.0).backward()
+    assert_close(W3.grad, W2.grad, "grad", F32, DEV, "tensor-weighted dW")
+
+
+def test_unit_row_weights_are_bit_identical_to_none():
+    """Weights of exactly 1 change no bit (the unweighted path itself is the code without row_weights)."""
+    h, W, y = _data(40, 20, 150, seed=9)
+    P = make_projection(150, 20, 8, 4, seed=5, device=DEV)
+    res = []
+    for rw in (None, lambda s, e, u, w: torch.ones(e - s, device=DEV)):
+        h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h1, W1, y, projection=P, chunk_tokens=20, backend="torch", row_weights=rw,
+                                         row_group=10)
+        out.loss.backward()
+        res.append((out.loss.detach(), out.u, h1.grad, W1.grad))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_row_weights_reject_bad_input():
+    h, W, y = _data(12, 8, 40)
+    with pytest.raises(ValueError, match="row_group"):
+        fused_linear_cross_entropy(h, W, y, row_weights=lambda s, e, u, w: torch.ones(e - s), row_group=5)
+    with pytest.raises(ValueError, match="one weight per row"):
+        fused_linear_cross_entropy(h, W, y, row_weights=torch.ones(11))
+    with pytest.raises(ValueError, match="shape"):
+        fused_linear_cross_entropy(h, W, y, row_weights=lambda s, e, u, w: torch.ones(3), row_group=4)

@@ -40,7 +40,7 @@ data: {{data_dir: {data_dir}}}
 model: {{seq_len: 8}}
 train: {{global_batch_size: 8, micro_batch_size: 8}}
 projection: {{k1: 4, k2: 3, k: 5, backend: torch}}
-mixing: {{strategy: dograph}}
+mixing: {{strategy: dograph-sample}}
 """
 
 

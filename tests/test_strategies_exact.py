@@ -4,8 +4,9 @@ strategies fed with their k1 x k2 projections (k1 = k2 = 32).
 The factored projection ``P1 G P2ᵀ`` is unbiased for inner products but its error is much larger than a
 dense JL projection of the same size when ``G`` is close to rank 1 (``‖P1 u‖²‖P2 v‖²`` carries two
 independent ~sqrt(2/32) relative errors). Domain mean gradients are close to rank 1, so the measured
-relative Gram error of one projection is 0.2-0.34 here. Stated tolerances (max abs weight difference,
-over 2 data seeds x 4 projection seeds): R&B (λ=1) 0.10, DoGraph (cosine clustering) 0.12.
+relative Gram error of one projection is 0.2-0.34 here. Stated tolerance (max abs weight difference,
+over 2 data seeds x 4 projection seeds): R&B (λ=1) 0.10. DoGraph's agreement (per objective, with a
+fixture a noise projection fails) is in tests/test_strategies_dograph.py.
 """
 import functools
 
@@ -82,10 +83,6 @@ def test_projected_gram_is_unbiased():
 
 @pytest.mark.parametrize("strategy,objective,tol", [
     ("rnb", "variance", 0.10),
-    ("dograph", "variance", 0.12),
-    ("dograph", "robust", 0.12),
-    ("dograph", "alignment", 0.12),
-    ("dograph", "uncertainty", 0.12),
 ])
 def test_projected_weights_agree_with_exact(strategy, objective, tol):
     cfg = MixingConfig(strategy=strategy, dograph_objective=objective, rnb_lambda=1.0, min_weight=0.0)

@@ -48,7 +48,9 @@ def default_methods(prior: str | None = None, regrouped_dir: str | None = None) 
         Method("rnb-damped", ["mixture.kind=uniform", "mixing.strategy=rnb-damped"],
                "R&B Balance with EMA 0.5 and a 0.02 floor"),
         Method("dograph", ["mixture.kind=uniform", "mixing.strategy=dograph"],
-               "DoGraph (objective from the base config)"),
+               "DoGraph: in-step gradient reweighting by cluster (objective from the base config)"),
+        Method("dograph-sample", ["mixture.kind=uniform", "mixing.strategy=dograph-sample"],
+               "DoGraph variant: cluster weights turned into domain sampling weights"),
     ]
     if prior:
         ms.append(Method("da2", ["mixture.kind=file", f"mixture.file={prior}", "mixing.strategy=static"],
@@ -291,7 +293,7 @@ OVERHEAD_VARIANTS = [
     ("fused CE, projection off", ["projection.enabled=false", "mixing.strategy=static"]),
     ("fused CE + projection, static", ["mixing.strategy=static"]),
     ("R&B (fused + projection + updates)", ["mixing.strategy=rnb"]),
-    ("DoGraph (fused + projection + per-sample k-means)", ["mixing.strategy=dograph"]),
+    ("DoGraph (fused + projection + k-means + per-sample gradient weights)", ["mixing.strategy=dograph"]),
 ]
 
 

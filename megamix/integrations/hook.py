@@ -17,7 +17,10 @@ How the capture works, for an LM head ``z = a Wᵀ`` with input ``a [B,T,d]`` an
 
 The hooks never change a gradient, so training is bit-identical with or without the capture. It
 works for tied embeddings (only the LM-head use of the matrix is seen), ZeRO-3 (W is never read),
-bf16 and gradient accumulation (one callback per micro-step backward).
+bf16 and gradient accumulation (one callback per micro-step backward). The one exception is asked for:
+with ``grad_weights`` (DoGraph's in-step reweighting, wired by :func:`attach` when the Mixer's strategy
+reweights) the tensor hook returns δ scaled per sample, so the weighted gradient reaches the LM head and,
+through it, the whole network.
 
 Layouts: HF models feed the head ``[B, T, d]``; Megatron-core's ``GPTModel.output_layer`` (a
 ``ColumnParallelLinear``) is fed ``[T, B, d]``. :func:`find_lm_head` returns the layout together with
@@ -59,6 +62,8 @@ class LMHeadGradCapture:
         seq_first: inputs and logits are ``[T, B, ...]`` (Megatron) instead of ``[B, T, ...]``.
         u_transform: optional ``f(u) -> u`` applied to ``u [B,T,k1]`` before the reduction (the
             tensor-parallel capture all-reduces the partial ``u`` of each vocab shard with it).
+        grad_weights: optional ``f(g, context) -> [B] | None``, called after ``callback``: per-sample
+            factors the logits gradient is multiplied by (None: unchanged). This changes training.
 
     Attaching a second capture to the same module replaces the first (with a warning), so statistics
     are never counted twice.
@@ -66,7 +71,8 @@ class LMHeadGradCapture:
 
     def __init__(self, lm_head: nn.Module | None, projection: Projection, callback: GradCallback, *,
                  chunk_tokens: int = 4096, backend: str = "auto", seq_first: bool = False,
-                 u_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 u_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 grad_weights: Callable[[torch.Tensor, Any], torch.Tensor | None] | None = None) -> None:
         if lm_head is not None and not isinstance(lm_head, nn.Module):
             raise TypeError(f"lm_head must be an nn.Module or None, got {type(lm_head).__name__}")
         if not callable(callback):
@@ -88,6 +94,7 @@ class LMHeadGradCapture:
         self.chunk_tokens = chunk_tokens
         self.backend = backend
         self.u_transform = u_transform
+        self.grad_weights = grad_weights
         self.seq_first = seq_first
         self.enabled = True
         self.context: Any = None
@@ -149,9 +156,20 @@ class LMHeadGradCapture:
                 self.callback(g, ctx)
             else:
                 self.callback(g)
+            if self.grad_weights is not None:
+                w = self.grad_weights(g, ctx)
+                if w is not None:
+                    return self._weighted(grad, w)
             return None
 
         logits.register_hook(_tensor_hook)
+
+    def _weighted(self, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The logits gradient with sample ``i``'s slice multiplied by ``w[i]`` (layout per ``seq_first``)."""
+        w = w.to(device=grad.device, dtype=grad.dtype)
+        if grad.dim() == 2:          # one sample (compute() treats a 2-D gradient as [T, V] of one sample)
+            return grad * w[0]
+        return grad * (w[None, :, None] if self.seq_first else w[:, None, None])
 
     def compute(self, delta: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """``g [B, k]`` from the logits gradient ``delta`` and the head input ``a`` (layout per ``seq_first``)."""
@@ -276,7 +294,8 @@ class MixerHook:
         self.last_update: dict | None = None
         self.micro_steps = 0
         self.capture = LMHeadGradCapture(lm_head, projection, self._on_grads, chunk_tokens=p.chunk_tokens,
-                                         backend=p.backend, seq_first=self.seq_first)
+                                         backend=p.backend, seq_first=self.seq_first,
+                                         grad_weights=self._grad_weights)
         self._patched_step = False
         if auto_step and _is_engine(target):
             self._patch_engine_step(target)
@@ -308,9 +327,12 @@ class MixerHook:
                                f"the head's layout right (seq_first={self.seq_first})?")
         self.micro_steps += 1
         # g stays on its device: with NCCL the accumulators must live on the GPU for the all-reduce
-        self.mixer.stats.update(g * self.scale, batch.domain_ids,
-                                sample_ids=getattr(batch, "sample_ids", None),
-                                token_loss_sum=ctx["loss_sum"], token_count=ctx["count"])
+        self.mixer.record_rows(g * self.scale, batch.domain_ids, sample_ids=getattr(batch, "sample_ids", None),
+                               token_loss_sum=ctx["loss_sum"], token_count=ctx["count"])
+
+    def _grad_weights(self, g: torch.Tensor, ctx: dict | None) -> torch.Tensor | None:
+        """DoGraph's per-sample weights of this micro-batch (None unless the Mixer's strategy reweights)."""
+        return self.mixer.sample_weights(g * self.scale)
 
     # per optimizer step --------------------------------------------------------------------------
     def after_optimizer_step(self, step: int, **kwargs) -> dict | None:

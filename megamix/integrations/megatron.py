@@ -78,7 +78,8 @@ def _check_shard(vocab_start: int, vocab_end: int, shard_rows: int, tp_group: An
 # ----------------------------------------------------------------------------------------------
 def vocab_parallel_capture(lm_head_shard: nn.Module | None, projection: Projection, callback: GradCallback, *,
                            vocab_start: int, vocab_end: int, group: Any = None, chunk_tokens: int = 4096,
-                           backend: str = "auto", seq_first: bool = True) -> LMHeadGradCapture:
+                           backend: str = "auto", seq_first: bool = True,
+                           grad_weights: Any = None) -> LMHeadGradCapture:
     """Attach a capture to a vocab-parallel LM-head shard.
 
     Args:
@@ -91,6 +92,8 @@ def vocab_parallel_capture(lm_head_shard: nn.Module | None, projection: Projecti
         group: the tensor-parallel process group (None = default group).
         chunk_tokens, backend: as in :class:`~megamix.integrations.hook.LMHeadGradCapture`.
         seq_first: Megatron's ``[s, b, ...]`` layout (default); False for ``[b, s, ...]``.
+        grad_weights: as in :class:`~megamix.integrations.hook.LMHeadGradCapture` (per-sample factors of
+            this shard's logits gradient; ``g`` is identical on every TP rank, so the factors are too).
 
     All TP ranks must run the backward together (they do in Megatron): ``u`` is all-reduced inside it.
     """
@@ -105,7 +108,7 @@ def vocab_parallel_capture(lm_head_shard: nn.Module | None, projection: Projecti
         return all_reduce_(u.contiguous(), "sum", group)
 
     return LMHeadGradCapture(lm_head_shard, shard, callback, chunk_tokens=chunk_tokens, backend=backend,
-                             seq_first=seq_first, u_transform=all_reduce_u)
+                             seq_first=seq_first, u_transform=all_reduce_u, grad_weights=grad_weights)
 
 
 def _megatron_head_shape(head: nn.Module) -> tuple[int, int]:
@@ -157,7 +160,7 @@ def attach_megatron(model: nn.Module, mixer: Any, *, tp_group: Any = None, dp_wo
     start, end = vocab_range(V, rank, size)
     hook.capture = vocab_parallel_capture(head, mixer.projection_for(V, d), old.callback, vocab_start=start,
                                           vocab_end=end, group=tp_group, chunk_tokens=old.chunk_tokens,
-                                          backend=old.backend, seq_first=seq_first)
+                                          backend=old.backend, seq_first=seq_first, grad_weights=old.grad_weights)
     return hook
 
 
@@ -209,6 +212,9 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
                          f"hidden states), got {tuple(labels.shape)}; check seq_first={seq_first}")
     V = _check_shard(vocab_start, vocab_end, weight_shard.shape[0], tp_group)
     record = mixer.will_record(domain_ids, record)
+    if record and getattr(mixer.strategy, "reweights_gradient", False):
+        raise ValueError("mixing.strategy=dograph weights each sample's gradient, which the vocab-parallel fused "
+                         "loss does not do; use the capture path (attach_megatron) or mixing.strategy=dograph-sample")
     if hidden.dtype != weight_shard.dtype:
         hidden = hidden.to(weight_shard.dtype)
     labels = labels.to(hidden.device)

@@ -68,6 +68,12 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> _S31)
 
 
+def keyed_hash(values: np.ndarray, key: int) -> np.ndarray:
+    """A keyed 64-bit hash (uint64) of each non-negative integer in ``values``; bit-identical everywhere."""
+    x = np.asarray(values).astype(np.uint64) ^ np.uint64(key & _M64)
+    return _mix(_mix(x) ^ np.uint64(splitmix64(key)))
+
+
 def hash_order(n: int, key: int) -> np.ndarray:
     """A random order of ``range(n)``: argsort of a keyed 64-bit hash of each position.
 
@@ -75,9 +81,7 @@ def hash_order(n: int, key: int) -> np.ndarray:
     (the per-step batch shuffle). Distinct positions collide with probability ~n^2/2^65, and a
     stable sort keeps even that case deterministic.
     """
-    x = np.arange(n, dtype=np.uint64) ^ np.uint64(key & _M64)
-    h = _mix(_mix(x) ^ np.uint64(splitmix64(key)))
-    return np.argsort(h, kind="stable").astype(np.int64)
+    return np.argsort(keyed_hash(np.arange(n), key), kind="stable").astype(np.int64)
 
 
 def _round_keys(keys: np.ndarray) -> list[np.ndarray]:

@@ -1,4 +1,5 @@
-"""Online mixing strategies: static baselines, R&B Balance (paper and damped) and DoGraph.
+"""Online mixing strategies: static baselines, R&B Balance (paper and damped) and DoGraph (gradient
+reweighting, or sampling).
 
 ``build_strategy(cfg, domain_names, initial_weights, max_drift=None)`` returns the strategy named by
 ``cfg.strategy`` (a :class:`megamix.config.MixingConfig`). ``STRATEGIES`` lists them with a one-line
@@ -11,10 +12,11 @@ from typing import Sequence
 from megamix.configbase import ConfigError
 from megamix.strategies.base import MixingStrategy
 from megamix.strategies.baselines import StaticStrategy
-from megamix.strategies.dograph import DoGraphStrategy
+from megamix.strategies.dograph import DoGraphSampleStrategy, DoGraphStrategy
 from megamix.strategies.rnb import RnBDampedStrategy, RnBStrategy
 
-__all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "RnBDampedStrategy", "DoGraphStrategy", "STRATEGIES",
+__all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "RnBDampedStrategy", "DoGraphStrategy",
+           "DoGraphSampleStrategy", "STRATEGIES",
            "build_strategy", "describe_strategies"]
 
 #: name -> (class, description)
@@ -23,14 +25,17 @@ STRATEGIES: dict[str, tuple[type[MixingStrategy], str]] = {
     "rnb": (RnBStrategy, "R&B Balance as in the paper: p <- softmax(lambda * Gp/||Gp||) from the domain "
                          "gradient Gram; no EMA, no floor"),
     "rnb-damped": (RnBDampedStrategy, "R&B Balance damped: EMA 0.5 and a 0.02 floor by default"),
-    "dograph": (DoGraphStrategy, "DoGraph: k-means of per-sample gradients -> cluster weights by "
-                                 "objective (variance|robust|alignment|uncertainty) -> domain weights"),
+    "dograph": (DoGraphStrategy, "DoGraph (paper): k-means of per-sample gradients -> cluster weights pi by "
+                                 "objective (uncertainty|variance|robust|alignment) -> each sample's loss "
+                                 "weighted by its cluster's pi in every step (update = sum_c pi_c g_c)"),
+    "dograph-sample": (DoGraphSampleStrategy, "DoGraph variant: the same cluster weights pi mapped to domain "
+                                              "sampling weights w_d = sum_c pi_c n_cd/n_c (no gradient weights)"),
 }
 
 
 def describe_strategies() -> list[str]:
     """One line per strategy: name and description."""
-    return [f"{name:10s} {desc}" for name, (_, desc) in STRATEGIES.items()]
+    return [f"{name:14s} {desc}" for name, (_, desc) in STRATEGIES.items()]
 
 
 def build_strategy(cfg, domain_names: Sequence[str], initial_weights, *,

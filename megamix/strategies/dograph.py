@@ -1,13 +1,25 @@
 """DoGraph (arXiv 2604.07963): model-centric domains from k-means on projected per-sample gradients.
 
-Each round:
+Two strategies share the clustering and the four objectives:
 
-1. Cluster this round's projected per-sample gradients ``g_i`` (``snapshot.per_sample``) into ``m``
-   groups with deterministic k-means++ (``cfg.dograph_clusters``, 0 = number of domains; rows are
-   L2-normalised first when ``cfg.dograph_cosine``).
-2. Per cluster: size ``n_c``, mean gradient ``ḡ_c``, intra-cluster variance ``σ_c²``.
+- ``dograph`` (:class:`DoGraphStrategy`, the paper's method): **reweights the gradient update** by
+  cluster, ``update = Σ_c π_c ḡ_c``; the loader keeps sampling the starting mixture.
+- ``dograph-sample`` (:class:`DoGraphSampleStrategy`, the earlier variant): turns π into domain
+  *sampling* weights. When clusters cut across domains this loses π (an even contingency table maps
+  any π to the round's domain shares), which is why it is no longer the default.
+
+Each round (every ``mixing.update_every`` steps), on the round's reservoir of projected per-sample
+gradients ``g_i`` (``snapshot.per_sample``: at most ``mixing.dograph_reservoir`` rows, a seeded uniform
+sample of the round's samples that is identical on every rank, see :mod:`megamix.stats`):
+
+1. The rows, in key order (``extra["per_sample_keys"]``, so the order is the same for any number of
+   ranks), are clustered into ``m`` groups by deterministic k-means++ (``cfg.dograph_clusters``;
+   0 = the paper's 11, or the number of domains if smaller; rows are L2-normalised first when
+   ``cfg.dograph_cosine``).
+2. Per cluster: reservoir share ``q_c = n_c / n``, mean gradient ``ḡ_c``, intra-cluster variance
+   ``σ_c²`` and mean per-sample train loss ``h_c`` (``extra["per_sample_loss"]``).
 3. Cluster weights ``π`` on the simplex by one objective (``cfg.dograph_objective``). The paper's text
-   gives the objectives only in words, so these are our concrete, documented forms. Mean gradients are
+   gives the objectives in words only, so these are our concrete, documented forms. Mean gradients are
    first divided by their RMS norm ``s = sqrt(mean_c ‖ḡ_c‖²)``, so every objective is invariant to the
    gradient scale:
 
@@ -17,46 +29,51 @@ Each round:
                   Convex (strictly, on the simplex); solved by accelerated projected gradient with the
                   exact Euclidean projection onto the simplex (:func:`megamix.simplex.project`).
    ``robust``     max_π Σ_c π_c h_c + τ·H(π): the entropy-smoothed max over clusters (DRO), closed form
-                  ``π = softmax(h/τ)``. ``h_c`` is the cluster's mean per-sample loss when the snapshot
-                  has ``extra["per_sample_loss"]`` ([n]); else the mean of its samples' domain losses
-                  (``snapshot.domain_loss``) when those are finite; else ``h_c = ‖ḡ_c‖`` (normalised),
-                  the first-order loss decrease still available on that cluster.
+                  ``π = softmax(h/τ)`` with ``h_c`` the cluster's own mean per-sample loss. Without
+                  per-sample losses the round keeps the previous weights (``last_info["fallback"]``).
    ``alignment``  fixed point of ``π = softmax(cos(ḡ_c, Σ_j π_j ḡ_j)/τ)``, found by damped fixed-point
-                  iterations from the cluster-size shares: weight clusters by how well they align with
-                  the aggregate update.
-   ``uncertainty`` min_π Σ_c π_c² σ_c² on the simplex, closed form ``π_c ∝ 1/σ_c²`` (inverse-variance
-                  weighting). Clusters with fewer than 2 points get the median variance of the others
-                  (uniform π when no cluster has 2 points).
+                  iterations from the cluster shares: weight clusters by how well they align with the
+                  aggregate update.
+   ``uncertainty`` (default; the paper's best) min_π Σ_c π_c² σ_c² on the simplex, closed form
+                  ``π_c ∝ 1/σ_c²`` (inverse-variance weighting). Clusters with fewer than 2 points get the
+                  median variance of the others (uniform π when no cluster has 2 points).
 
-4. Map clusters back to the loader's domains (the loader samples by domain):
-   ``w_d = Σ_c π_c · n_{c,d} / n_c`` where ``n_{c,d}`` counts cluster c's samples from domain d
-   (:func:`clusters_to_domains`). A cluster's weight is shared among the domains its samples came
-   from. Property: if π equals the clusters' own shares ``n_c/n``, ``w`` equals the domains' shares
-   of this round's samples, i.e. "no preference" maps to "no change".
-5. Guards from :mod:`megamix.strategies.base`: domains below ``cfg.min_count`` samples keep their
-   previous weight, then EMA, the floor and the optional drift bound.
+4. ``dograph``: the centroids, ``π`` (floored at ``mixing.min_weight``) and ``q`` are kept until the next
+   refresh. Every training sample is assigned to its nearest centroid (:meth:`DoGraphStrategy.sample_factors`)
+   and its loss gets the factor ``ω_i = π_c / q_c``; the Mixer normalises the factors to mean 1 over the
+   micro-batch's samples (``w_i = ω_i · b / Σ_j ω_j``), so the loss scale is kept and, when the batch's
+   cluster shares equal ``q``, its update is exactly ``Σ_c π_c ḡ_c``. Until the first refresh every weight
+   is 1. The domain sampling weights never change.
+
+   ``dograph-sample``: clusters map back to the loader's domains by
+   ``w_d = Σ_c π_c · n_{c,d} / n_c`` (:func:`clusters_to_domains`), then the guards of
+   :mod:`megamix.strategies.base` apply (min count, EMA, floor, drift bound). This equals the per-domain
+   mass ``Σ_{i∈d} w_i / Σ_i w_i`` of the ``dograph`` weights on the same rows.
 """
 from __future__ import annotations
 
-import numpy as np
+import logging
+from typing import NamedTuple
 
+import numpy as np
+import torch
+
+from megamix import simplex
 from megamix.simplex import project, softmax
 from megamix.snapshot import StatsSnapshot
 from megamix.strategies.base import MixingStrategy
 from megamix.strategies.kmeans import kmeans
 
-__all__ = ["DoGraphStrategy", "variance_weights", "robust_weights",
+log = logging.getLogger("megamix.strategies")
+
+__all__ = ["DoGraphStrategy", "DoGraphSampleStrategy", "variance_weights", "robust_weights",
            "alignment_weights", "uncertainty_weights", "clusters_to_domains", "cluster_stats",
-           "OBJECTIVES"]
+           "OBJECTIVES", "PAPER_CLUSTERS"]
 
 OBJECTIVES = ("variance", "robust", "alignment", "uncertainty")
 
-
-def _scale(means: np.ndarray) -> np.ndarray:
-    s = float(np.sqrt(np.mean(np.einsum("ij,ij->i", means, means))))
-    if not np.isfinite(s) or s == 0.0:
-        raise FloatingPointError("all cluster mean gradients are zero or non-finite")
-    return means / s
+#: the paper's number of clusters m (its Appendix A.7 sweep: 7..15, best at 11)
+PAPER_CLUSTERS = 11
 
 
 def variance_objective(pi: np.ndarray, means: np.ndarray, overall: np.ndarray, beta: float) -> float:
@@ -202,61 +219,78 @@ def clusters_to_domains(pi: np.ndarray, labels: np.ndarray, domains: np.ndarray,
     return w / w.sum(), n
 
 
-class DoGraphStrategy(MixingStrategy):
-    """DoGraph with model-centric clusters mapped back to domain sampling weights."""
+class _Fit(NamedTuple):
+    """One round's clustering: rows in key order, their domains and labels, per-cluster statistics and π."""
 
-    name = "dograph"
+    x: np.ndarray           # [n, k] finite rows
+    dom: np.ndarray         # [n]
+    labels: np.ndarray      # [n] cluster of each row
+    centers: np.ndarray     # [m, k] k-means centres in feature space (unit rows' space when cosine)
+    sizes: np.ndarray       # [m]
+    means: np.ndarray       # [m, k]
+    pi: np.ndarray          # [m] cluster weights (0 on empty clusters)
+
+
+class _DoGraphBase(MixingStrategy):
+    """Clustering of the round's reservoir and the objective; subclasses decide what π acts on."""
+
     needs_per_sample = True
 
-    def _raw_update(self, snap: StatsSnapshot, info: dict):
-        cfg = self.cfg
-        d = len(self.domain_names)
+    def num_clusters(self) -> int:
+        """m: ``cfg.dograph_clusters``, or the paper's 11 capped at the number of domains."""
+        return int(self.cfg.dograph_clusters) or min(PAPER_CLUSTERS, len(self.domain_names))
+
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        if not self.cfg.dograph_cosine:
+            return x
+        nrm = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, nrm, out=np.zeros_like(x), where=nrm > 0)
+
+    def _fit(self, snap: StatsSnapshot, info: dict) -> _Fit | None:
+        """Cluster the snapshot's rows and solve the objective; None (with ``info["fallback"]``) when the
+        round has no usable rows or the objective has no signal."""
         x = np.asarray(snap.per_sample, np.float64)
         dom = np.asarray(snap.per_sample_domain, np.int64)
         if x.ndim != 2 or dom.shape != (x.shape[0],):
             raise ValueError(f"per_sample {x.shape} and per_sample_domain {dom.shape} do not match")
+        loss = snap.extra.get("per_sample_loss")
+        if loss is not None:
+            loss = np.asarray(loss, np.float64).reshape(-1)
+            if loss.shape[0] != x.shape[0]:
+                raise ValueError("extra['per_sample_loss'] must have one entry per per_sample row")
+        keys = snap.extra.get("per_sample_keys")
+        if keys is not None and len(keys) == x.shape[0]:
+            # key order: the same rows in the same order whatever the number of ranks that produced them
+            order = np.argsort(np.asarray(keys), kind="stable")
+            x, dom = x[order], dom[order]
+            loss = None if loss is None else loss[order]
         finite = np.all(np.isfinite(x), axis=1)
         if not finite.all():
             info["dropped_nonfinite"] = int((~finite).sum())
         x, dom = x[finite], dom[finite]
-        loss = snap.extra.get("per_sample_loss")
-        if loss is not None:
-            loss = np.asarray(loss, np.float64).reshape(-1)
-            if loss.shape[0] != finite.shape[0]:
-                raise ValueError("extra['per_sample_loss'] must have one entry per per_sample row")
-            loss = loss[finite]
+        loss = None if loss is None else loss[finite]
         if x.shape[0] == 0:
             info["fallback"] = "no (finite) per-sample gradients this round"
             return None
-        counts = np.bincount(dom, minlength=d).astype(np.float64)
-        active = self.count_mask(counts)
-        self._dom = dom
-        self._domain_loss = None if snap.domain_loss is None else np.asarray(snap.domain_loss, np.float64)
-        m = cfg.dograph_clusters or d
-        feats = x
-        if cfg.dograph_cosine:
-            nrm = np.linalg.norm(x, axis=1, keepdims=True)
-            feats = np.divide(x, nrm, out=np.zeros_like(x), where=nrm > 0)
-        km = kmeans(feats, m, seed=cfg.seed + self.rounds, n_init=3, max_iter=100)
+        km = kmeans(self._features(x), self.num_clusters(), seed=self.cfg.seed + self.rounds, n_init=3,
+                    max_iter=100)
         sizes, means, var = cluster_stats(x, km.labels, km.k)
         nonempty = sizes > 0
         info.update(clusters=int(km.k), cluster_sizes=sizes.astype(int).tolist(),
-                    objective=cfg.dograph_objective)
+                    objective=self.cfg.dograph_objective, rows=int(x.shape[0]))
         try:
-            pi_ne = self._objective(means[nonempty], sizes[nonempty], var[nonempty], x,
-                                    km.labels, loss, nonempty)
+            pi_ne = self._objective(means[nonempty], sizes[nonempty], var[nonempty], loss, km.labels, nonempty)
         except FloatingPointError as e:
-            info["fallback"] = f"DoGraph {cfg.dograph_objective} objective failed: {e}"
+            info["fallback"] = f"DoGraph {self.cfg.dograph_objective} objective failed: {e}"
             return None
         pi = np.zeros(km.k)
         pi[nonempty] = pi_ne
-        w, contingency = clusters_to_domains(pi, km.labels, dom, d)
-        info["cluster_weights"] = pi.tolist()
+        _, contingency = clusters_to_domains(pi, km.labels, dom, len(self.domain_names))
         info["contingency"] = contingency.astype(int).tolist()
         info["cluster_gram"] = (means @ means.T).tolist()
-        return w, active
+        return _Fit(x, dom, km.labels, km.centers, sizes, means, pi)
 
-    def _objective(self, means, sizes, var, x, labels, loss, nonempty) -> np.ndarray:
+    def _objective(self, means, sizes, var, loss, labels, nonempty) -> np.ndarray:
         cfg = self.cfg
         obj = cfg.dograph_objective
         if means.shape[0] == 1:
@@ -266,14 +300,10 @@ class DoGraphStrategy(MixingStrategy):
             return variance_weights(means, overall, beta=cfg.dograph_beta, iters=max(cfg.dograph_iters, 500))
         if obj == "robust":
             ids = np.nonzero(nonempty)[0]
-            dl = self._domain_loss
-            if loss is not None:
-                h = np.array([loss[labels == c].mean() for c in ids])
-            elif dl is not None and np.all(np.isfinite(dl[np.unique(self._dom)])):
-                # cluster hardness = its samples' average domain loss (Σ_d n_cd/n_c · loss_d)
-                h = np.array([np.mean(dl[self._dom[labels == c]]) for c in ids])
-            else:
-                h = np.linalg.norm(_scale(means), axis=1)
+            if loss is None or not np.all(np.isfinite(loss)):
+                raise FloatingPointError("the robust objective needs every row's per-sample train loss "
+                                         "(snapshot.extra['per_sample_loss']); the round has none or NaNs")
+            h = np.array([loss[labels == c].mean() for c in ids])   # each cluster's own mean loss
             return robust_weights(h, cfg.dograph_tau)
         if obj == "alignment":
             return alignment_weights(means, cfg.dograph_tau, init=sizes / sizes.sum(),
@@ -286,3 +316,118 @@ class DoGraphStrategy(MixingStrategy):
             v[~ok] = float(np.median(v[ok]))
             return uncertainty_weights(v)
         raise ValueError(f"unknown DoGraph objective {obj!r}; choose one of {OBJECTIVES}")
+
+
+class DoGraphSampleStrategy(_DoGraphBase):
+    """``dograph-sample``: DoGraph's cluster weights mapped back to domain sampling weights."""
+
+    name = "dograph-sample"
+
+    def _raw_update(self, snap: StatsSnapshot, info: dict):
+        fit = self._fit(snap, info)
+        if fit is None:
+            return None
+        d = len(self.domain_names)
+        active = self.count_mask(np.bincount(fit.dom, minlength=d).astype(np.float64))
+        w, _ = clusters_to_domains(fit.pi, fit.labels, fit.dom, d)
+        info["cluster_weights"] = fit.pi.tolist()
+        return w, active
+
+
+class DoGraphStrategy(_DoGraphBase):
+    """``dograph``: the paper's in-step reweighting of the gradient update by model-centric cluster.
+
+    After each round, :attr:`centroids` ``[m, k]``, :attr:`cluster_weights` π and :attr:`cluster_shares`
+    q describe the clusters; :meth:`sample_factors` gives each training sample its factor ``π_c / q_c``
+    (the Mixer normalises them per micro-batch). :meth:`propose` never changes the domain weights.
+    """
+
+    name = "dograph"
+    #: the Mixer weights every sample's loss by :meth:`sample_factors` (normalised per micro-batch)
+    reweights_gradient = True
+
+    def __init__(self, domain_names, initial_weights, cfg, *, max_drift: float | None = None):
+        super().__init__(domain_names, initial_weights, cfg, max_drift=max_drift)
+        self.centroids: np.ndarray | None = None        # [m, k] in feature space
+        self.cluster_weights: np.ndarray | None = None  # π [m]
+        self.cluster_shares: np.ndarray | None = None   # q [m], reservoir shares at the refresh
+        self._device_cache: tuple | None = None
+
+    @property
+    def factors(self) -> np.ndarray | None:
+        """``π_c / q_c`` per cluster, or None before the first refresh."""
+        if self.centroids is None:
+            return None
+        return self.cluster_weights / self.cluster_shares
+
+    def set_clusters(self, centroids, cluster_weights, cluster_shares) -> None:
+        """Install a cluster table (a refresh's result, or rank 0's broadcast one); all None clears it."""
+        self._device_cache = None
+        if centroids is None:
+            self.centroids = self.cluster_weights = self.cluster_shares = None
+            return
+        c = np.asarray(centroids, np.float64)
+        pi = np.asarray(cluster_weights, np.float64)
+        q = np.asarray(cluster_shares, np.float64)
+        if c.ndim != 2 or pi.shape != (c.shape[0],) or q.shape != (c.shape[0],):
+            raise ValueError(f"cluster table shapes do not match: centroids {c.shape}, pi {pi.shape}, q {q.shape}")
+        if not (np.all(np.isfinite(c)) and np.all(pi >= 0) and np.all(q > 0)):
+            raise ValueError("cluster table must be finite with pi >= 0 and q > 0")
+        self.centroids, self.cluster_weights, self.cluster_shares = c, pi, q
+
+    def propose(self, step: int) -> np.ndarray:
+        """Refresh the centroids and π from the pending round; the domain weights stay as they are."""
+        if self._pending is None:
+            return self.weights.copy()
+        snap, self._pending = self._pending, None
+        info: dict = {"step": int(step), "round": self.rounds}
+        fit = self._fit(snap, info)
+        if fit is None:
+            info.setdefault("fallback", "no usable statistics")
+            log.warning("%s step %d: keeping the previous cluster weights (%s)", self.name, step, info["fallback"])
+        else:
+            ne = fit.sizes > 0
+            pi = fit.pi[ne] / fit.pi[ne].sum()
+            if len(pi) * self.min_weight <= 1:
+                pi = simplex.floor(pi, self.min_weight)
+            q = fit.sizes[ne] / fit.sizes[ne].sum()
+            self.set_clusters(fit.centers[ne], pi, q)
+            info.update(cluster_weights=pi.tolist(), cluster_shares=q.tolist(), factors=(pi / q).tolist())
+        self.rounds += 1
+        self.last_info = info
+        return self.weights.copy()
+
+    def _raw_update(self, snap: StatsSnapshot, info: dict):  # pragma: no cover - propose is overridden
+        raise NotImplementedError("DoGraphStrategy.propose refreshes the clusters; it proposes no domain weights")
+
+    @torch.no_grad()
+    def sample_factors(self, g: torch.Tensor) -> torch.Tensor | None:
+        """``π_c / q_c`` of each row's nearest centroid (``g [B, k]`` projected per-sample gradients, the
+        rows the statistics record); None before the first refresh. Ties go to the lowest cluster index."""
+        if self.centroids is None:
+            return None
+        if g.dim() != 2 or g.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"g must be [B, {self.centroids.shape[1]}], got {tuple(g.shape)}")
+        dev = g.device
+        if self._device_cache is None or self._device_cache[0] != dev:
+            C = torch.as_tensor(self.centroids, dtype=torch.float32, device=dev)
+            self._device_cache = (dev, C, (C * C).sum(1), torch.as_tensor(self.factors, dtype=torch.float32,
+                                                                          device=dev))
+        _, C, csq, fac = self._device_cache
+        x = g.detach().float()
+        if self.cfg.dograph_cosine:
+            nrm = x.norm(dim=1, keepdim=True)
+            x = torch.where(nrm > 0, x / nrm.clamp_min(1e-30), torch.zeros_like(x))
+        return fac[(csq[None, :] - 2.0 * (x @ C.t())).argmin(dim=1)]
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["clusters"] = None if self.centroids is None else {
+            "centroids": self.centroids.tolist(), "cluster_weights": self.cluster_weights.tolist(),
+            "cluster_shares": self.cluster_shares.tolist()}
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        cl = sd.get("clusters") or {}
+        self.set_clusters(cl.get("centroids"), cl.get("cluster_weights"), cl.get("cluster_shares"))

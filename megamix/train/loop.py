@@ -318,7 +318,8 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         if update is not None:
             snap = update["snapshot"]
             logger.log("mixing", done, domain_train_loss=dict(zip(mixer.domains, snap.domain_loss.tolist())),
-                       counts=dict(zip(mixer.domains, snap.counts.tolist())), gram=np.asarray(snap.gram).tolist())
+                       counts=dict(zip(mixer.domains, snap.counts.tolist())), gram=np.asarray(snap.gram).tolist(),
+                       **update.get("log", {}))
             logger.snapshot(snap)
             if update["changed"]:
                 logger.log("weights", done, weights=dict(zip(mixer.domains, update["weights"].tolist())))
