@@ -185,8 +185,8 @@ class Mixer:
     def _reweighted_loss(self, hidden2, weight, labels, domain_ids, sample_ids, proj, scale, num_items, kw):
         """The fused loss with DoGraph's per-sample weights: each chunk (cut at sample boundaries) gives its
         samples' projected gradients, hence their factors, before the kernel forms its dX/dW."""
-        from kernels.domain_gram import per_sample_grads
-        from kernels.fused_linear_ce import fused_linear_cross_entropy
+        from megamix.kernels.domain_gram import per_sample_grads
+        from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy
 
         b, T = labels.shape
         dev = hidden2.device

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.testing import assert_close
+from megamix.kernels.testing import assert_close
 
 V, D = 256, 16          # token ids are folded into a small vocabulary: fast under the Triton interpreter
 

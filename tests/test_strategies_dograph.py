@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.projection import make_projection
+from megamix.kernels.projection import make_projection
 from megamix.config import MixingConfig
 from megamix.strategies import DoGraphSampleStrategy, DoGraphStrategy, build_strategy
 from megamix.strategies.dograph import (PAPER_CLUSTERS, alignment_weights, clusters_to_domains, robust_weights,
