@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 # module name under megamix.commands -> registered lazily so `megamix --help` stays fast
 COMMAND_MODULES = ["config", "data", "train", "mix", "regroup", "d2v", "bench", "report", "eval"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit code 2) that points at the command's ``--help``.
+
+    Subcommand parsers inherit it (``add_subparsers`` builds them with the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="megamix",
         description="Online data mixing for LLM pretraining (R&B, DoGraph, Domain2Vec) with fused "
                     "Triton gradient-projection kernels.")
@@ -33,6 +44,42 @@ def _version() -> str:
     return f"megamix {__version__}"
 
 
+# OSError numbers that are the user's to fix (a path, a full disk); anything else keeps its traceback
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on the device holding {f}: free space there, or point the output "
+                  "(train.out_dir, --out, --data-dir) at another disk",
+    errno.EDQUOT: "disk quota exceeded writing {f}: free space in your quota, or point the output "
+                  "(train.out_dir, --out, --data-dir) at another disk",
+    errno.EROFS: "{f} is on a read-only file system: point the output (train.out_dir, --out, --data-dir) "
+                 "at a writable place",
+    errno.EACCES: "permission denied on {f}: fix its permissions or choose another path",
+    errno.EPERM: "operation not permitted on {f}: fix its permissions or choose another path",
+    errno.ENOENT: "{f} does not exist: check the path",
+    errno.EISDIR: "{f} is a directory where a file is expected: pass the file's path",
+    errno.ENOTDIR: "{f}: part of this path is a file where a directory is expected: pass a directory",
+    errno.EEXIST: "{f} already exists and is in the way: remove it or choose another path",
+}
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line for an OSError the user can fix (missing path, directory vs file, disk full, permissions),
+    naming the path; None for anything else."""
+    if e.errno in _OS_HINTS:
+        f = e.filename if e.filename is not None else "the output"
+        if e.filename2 is not None:
+            f = f"{e.filename} -> {e.filename2}"
+        return _OS_HINTS[e.errno].format(f=f)
+    if e.errno is None and isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) and str(e):
+        return str(e)  # raised by megamix with its own message
+    return None
+
+
+def fail(message: str) -> int:
+    """Print ``megamix: error: <message>`` as one line on stderr; return the exit code 2."""
+    print("megamix: error: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -40,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from megamix.configbase import ConfigError
+    debug = os.environ.get("MEGAMIX_TRACEBACK", "") not in ("", "0")  # developers: keep the traceback
     try:
         rc = args.func(args)
     except ConfigError as e:
-        print(f"megamix: config error: {e}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        return fail(str(e))
+    except OSError as e:
+        msg = os_error_message(e)
+        if msg is None or debug:
+            raise
+        return fail(msg)
     except KeyboardInterrupt:
         print("megamix: interrupted", file=sys.stderr)
         return 130

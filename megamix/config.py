@@ -109,6 +109,7 @@ class ModelConfig(ConfigBase):
                   "{model_type: llama, hidden_size: 768, num_hidden_layers: 12, ...}")
         if self.hf_config in ("", {}):
             check(self.n_layer >= 1, "model.n_layer must be >= 1")
+            check(self.n_head >= 1, f"model.n_head must be >= 1 (got {self.n_head})")
             check(self.n_embd % self.n_head == 0,
                   f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         return self
@@ -146,6 +147,16 @@ class TrainConfig(ConfigBase):
 
     def validate(self):
         check(self.steps >= 1, "train.steps must be >= 1")
+        for name in ("global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
+            check(getattr(self, name) >= 1, f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        for name, zero in (("eval_every", "only at the end"), ("checkpoint_every", "only at the end"),
+                           ("warmup_steps", "no warm-up"), ("threads", "torch's default")):
+            check(getattr(self, name) >= 0, f"train.{name} must be >= 0 (got {getattr(self, name)}; "
+                                            f"0 = {zero})")
+        check(bool(self.out_dir.strip()), "train.out_dir is empty; set it to the run's folder, e.g. "
+                                          "train.out_dir=runs/my-run")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio}); "
+                                           "it is the final LR as a fraction of train.lr")
         check(self.global_batch_size % self.micro_batch_size == 0,
               f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
               f"train.micro_batch_size ({self.micro_batch_size})")

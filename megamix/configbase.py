@@ -21,7 +21,9 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid. The message says how to fix it."""
+    """A configuration value, or an input file the run reads, is missing, unknown or invalid. The message
+    names the field or file and says how to fix it; the ``megamix`` CLI prints it as one line and exits
+    with code 2."""
 
 
 def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
@@ -37,6 +39,43 @@ def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = da
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}"
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    """Parse a flow-style YAML value given on the command line (``[a, b]``, ``{a: 1}``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {text!r} is not valid YAML ({_yaml_problem(e)}); write a list as [a, b] and "
+                          "a mapping as {a: 0.5, b: 0.5}, quoted for the shell") from None
+
+
+def read_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
+    """Load a YAML file; a missing file, a directory, binary data or a syntax error is a
+    :class:`ConfigError` naming the file (and line) and the fix."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; pass a YAML file (e.g. configs/tiny-cpu.yaml)")
+    if not p.exists():
+        raise ConfigError(f"{what} {p} does not exist; check the path (the examples are in configs/)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not a text file (not UTF-8); pass a YAML file such as "
+                          "configs/tiny-cpu.yaml") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_problem(e)}; fix that line (indent with "
+                          "spaces, close every bracket and quote)") from None
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -65,7 +104,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tp.from_dict(value, where=where)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [
+            value = _yaml_value(value, where) if value.strip().startswith("[") else [
                 v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -73,7 +112,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, where)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         vt = args[1] if len(args) == 2 else Any
@@ -141,12 +180,11 @@ class ConfigBase:
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None):
         data: dict[str, Any] = {}
         if path is not None:
-            p = Path(path)
-            if not p.exists():
-                raise ConfigError(f"config file {p} does not exist")
-            data = yaml.safe_load(p.read_text()) or {}
+            data = read_yaml_file(path, what="config file")
+            data = {} if data is None else data
             if not isinstance(data, dict):
-                raise ConfigError(f"{p}: top level must be a mapping")
+                raise ConfigError(f"{path}: top level must be a mapping of sections (data:, model:, train:, ...); "
+                                  "see configs/tiny-cpu.yaml")
         cfg = cls.from_dict(data)
         for ov in overrides or []:
             cfg = cfg.with_override(ov)

@@ -112,9 +112,9 @@ def test_docs_reference_existing_files():
         assert line in doc and line in (ROOT / "examples" / "plain_loop.py").read_text(), line
 
 
-def _write_cfg(tmp_path: Path, **over) -> Path:
+def _write_cfg(tmp_path: Path, data_dir: Path, **over) -> Path:
     import yaml
-    cfg = {"model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "seq_len": 32},
+    cfg = {"data": {"data_dir": str(data_dir)}, "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "seq_len": 32},
            "train": {"global_batch_size": 8, "micro_batch_size": 2, "steps": 2, "out_dir": str(tmp_path / "run")},
            "deepspeed": {"enabled": True, "zero_stage": 1}}
     for k, v in over.items():
@@ -130,37 +130,43 @@ def _megamix_train_available() -> bool:
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_torchrun_script_dry_run(tmp_path):
+def test_torchrun_script_dry_run(tiny_store, tmp_path):
     if not _megamix_train_available():
         pytest.skip("megamix train command not present")
-    cfg = _write_cfg(tmp_path)
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh")], capture_output=True, text=True, timeout=180,
+    cfg = _write_cfg(tmp_path, tiny_store.parent)
+    # extra arguments reach `megamix train` (after the script's own, so a later --set wins)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--set", "train.steps=7"], capture_output=True,
+                          text=True, timeout=180, cwd=tmp_path,
                           env=_env(CONFIG=str(cfg), NPROC="2", DRY_RUN="1", MASTER_PORT="29671"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("dry run OK: backend=deepspeed, world_size=2") == 1  # rank 0 reports, every rank checks
+    assert "  steps: 7\n" in proc.stdout
+    # the derived geometry, once: 8 = 2 per micro-batch x 2 ranks x 2 accumulation steps
+    assert proc.stdout.count("# geometry:") == 1 and "gradient_accumulation_steps 2" in proc.stdout
+    assert proc.stdout.count("# deepspeed config:") == 1
 
 
-def test_cli_dry_run_reports_geometry_error(tmp_path, monkeypatch, capsys):
+def test_cli_dry_run_reports_geometry_error(tiny_store, tmp_path, monkeypatch, capsys):
     """`megamix train --dry-run` under a 2-rank launcher environment rejects an indivisible batch."""
     if not _megamix_train_available():
         pytest.skip("megamix train command not present")
     from megamix.cli import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert main(["train", "--config", str(_write_cfg(tmp_path)), "--dry-run"]) == 0
+    assert main(["train", "--config", str(_write_cfg(tmp_path, tiny_store.parent)), "--dry-run"]) == 0
     assert "dry run OK: backend=deepspeed, world_size=2" in capsys.readouterr().out
-    bad = _write_cfg(tmp_path, train__global_batch_size=6)
+    bad = _write_cfg(tmp_path, tiny_store.parent, train__global_batch_size=6)
     assert main(["train", "--config", str(bad), "--dry-run"]) == 2
     assert "divisible" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_deepspeed_launcher_script_dry_run(tmp_path):
+def test_deepspeed_launcher_script_dry_run(tiny_store, tmp_path):
     if not _megamix_train_available():
         pytest.skip("megamix train command not present")
     pytest.importorskip("deepspeed")
-    cfg = _write_cfg(tmp_path)
+    cfg = _write_cfg(tmp_path, tiny_store.parent)
     proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh")], capture_output=True, text=True,
                           timeout=180, env=_env(CONFIG=str(cfg), NUM_GPUS="2", DRY_RUN="1", MASTER_PORT="29673"))
     out = proc.stdout + proc.stderr

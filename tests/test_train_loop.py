@@ -111,10 +111,10 @@ def test_missing_domain_is_a_clear_error(data_dir, tmp_path):
         train(cfg, progress=False, log_to_stdout=False)
 
 
-def test_cli_dry_run_and_explain(capsys):
+def test_cli_dry_run_and_explain(data_dir, capsys):
     from megamix.cli import main
 
-    assert main(["train", "--config", "configs/tiny-cpu.yaml", "--dry-run"]) == 0
+    assert main(["train", "--config", "configs/tiny-cpu.yaml", "--set", f"data.data_dir={data_dir}", "--dry-run"]) == 0
     assert "dry run OK" in capsys.readouterr().out
     assert main(["config", "--explain"]) == 0
     assert "mixing.rnb_lambda" in capsys.readouterr().out

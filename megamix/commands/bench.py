@@ -4,7 +4,7 @@ A thin wrapper over :mod:`megamix.kernels.bench.bench_fused_lce` (same options).
 
     megamix bench kernels --cpu                                   # CPU torch path + projection ratio
     megamix bench kernels --V 128256 --d 4096 --N 16384 --k 64x64  # on a GPU machine
-    megamix bench loader -- --quick                               # loader throughput
+    megamix bench loader --quick                                  # loader throughput
 """
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ def register(sub) -> None:
     build_parser(k)
     k.set_defaults(func=run)
     lo = bsub.add_parser("loader", help="Weighted loader: index generation, batch assembly, weight-update cost.",
-                         add_help=False)
-    lo.add_argument("rest", nargs="*", help="options of benchmarks/loader_bench.py (--quick, --repeats, --out)")
+                         description="megamix.loader.bench (also benchmarks/loader_bench.py): prints a table and "
+                                     "writes JSON with the median of several repeats.")
+    # the options of megamix.loader.bench.main, declared here so `--help` works without importing the loader
+    lo.add_argument("--quick", action="store_true", help="Small sizes (a smoke run of a few seconds).")
+    lo.add_argument("--repeats", type=int, default=None, help="Repeats per case; the median is reported (default 5).")
+    lo.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/loader_bench.json).")
     lo.set_defaults(func=run_loader)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
@@ -30,4 +34,9 @@ def run(args) -> int:
 
 def run_loader(args) -> int:
     from megamix.loader.bench import main
-    return main(list(args.rest))
+    argv = ["--quick"] if args.quick else []
+    if args.repeats is not None:
+        argv += ["--repeats", str(args.repeats)]
+    if args.out is not None:
+        argv += ["--out", args.out]
+    return main(argv)

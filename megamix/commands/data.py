@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from megamix.commands.config import add_config_args, load_config
+from megamix.configbase import ConfigError
 
 
 def _common(p, with_domains: bool = True, with_tokenizer: bool = False) -> None:
@@ -85,6 +86,8 @@ def register(sub) -> None:
 def _resolve(args):
     cfg = load_config(args).data
     data_dir = Path(args.data_dir or cfg.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is a file; pass the data folder (it holds corpus/ and tokens/)")
     domains = None
     if getattr(args, "domains", None):
         domains = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -98,7 +101,9 @@ def _tokenizer(args, cfg) -> str:
 
 
 def _fail(msg: str) -> int:
-    print(f"megamix data: error: {msg}", file=sys.stderr)
+    # on a terminal, first clear a progress bar the error interrupted
+    print(("\r\033[K" if sys.stderr.isatty() else "") + f"megamix data: error: {' '.join(str(msg).split())}",
+          file=sys.stderr)
     return 2
 
 
@@ -113,6 +118,10 @@ def run_build(args) -> int:
             print(f"{name:20s} {'default' if src.default else 'opt-in ':7s}  {pk:32s} {src.description}")
         return 0
     cfg, data_dir, domains = _resolve(args)
+    unknown = [d for d in domains or [] if d not in SOURCES]
+    if unknown:
+        raise ConfigError(f"--domains: unknown domain(s) {unknown}; choose from `megamix data build --list`, or add "
+                          "your own data with `megamix data import`")
     cap = args.cap_mb if args.cap_mb is not None else cfg.cap_mb
     vf = args.valid_fraction if args.valid_fraction is not None else cfg.valid_fraction
     seed = args.seed if args.seed is not None else cfg.seed
@@ -154,6 +163,7 @@ def run_import(args) -> int:
     cfg, data_dir, _ = _resolve(args)
     vf = args.valid_fraction if args.valid_fraction is not None else cfg.valid_fraction
     seed = args.seed if args.seed is not None else cfg.seed
+    _check_import_args(args)
     try:
         if args.format == "megatron" or (args.format is None and args.vocab_size is not None):
             entry = import_megatron_domain(data_dir, args.domain, args.source, vocab_size=args.vocab_size,
@@ -163,13 +173,49 @@ def run_import(args) -> int:
                                        text_field=args.text_field, hf_split=args.hf_split,
                                        valid_fraction=vf, seed=seed, cap_mb=args.cap_mb,
                                        max_docs=args.max_docs, tokenize=not args.no_tokenize,
-                                       tokenizer=_tokenizer(args, cfg))
+                                       tokenizer=_tokenizer(args, cfg), progress=sys.stderr.isatty())
     except (DataError, FileNotFoundError) as e:
         return _fail(str(e))
+    except ValueError as e:
+        if not type(e).__module__.startswith("pyarrow"):
+            raise
+        return _fail(f"{args.source}: not a readable Parquet file ({' '.join(str(e).split())}); check the file, or "
+                     "pass --format for another format")
     tr, va = entry["train"], entry["valid"]
     print(f"imported domain {args.domain!r}: train {tr['docs']} docs / {tr.get('tokens', '?')} tokens, "
           f"valid {va['docs']} docs / {va.get('tokens', '?')} tokens")
     return 0
+
+
+def _check_import_args(args) -> None:
+    """What `data import` can check before reading: the domain name and the kind of path --from names."""
+    from megamix.data.errors import check_domain_name
+
+    check_domain_name(args.domain, where="--domain")
+    src = Path(args.source)
+    fmt = args.format
+    prefix = str(src)[:-4] if str(src).endswith((".bin", ".idx")) else str(src)
+    guessed = fmt is None and (args.vocab_size is not None or str(src).endswith((".bin", ".idx"))
+                               or (not src.exists() and Path(prefix + ".idx").is_file()))
+    if fmt == "megatron" or guessed:
+        missing = [p for p in (prefix + ".bin", prefix + ".idx") if not Path(p).is_file()]
+        if missing:
+            raise ConfigError(f"--from {src}: Megatron store file(s) {missing} not found; pass the path prefix "
+                              "shared by the .bin and .idx files (e.g. /data/web_text_document)")
+        return
+    if not src.exists():
+        raise ConfigError(f"--from {src} does not exist; pass a .jsonl or .parquet file, a save_to_disk folder or a "
+                          "Megatron path prefix")
+    file_format = fmt == "jsonl" or (fmt is None and src.name.endswith((".jsonl", ".json", ".jsonl.gz", ".ndjson")))
+    if src.is_dir() and file_format:
+        raise ConfigError(f"--from {src} is a directory; pass the JSON-lines file itself")
+    if src.is_dir() and fmt == "parquet" and not any(src.glob("*.parquet")):
+        raise ConfigError(f"--from {src} is a directory without .parquet files; pass a .parquet file or a folder "
+                          "of them")
+    if src.is_file() and fmt == "hf":
+        raise ConfigError(f"--from {src} is a file; --format hf takes the folder written by save_to_disk")
+    if src.is_file() and src.stat().st_size == 0:
+        raise ConfigError(f"--from {src} is empty (0 bytes); pass a file with documents")
 
 
 def format_stats_table(stats: dict) -> str:

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from megamix.commands.config import add_config_args
+from megamix.configbase import ConfigError
 
 
 def register(sub) -> None:
@@ -59,10 +60,29 @@ def _initial(spec: str, snap) -> np.ndarray:
     try:
         vals = [float(x) for x in spec.split(",")]
     except ValueError:
-        raise SystemExit(f"--init must be uniform, counts or {d} comma-separated numbers, got {spec!r}")
+        raise ConfigError(f"--init must be uniform, counts or {d} comma-separated numbers, got {spec!r}") from None
     if len(vals) != d:
-        raise SystemExit(f"--init has {len(vals)} numbers for {d} domains")
-    return normalize(vals)
+        raise ConfigError(f"--init has {len(vals)} numbers for {d} domains; give one per domain")
+    try:
+        return normalize(vals)
+    except ValueError as e:
+        raise ConfigError(f"--init {spec!r}: {e}; give {d} numbers >= 0 with a positive sum") from None
+
+
+def _load_snapshot(path: str, load):
+    """A snapshot file, or a ConfigError naming --snapshot and the file."""
+    import zipfile
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"--snapshot {path} {what}; pass a .npz written by save_snapshot_npz (a run dumps one "
+                          "per mixing round)")
+    try:
+        return load(path)
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"--snapshot {path} is not a StatsSnapshot .npz ({' '.join(str(e).split())[:200]}); pass "
+                          "a file written by save_snapshot_npz") from None
 
 
 def run_simulate(args) -> int:
@@ -75,12 +95,12 @@ def run_simulate(args) -> int:
         overrides.append(f"mixing.strategy={args.strategy}")
     cfg = MegamixConfig.from_yaml(args.config, overrides)
     mcfg = cfg.mixing.validate()
-    snaps = [load_snapshot_npz(p) for p in args.snapshot]
+    snaps = [_load_snapshot(p, load_snapshot_npz) for p in args.snapshot]
     names = snaps[0].domain_names
     for p, s in zip(args.snapshot, snaps):
         if s.domain_names != names:
-            print(f"megamix mix: {p} has domains {s.domain_names}, expected {names}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--snapshot {p} has domains {s.domain_names}, the first has {names}; pass snapshots "
+                              "of one run")
     strat = build_strategy(mcfg, names, _initial(args.init, snaps[0]))
     step = 0
     rounds = []  # (step, weights) per round: this command's output, as printed

@@ -1,10 +1,23 @@
-"""`megamix train`: pretraining with static or online mixing (single process, DDP under torchrun, or DeepSpeed)."""
+"""`megamix train`: pretraining with static or online mixing (single process, DDP under torchrun, or DeepSpeed).
+
+Both ``--dry-run`` and the real run first run :func:`megamix.train.preflight.check_run` (config, devices,
+launch geometry, data dir, every domain's token files, the mixture), so a dry run checks everything the
+real run checks at start-up. SIGUSR1 and SIGTERM ask the run to save a checkpoint at the next step
+boundary and stop (a second signal kills at once); run the same command again to resume.
+"""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import signal
+import sys
+from pathlib import Path
 
 from megamix.commands.config import add_config_args, load_config
 from megamix.configbase import ConfigError
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def register(sub) -> None:
@@ -12,20 +25,95 @@ def register(sub) -> None:
                        description="Single-process training by default; launched with several processes "
                                    "(torchrun, srun) it runs data-parallel with torch DDP; with "
                                    "deepspeed.enabled=true it runs through a DeepSpeed engine (launch it with "
-                                   "torchrun/deepspeed, see launch/).")
+                                   "torchrun/deepspeed, see launch/). SIGUSR1 or SIGTERM: save a checkpoint at the "
+                                   "next step boundary and stop (resume by running the same command).")
     add_config_args(p)
     p.add_argument("--dry-run", action="store_true",
-                   help="Validate the config (and launch geometry) and print it, without training.")
+                   help="Run every start-up check of the real run (config, devices, launch geometry, data dir, "
+                        "token files, mixture) and print the config and derived geometry, without training.")
     p.add_argument("--no-progress", action="store_true", help="Disable the progress bar.")
     p.set_defaults(func=run)
 
 
+def _env_int(names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` set in the environment, as an integer (a ConfigError names a bad value)."""
+    name = next((n for n in names if n in os.environ), None)
+    if name is None:
+        return None
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not an integer; unset it, or "
+                          "launch with torchrun/deepspeed/srun, which set it") from None
+
+
 def _dist_env() -> tuple[int, int, int | None]:
     """Rank, world size and local rank from the launcher's environment (torchrun, deepspeed, SLURM via srun)."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
-    return rank, world, None if local is None else int(local)
+    rank = _env_int(("RANK", "SLURM_PROCID"))
+    world = _env_int(("WORLD_SIZE", "SLURM_NTASKS"))
+    rank, world = (0 if rank is None else rank), (1 if world is None else world)
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} and world size {world} from the environment (RANK/WORLD_SIZE) do not fit: "
+                          "need 0 <= RANK < WORLD_SIZE; unset them, or launch with torchrun/deepspeed/srun")
+    return rank, world, _env_int(("LOCAL_RANK", "SLURM_LOCALID"))
+
+
+class StopFlag:
+    """Callable for the loop's ``stop_requested``: True once SIGUSR1 or SIGTERM arrived.
+
+    A second signal restores the default action and re-sends itself (the process dies at once)."""
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now
+            self.restore()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        if self.rank == 0:
+            print(f"megamix: got {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+                  "stopping (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def install(self) -> "StopFlag":
+        try:
+            for s in STOP_SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a worker thread): leave signals alone
+            self.restore()
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+def write_failure(e: BaseException, out_dir: str | Path) -> str | None:
+    """One line for a failed write under ``out_dir`` (disk full, quota), or None if ``e`` is something else.
+
+    An ``OSError`` raised by ``write()``/``close()`` carries no file name, and ``torch.save`` reports a
+    short write as a ``RuntimeError`` from its zip writer; both are named here by the run directory."""
+    out = Path(out_dir)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is None:
+        return (f"no space left on the device holding train.out_dir={out} ({e.strerror}): free space there or "
+                "point train.out_dir at another disk")
+    text = str(e)
+    if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "unexpected pos" in text):
+        try:
+            free = f"{shutil.disk_usage(out if out.exists() else out.parent).free / 2 ** 30:.1f} GiB free there"
+        except OSError:
+            free = "free space unknown"
+        return (f"writing a checkpoint under train.out_dir={out} failed ({text.splitlines()[0].strip()}; {free}): "
+                "free space there or point train.out_dir at another disk")
+    return None
 
 
 def run(args) -> int:
@@ -39,17 +127,34 @@ def run(args) -> int:
                           "set: launch with torchrun (or the deepspeed launcher), or export the first node's address "
                           "and a free port as MASTER_ADDR/MASTER_PORT before srun")
     from megamix.train.backend import make_backend
+    from megamix.train.preflight import check_run
 
     backend = make_backend(cfg, rank, world, local_rank=local_rank)
+    pre = check_run(cfg, backend)
     if args.dry_run:
-        notes = backend.check(cfg)
-        if rank == 0:
-            for note in notes:
+        if rank == 0:  # every rank checks, rank 0 reports
+            for note in pre.notes:
                 print(f"# note: {note}")
             print(cfg.to_yaml(), end="")
-            print(f"# dry run OK: backend={backend.name}, world_size={world}, config valid, nothing trained")
+            print("\n".join(pre.describe()))
+            print(f"# dry run OK: backend={backend.name}, world_size={world}, config valid, data and mixture "
+                  "checked, nothing trained")
         return 0
     from megamix.train.loop import train
+    from megamix.train.stop import StopRequested
 
-    train(cfg, backend=backend, progress=not args.no_progress)
+    flag = StopFlag(rank).install()
+    try:
+        train(cfg, backend=backend, progress=not args.no_progress, store=pre.store, stop_requested=flag)
+    except StopRequested as e:
+        if rank == 0:
+            print(f"megamix: {e}", file=sys.stderr)
+        return 0
+    except (OSError, RuntimeError) as e:
+        msg = write_failure(e, cfg.train.out_dir)
+        if msg is None:
+            raise
+        raise ConfigError(msg) from e
+    finally:
+        flag.restore()
     return 0

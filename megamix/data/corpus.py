@@ -329,14 +329,19 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, object]]:
 
     path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); fix or remove that line") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason}); convert the file "
+                         "to UTF-8 JSON lines") from e
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:

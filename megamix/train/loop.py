@@ -28,7 +28,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from megamix.train.metrics import MetricsLogger, mixture_fields, read_metrics
 from megamix.train.model import build_model, count_parameters, model_inputs
 from megamix.train.optim import build_optimizer
 from megamix.train.progress import StepReporter
+from megamix.train.stop import check_stop
 
 log = logging.getLogger("megamix")
 
@@ -215,7 +216,7 @@ def print_summary(res: TrainResult, domains: list[str]) -> None:
 # ------------------------------------------------------------------------------------------- the loop
 def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Backend | None = None,
           progress: bool = True, log_to_stdout: bool = True, stop_at_step: int | None = None,
-          store: Any = None) -> TrainResult:
+          store: Any = None, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     """Pretrain as configured; every rank calls it. Returns the :class:`TrainResult` (on every rank).
 
     Args:
@@ -229,6 +230,8 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         stop_at_step: stop (and checkpoint) after this many completed steps although ``train.steps`` is
             larger, e.g. to fit a job's time limit; the LR schedule still follows ``train.steps``.
         store: an open TokenStore (default: ``<data.data_dir>/tokens``).
+        stop_requested: asked at every step boundary (e.g. set by a signal handler); when it returns True on
+            any rank, the step's checkpoint is saved and :class:`megamix.train.stop.StopRequested` is raised.
     """
     from megamix.data.backings import open_store
     from megamix.data.corpus import atomic_write_json
@@ -338,6 +341,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
                           " ".join(f"{k}={v:.2f}" for k, v in vl.items()))
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == end:
             ckpt.save(done, backend, mixer, cfg)
+        check_stop(stop_requested, done, backend, ckpt, mixer, cfg, last=done == end)
     bar.close()
     wall = time.time() - t0
     logger.close()
