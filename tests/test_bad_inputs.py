@@ -112,9 +112,10 @@ def _corrupt(domain: str, split: str, how: str) -> Callable[[Path, Path], None]:
     return setup
 
 
-def _manifest(mutate: Callable[[dict], object] | str) -> Callable[[Path, Path], None]:
+def _manifest(mutate: Callable[[dict], object] | str, rel: str = "manifest.json") -> Callable[[Path, Path], None]:
+    """Setup editing ``tokens/<rel>`` (the store's manifest, or a domain's: ``legal/manifest.json``)."""
     def setup(tmp: Path, data: Path) -> None:
-        p = data / "tokens" / "manifest.json"
+        p = data / "tokens" / rel
         if isinstance(mutate, str):
             p.write_text(mutate)
         else:
@@ -258,8 +259,10 @@ CASES: list[Case] = [
     T("domain_name_with_slash", ["data.domains=[code/python]"], ("code/python",)),
     T("valid_fraction_too_big", ["data.valid_fraction=0.7"], ("data.valid_fraction",)),
     T("manifest_bad_json", [], ("manifest.json",), own_data=True, setup=_manifest('{"domains": ')),
-    T("manifest_missing_key", [], ("manifest.json", "vocab_size"), own_data=True,
-      setup=_manifest(lambda m: m.pop("vocab_size"))),
+    T("domain_manifest_bad_json", [], ("legal", "manifest.json"), own_data=True,
+      setup=_manifest('{"format": 2,', "legal/manifest.json")),
+    T("manifest_does_not_match_bin", [], ("legal",), own_data=True,
+      setup=_manifest(lambda m: m.update(train_tokens=m["train_tokens"] + 1000), "legal/manifest.json")),
     T("idx_wrong_magic", [], ("legal", "train.idx"), own_data=True, setup=_corrupt("legal", "train", "magic")),
     T("idx_truncated", [], ("legal", "train.idx"), own_data=True, setup=_corrupt("legal", "train", "truncate_idx")),
     T("idx_empty", [], ("legal", "train.idx"), own_data=True, setup=_corrupt("legal", "train", "empty_idx")),
