@@ -30,7 +30,10 @@ set -euo pipefail
 
 ARGS=(--no_local_rank --module --master_port "${MASTER_PORT:-29500}")
 if [[ -n "${HOSTFILE:-}" ]]; then
-  [[ -f "$HOSTFILE" ]] || { echo "launch: hostfile $HOSTFILE not found; cp launch/hostfile.example $HOSTFILE and edit it" >&2; exit 2; }
+  if [[ ! -f "$HOSTFILE" ]]; then
+    echo "launch: hostfile $HOSTFILE not found; cp launch/hostfile.example $HOSTFILE and edit it" >&2
+    exit 2
+  fi
   ARGS+=(--hostfile "$HOSTFILE")
   [[ -n "${NUM_NODES:-}" ]] && ARGS+=(--num_nodes "$NUM_NODES")
   [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")

@@ -7,8 +7,8 @@ check everything the real run checks) and as a real run (which must refuse befor
 Most cases call :func:`megamix.cli.main` in-process (seconds for the whole sweep); a handful run
 ``python -m megamix`` as a subprocess to prove the installed entry point behaves the same.
 
-Run ``PYTHONPATH=. python tests/test_bad_inputs.py`` to print the sweep's counts (clear / traceback / accepted / unclear)
-for whatever ``megamix`` is importable, e.g. an older checkout on ``PYTHONPATH``.
+Run ``PYTHONPATH=. python tests/test_bad_inputs.py`` to print the sweep's counts (clear / traceback / accepted /
+unclear) for whatever ``megamix`` is importable, e.g. an older checkout on ``PYTHONPATH``.
 """
 from __future__ import annotations
 

@@ -69,8 +69,9 @@ def _recorded(stdout: str, name: str) -> tuple[str, list[str], dict]:
     """(working directory, arguments, reported env) of the fake ``name``."""
     block = stdout.split(f"== {name} in ", 1)[1].splitlines()
     cwd, rest = block[0], block[1:]
-    args = [a for a in rest if not re.match(r"^(MEGAMIX_HOME|PET_SIGNALS_TO_HANDLE|PET_SHUTDOWN_TIMEOUT)=", a)]
-    env = dict(a.split("=", 1) for a in rest if re.match(r"^(MEGAMIX_HOME|PET_SIGNALS_TO_HANDLE|PET_SHUTDOWN_TIMEOUT)=", a))
+    reported = re.compile(r"^(MEGAMIX_HOME|PET_SIGNALS_TO_HANDLE|PET_SHUTDOWN_TIMEOUT)=")
+    args = [a for a in rest if not reported.match(a)]
+    env = dict(a.split("=", 1) for a in rest if reported.match(a))
     return cwd, args, env
 
 
@@ -81,7 +82,8 @@ def test_scripts_parse_and_pass_shellcheck():
         assert subprocess.run(["bash", "-n", str(LAUNCH / s)]).returncode == 0, s
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    p = subprocess.run(["shellcheck", "-x", *[f"launch/{s}" for s in SCRIPTS]], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(["shellcheck", "-x", *[f"launch/{s}" for s in SCRIPTS]], cwd=ROOT, capture_output=True,
+                       text=True)
     assert p.returncode == 0, p.stdout[-4000:]
 
 
@@ -325,8 +327,8 @@ def test_slurm_requeue_end_to_end_with_real_ranks(tiny_store, tmp_path):
     assert (ck / "latest").read_text().strip() == f"step_{step:07d}"
     # the requeued job (SLURM_RESTART_COUNT=1) resumes from that checkpoint
     env.update(SLURM_RESTART_COUNT="1", MASTER_PORT="29697")
-    p = subprocess.run(["bash", str(script), "--no-progress", "--set", f"train.steps={step + 1}"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=400)
+    p = subprocess.run(["bash", str(script), "--no-progress", "--set", f"train.steps={step + 1}"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((tmp_path / "run" / "result.json").read_text())
     assert res["start_step"] == step and res["steps"] == step + 1

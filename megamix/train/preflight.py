@@ -164,7 +164,8 @@ def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int =
     if cfg.data.eval_data_dir:
         eval_store = open_eval_store(cfg.data.eval_data_dir)
         eval_domains = list(eval_store.domains)
-        _opened(lambda: _check_splits(eval_store, eval_domains, ("valid",)), f"data.eval_data_dir={cfg.data.eval_data_dir}")
+        _opened(lambda: _check_splits(eval_store, eval_domains, ("valid",)),
+                f"data.eval_data_dir={cfg.data.eval_data_dir}")
 
     t = cfg.train
     gas = t.global_batch_size // (t.micro_batch_size * world_size)
