@@ -33,8 +33,11 @@ Each round:
    (:func:`clusters_to_domains`). A cluster's weight is shared among the domains its samples came
    from. Property: if π equals the clusters' own shares ``n_c/n``, ``w`` equals the domains' shares
    of this round's samples, i.e. "no preference" maps to "no change".
-5. Guards from :mod:`megamix.strategies.base`: domains below ``cfg.min_count`` samples keep their
-   previous weight, then EMA, the floor and the optional drift bound.
+5. Guards from :mod:`megamix.strategies.base`: a round whose per-sample gradients are all zero (no
+   gradient signal, :func:`~megamix.strategies.base.no_signal`) keeps the previous weights, as R&B does,
+   instead of clustering zeros (which would move the weights toward the round's sample counts); domains
+   below ``cfg.min_count`` samples keep their previous weight, then EMA, the floor and the optional drift
+   bound.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import numpy as np
 
 from megamix.simplex import project, softmax
 from megamix.snapshot import StatsSnapshot
-from megamix.strategies.base import MixingStrategy
+from megamix.strategies.base import MixingStrategy, no_signal
 from megamix.strategies.kmeans import kmeans
 
 __all__ = ["DoGraphStrategy", "variance_weights", "robust_weights",
@@ -227,6 +230,10 @@ class DoGraphStrategy(MixingStrategy):
             loss = loss[finite]
         if x.shape[0] == 0:
             info["fallback"] = "no (finite) per-sample gradients this round"
+            return None
+        problem = no_signal(x, "every per-sample gradient")
+        if problem:  # clustering zeros would move the weights toward this round's sample counts
+            info["fallback"] = problem
             return None
         counts = np.bincount(dom, minlength=d).astype(np.float64)
         active = self.count_mask(counts)

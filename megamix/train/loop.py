@@ -40,6 +40,7 @@ from megamix.integrations.hf import apply_megamix, body_hidden_states, check_sup
 from megamix.integrations.hook import attach
 from megamix.train.backend import Backend, make_backend
 from megamix.train.checkpoint import Checkpoints
+from megamix.train.guard import NonFiniteGuard
 from megamix.train.metrics import MetricsLogger, read_metrics
 from megamix.train.model import build_model, count_parameters
 
@@ -195,8 +196,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records logged after the checkpoint's step (they will be produced again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # blank, or torn by a kill mid-write
+            pass
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -224,7 +230,7 @@ def print_summary(res: TrainResult, domains: list[str]) -> None:
 # ------------------------------------------------------------------------------------------- the loop
 def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Backend | None = None,
           progress: bool = True, log_to_stdout: bool = True, stop_at_step: int | None = None,
-          store: Any = None) -> TrainResult:
+          store: Any = None, checkpoint_hook: Any = None) -> TrainResult:
     """Pretrain as configured; every rank calls it. Returns the :class:`TrainResult` (on every rank).
 
     Args:
@@ -237,6 +243,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         stop_at_step: stop (and checkpoint) after this many completed steps although ``train.steps`` is
             larger, e.g. to fit a job's time limit; the LR schedule still follows ``train.steps``.
         store: an open TokenStore (default: ``<data.data_dir>/tokens``).
+        checkpoint_hook: ``f(phase, step, rank)`` called inside each checkpoint save (tests: kill points).
     """
     from tqdm.auto import tqdm
 
@@ -273,18 +280,19 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     if cfg.data.eval_data_dir:
         eval_store = TokenStore(Path(cfg.data.eval_data_dir) / "tokens")
         eval_domains = list(eval_store.domains)
-    ckpt = Checkpoints(out_dir)
-    start = ckpt.load(backend, mixer) if t.resume else 0
+    ckpt = Checkpoints(out_dir, on_phase=checkpoint_hook)
+    start = ckpt.load(backend, mixer, cfg) if t.resume else 0
     metrics_path = out_dir / "metrics.jsonl"
     if main:
         if start:
             _truncate_metrics(metrics_path, start)
             if log_to_stdout:
-                print(f"resumed from {ckpt.root / ckpt.latest_tag()} at step {start}")
+                print(f"resumed from {ckpt.loaded} at step {start}")
         elif metrics_path.exists():
             metrics_path.unlink()  # a fresh run: drop records of an earlier, unfinished one
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
     logger = MetricsLogger(out_dir, enabled=main)
+    guard = NonFiniteGuard(t.on_nonfinite, logger, main, ckpt.last_checkpoint)
     if start == 0:
         logger.log("run", 0, params=n_params, domains=mixer.domains, world_size=world_size, backend=backend.name,
                    zero_stage=cfg.deepspeed.zero_stage if backend.name == "deepspeed" else None,
@@ -319,10 +327,13 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
             loss = head.loss(batch)
             backend.backward(loss, n_micro)
             loss_acc += float(loss.detach()) / n_micro
-        gnorm = backend.optimizer_step()
-        update = mixer.step(step, **step_kwargs)
+        last_loss = backend.mean(loss_acc)  # before the step: a NaN on any rank reaches every rank
+        skip = guard.check(step + 1, last_loss, backend.grads_finite())  # raises under on_nonfinite=stop
+        gnorm = backend.optimizer_step(skip=skip)
+        if skip:
+            mixer.discard_step()  # the skipped step's statistics never reach the strategy
+        update = None if skip else mixer.step(step, **step_kwargs)
         step_times.append(time.perf_counter() - ts)
-        last_loss = backend.mean(loss_acc)
         step_losses.append(last_loss)
         done = step + 1
         if update is not None:
