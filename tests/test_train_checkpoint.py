@@ -77,16 +77,16 @@ def full6(tiny_store, tmp_path_factory):
     from megamix.train.loop import train
 
     out = tmp_path_factory.mktemp("full6") / "run"
-    res = train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1",
-                     "train.keep_checkpoints=0"), progress=False, log_to_stdout=False)
+    res = train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"),
+                progress=False, log_to_stdout=False)
     return res, out
 
 
 def _resume6(tiny_store, out: Path):
     from megamix.train.loop import train
 
-    return train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1",
-                      "train.keep_checkpoints=0"), progress=False, log_to_stdout=False)
+    return train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"),
+                 progress=False, log_to_stdout=False)
 
 
 def _copy_until(full: Path, dst: Path, step: int) -> Path:
@@ -116,8 +116,8 @@ def test_crash_inside_a_save_resumes_from_the_previous_checkpoint(tiny_store, tm
 
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1",
-                   "train.keep_checkpoints=0"), progress=False, log_to_stdout=False, checkpoint_hook=crash)
+        train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"),
+              progress=False, log_to_stdout=False, checkpoint_hook=crash)
     assert (out / "checkpoints" / "latest").read_text() == "step_0000002"
     with caplog.at_level("WARNING", logger="megamix"):
         res = _resume6(tiny_store, out)

@@ -193,10 +193,9 @@ def test_deepspeed_kill_between_engine_files_and_side_files(tiny_store, tmp_path
     out = tmp_path / "run"
     first = _launch(cfg, out, 2, kill_at="model_saved@4@1")
     assert first["killed"] and _complete_step(out) == 2, first["log"][-3000:]
-    first_losses = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                    if r["kind"] == "train"}
-    first_weights = [(r["step"], r["weights"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                     if r["kind"] == "weights"]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_losses = {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+    first_weights = [(r["step"], r["weights"]) for r in recs if r["kind"] == "weights"]
     assert sorted(first_losses) == [1, 2, 3, 4]
     engine_4 = torch.load(out / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt",
                           weights_only=False)["module"]

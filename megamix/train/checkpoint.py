@@ -314,9 +314,10 @@ class Checkpoints:
         else:
             written_by = side.get("backend", "deepspeed")
             if written_by != backend.name:
+                flag = str(written_by == "deepspeed").lower()
                 raise ConfigError(f"checkpoint {root / chosen} was written by the {written_by!r} backend, this run "
-                                  f"uses {backend.name!r}; set deepspeed.enabled={str(written_by == 'deepspeed').lower()} "
-                                  "to resume it, or start a new train.out_dir")
+                                  f"uses {backend.name!r}; set deepspeed.enabled={flag} to resume it, or start a new "
+                                  "train.out_dir")
             if cfg is not None:
                 check_resume_config(side.get("config"), cfg, root / chosen, main=main)
             backend.load(root, chosen, state)
