@@ -145,7 +145,7 @@ def test_latest_naming_an_incomplete_checkpoint_is_not_blamed_on_world_size(tiny
     for p in old.glob("*.done.json"):
         p.unlink()
     side = torch.load(old / "megamix_rank00000.pt", weights_only=False)
-    del side["format"]
+    side.pop("format", None)
     torch.save(side, old / "megamix_rank00000.pt")
     with caplog.at_level("WARNING", logger="megamix"):
         res = _resume6(tiny_store, out)
@@ -207,7 +207,7 @@ def test_keep_checkpoints_prunes_older_complete_ones_only(tiny_store, tmp_path):
 
 
 # ------------------------------------------------------------------ resume against a changed config
-def test_resume_with_a_changed_config_is_a_clear_error(tiny_store, tmp_path, capsys):
+def test_resume_with_a_changed_config_is_a_clear_error(tiny_store, tmp_path, capsys, caplog):
     from megamix.cli import main
     from megamix.train.loop import train
 
@@ -222,10 +222,14 @@ def test_resume_with_a_changed_config_is_a_clear_error(tiny_store, tmp_path, cap
     with pytest.raises(ConfigError, match=r"(?s)train.lr: 0.003 \(checkpoint\) -> 0.001 \(now\).*"
                                           r"--set train.resume_allow_changes=\[train.lr\]"):
         train(_cfg(data, out, "train.steps=3", "train.lr=0.001"), progress=False, log_to_stdout=False)
-    res = train(_cfg(data, out, "train.steps=3", "train.lr=0.001", "train.resume_allow_changes=[train.lr]",
-                     "train.eval_every=1", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=1"),
-                progress=False, log_to_stdout=False)
+    with caplog.at_level("WARNING", logger="megamix"):
+        res = train(_cfg(data, out, "train.steps=3", "train.lr=0.001", "train.resume_allow_changes=[train.lr]",
+                         "train.eval_every=1", "train.log_every=1", "train.checkpoint_every=1",
+                         "train.keep_checkpoints=1"), progress=False, log_to_stdout=False)
     assert res.start_step == 2 and res.steps == 3
+    changed = [r.getMessage() for r in caplog.records if "resuming with a changed config" in r.getMessage()]
+    assert len(changed) == 1 and "train.lr: 0.003 (checkpoint) -> 0.001 (now)" in changed[0]
+    assert "train.steps: 2 (checkpoint) -> 3 (now)" in changed[0]
     # the checkpoint carries its own config
     assert "lr: 0.001" in (out / "checkpoints" / "step_0000003" / "config.yaml").read_text()
     # the CLI: exit code 2, one line per differing field, then the fix

@@ -7,8 +7,8 @@ Kills come two ways:
 - at a named point of a checkpoint save, through the test-only hook ``MEGAMIX_TEST_KILL_AT=PHASE@STEP[@RANK]``
   read by the CLI entry point (``megamix/commands/train.py``): e.g. ``model_saved@4@1`` kills rank 1 after
   DeepSpeed's engine files of step 4 and before megamix's side files;
-- from outside, ``SIGKILL`` to the whole process group a random delay after ``metrics.jsonl`` shows a chosen
-  step (anywhere: a step, an evaluation, a save, start-up).
+- from outside, ``SIGKILL`` to the launcher and every process under it (torchrun's workers included) a random
+  delay after ``metrics.jsonl`` shows a chosen step (anywhere: a step, an evaluation, a save, start-up).
 
 The default suite runs 3 kills (2 plain, 1 DeepSpeed inside the window); ``-m slow`` runs random sweeps with
 more. Each test prints "N kills survived out of N". ``MEGAMIX_TORTURE_SEED`` changes the random schedule (the
@@ -81,6 +81,37 @@ def _new_train_steps(out: Path, since: float) -> list[int]:
     return steps
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (torchrun starts its workers in sessions of their own, so killing the
+    launcher's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launch and every process under it at once (a node going down), then wait until all are gone."""
+    pids = _tree(pid)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 60
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and p != pid for p in pids):
+        time.sleep(0.05)
+
+
 def _launch(cfg: Path, out: Path, nproc: int, *, kill_at: str | None = None, kill_after: int | None = None,
             delay: float = 0.0, timeout: float = 600) -> dict:
     """One ``megamix train`` launch. ``kill_at``: the hook spec; ``kill_after``: SIGKILL the process group
@@ -94,12 +125,12 @@ def _launch(cfg: Path, out: Path, nproc: int, *, kill_at: str | None = None, kil
         killed = False
         while p.poll() is None:
             if time.time() - t0 > timeout:
-                os.killpg(p.pid, signal.SIGKILL)
+                _kill_tree(p.pid)
                 raise AssertionError(f"megamix train did not finish in {timeout}s; see {log_path}")
             if kill_after is not None and any(s >= kill_after for s in _new_train_steps(out, t0)):
                 time.sleep(delay)
                 if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
+                    _kill_tree(p.pid)
                     killed = True
                 break
             time.sleep(0.05)
@@ -218,8 +249,8 @@ def test_deepspeed_kill_between_engine_files_and_side_files(tiny_store, tmp_path
 
 # -------------------------------------------------------------------------------------------- slow sweeps
 def _schedule(rng: random.Random, steps: int, n: int, nproc: int) -> list[dict]:
-    """n kills with increasing targets: hook kills at a random phase/rank of a checkpoint step, or external
-    kills a random delay after a random step."""
+    """Up to n kills with increasing targets, a few steps apart: hook kills at a random phase/rank of one of
+    the next two checkpoint steps, or external kills a random delay after a random step."""
     from megamix.train.checkpoint import PHASES
 
     kills, at = [], 1
@@ -227,13 +258,13 @@ def _schedule(rng: random.Random, steps: int, n: int, nproc: int) -> list[dict]:
         if at >= steps:
             break
         if rng.random() < 0.5:
-            s = rng.choice([c for c in range(2, steps + 1, 2) if c > at] or [steps])
+            s = rng.choice([c for c in range(2, steps + 1, 2) if c > at][:2] or [steps])
             rank = rng.randrange(nproc)
             phase = rng.choice(PHASES if rank == 0 else PHASES[:-1])  # only rank 0 writes `latest`
             kills.append({"kill_at": f"{phase}@{s}" + (f"@{rank}" if nproc > 1 else "")})
             at = s
         else:
-            s = rng.randint(at, steps - 1)
+            s = rng.randint(at, min(at + 2, steps - 1))
             kills.append({"kill_after": s, "delay": rng.uniform(0.0, 0.5)})
             at = s + 1
     return kills

@@ -109,7 +109,7 @@ def check_resume_config(saved: dict | None, cfg: Any, where: Path, allow: list[s
                         main: bool = True) -> list[str]:
     """Compare the checkpoint's config (``saved``, a ``to_dict()``) with the run's ``cfg``.
 
-    Returns the allowed changes (one ``field: old -> new`` string each; rank 0 logs them). Raises
+    Returns the allowed changes (one ``field: old -> new`` string each; rank 0 logs them in one line). Raises
     :class:`ConfigError` listing every difference, one line per field, when any field differs that may not
     change: fields in :data:`megamix.config.RESUME_NEVER` never may, other fields only when listed in
     ``train.resume_allow_changes`` (``allow``; default: the run's), :data:`~megamix.config.RESUME_FREE` always
@@ -141,9 +141,8 @@ def check_resume_config(saved: dict | None, cfg: Any, where: Path, allow: list[s
             fix += " (the fields marked 'cannot change' shape the saved state)"
         raise ConfigError(f"the config differs from the one checkpoint {where} was written with:\n"
                           + "\n".join(blocked) + f"\n{fix}")
-    if main:
-        for line in allowed:
-            log.info("megamix: resume with a changed config: %s", line)
+    if main and allowed:
+        log.warning("megamix: resuming with a changed config: %s", "; ".join(allowed))
     return allowed
 
 
