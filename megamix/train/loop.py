@@ -203,7 +203,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:  # blank, or torn by a kill mid-write
             pass
-    path.write_text("".join(line + "\n" for line in keep))
+    tmp = path.with_name(path.name + ".tmp")  # atomic: a kill now must not lose the earlier records
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def _peak_rss_mb() -> float:
