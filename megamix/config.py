@@ -144,6 +144,22 @@ class TrainConfig(ConfigBase):
     optimizer: str = doc("auto (torch AdamW; DeepSpeed's CPU Adam under ZeRO-Offload; the ds_config's own when "
                          "deepspeed.config has an optimizer section) | adamw (torch.optim.AdamW) | fused_adam "
                          "(DeepSpeed's FusedAdam, CUDA) | apex_fused_adam (NVIDIA apex's FusedAdam, CUDA).", "auto")
+    keep_checkpoints: int = doc("Keep the newest N complete checkpoints; older complete ones are deleted only after a "
+                                "newer one is complete, and the one `latest` names never is (0 = keep all). The "
+                                "default 3 leaves two fallbacks should the newest turn out unreadable, at 3x the "
+                                "size of one checkpoint on disk.", 3)
+    on_nonfinite: str = doc("A step whose loss (or gradient norm) is NaN/Inf: 'stop' exits (code 2) naming the "
+                            "step, before the optimizer applies it, so nothing non-finite is trained on or saved; "
+                            "'skip' drops the step (no optimizer step, its statistics are not shown to the mixing "
+                            "strategy), logs it (a 'nonfinite' record in metrics.jsonl) and goes on, but still stops "
+                            "after 10 consecutive skipped steps. Every rank takes the same decision.", "stop")
+    resume_allow_changes: list[str] = doc("Fields that may differ from the checkpoint's config when resuming, e.g. "
+                                          "[train.lr, mixing.update_every]. Without them a changed field stops the "
+                                          "resume with a diff. Cadence fields and train.steps never need listing "
+                                          "(RESUME_FREE in megamix/config.py); fields that shape the saved state "
+                                          "(model.*, mixture.*, mixing.strategy, data.domains, projection sizes, "
+                                          "seeds, global batch, dtype, ZeRO stage: RESUME_NEVER) cannot be listed: "
+                                          "start a new train.out_dir instead.", default_factory=list)
 
     def validate(self):
         check(self.steps >= 1, "train.steps must be >= 1")
@@ -168,6 +184,10 @@ class TrainConfig(ConfigBase):
               f"train.loss_impl must be 'fused', 'capture' or 'torch' (got {self.loss_impl!r})")
         check(self.optimizer in OPTIMIZERS,
               f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        check(self.keep_checkpoints >= 0,
+              f"train.keep_checkpoints must be >= 0 (0 = keep all; got {self.keep_checkpoints})")
+        check(self.on_nonfinite in ("skip", "stop"),
+              f"train.on_nonfinite must be 'skip' or 'stop' (got {self.on_nonfinite!r})")
         return self
 
 
@@ -381,8 +401,62 @@ class MegamixConfig(ConfigBase):
         if self.mixing.strategy != "static" and not self.projection.enabled:
             raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs gradient statistics: "
                               "set projection.enabled=true")
+        keys = set(flat_config(self.to_dict()))
+        for key in self.train.resume_allow_changes:
+            check(key in keys, f"train.resume_allow_changes: unknown config key {key!r} (use section.field, e.g. "
+                               "train.lr)")
+            check(resume_change_kind(key) != "never",
+                  f"train.resume_allow_changes: {key} cannot change on resume (the checkpoint's state depends on "
+                  "it); start a new train.out_dir instead")
         return self
 
 
+# ------------------------------------------------------------------------------------ resume compatibility
+#: Fields a resume may change freely: where and how often things are logged, evaluated and saved, where the
+#: run executes, and train.steps (extending or shortening a run; the cosine LR schedule then spans the new
+#: length, and the loop says so).
+RESUME_FREE = frozenset({
+    "train.out_dir", "train.resume", "train.threads", "train.device", "train.steps", "train.eval_every",
+    "train.eval_batches", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.on_nonfinite", "train.resume_allow_changes", "data.cap_mb", "data.valid_fraction", "data.seed",
+    "data.eval_data_dir", "data.vocab_check_mb", "loader.telemetry_window", "loader.verify_weights",
+    "deepspeed.backend", "deepspeed.skip_op_builds", "model.gradient_checkpointing", "model.compile",
+    "model.init_from", "logging."})
+#: Exceptions to RESUME_NEVER's prefixes that may change when listed in train.resume_allow_changes (they change
+#: the arithmetic, not the saved state).
+RESUME_OVERRIDE = frozenset({"model.attn_implementation", "model.doc_masking"})
+#: Fields (or ``section.`` prefixes) a resume can never change: the saved tensors, the sample stream or the
+#: strategy's state depend on them. Every other field may change when listed in train.resume_allow_changes.
+RESUME_NEVER = frozenset({
+    "model.", "mixture.", "mixing.strategy", "data.domains", "projection.enabled", "projection.k1",
+    "projection.k2", "projection.k", "projection.kind", "projection.seed", "train.seed", "train.global_batch_size",
+    "train.dtype", "train.optimizer", "deepspeed.enabled", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
+    "data.tokenizer", "data.paths", "data.valid_paths"})
+
+
+def flat_config(d: dict) -> dict:
+    """``{"section.field": value}`` of a :meth:`MegamixConfig.to_dict` (one level of sections)."""
+    out = {}
+    for section, fields in d.items():
+        if isinstance(fields, dict):
+            for name, value in fields.items():
+                out[f"{section}.{name}"] = value
+        else:
+            out[section] = fields
+    return out
+
+
+def resume_change_kind(key: str) -> str:
+    """``free`` | ``never`` | ``override`` (may change when listed in train.resume_allow_changes)."""
+    if key in RESUME_FREE or any(p.endswith(".") and key.startswith(p) for p in RESUME_FREE):
+        return "free"
+    if key in RESUME_OVERRIDE:
+        return "override"
+    if key in RESUME_NEVER or any(p.endswith(".") and key.startswith(p) for p in RESUME_NEVER):
+        return "never"
+    return "override"
+
+
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "MixtureConfig",
-           "ProjectionConfig", "MixingConfig", "LoaderConfig", "DeepSpeedConfig", "LoggingConfig", "MegamixConfig"]
+           "ProjectionConfig", "MixingConfig", "LoaderConfig", "DeepSpeedConfig", "LoggingConfig", "MegamixConfig",
+           "RESUME_FREE", "RESUME_NEVER", "flat_config", "resume_change_kind"]

@@ -106,7 +106,15 @@ class Mixer:
     # ------------------------------------------------------------------ data
     def next_step(self):
         """This rank's micro-batches for the next optimizer step."""
+        if self.collecting:
+            self.stats.mark()
         return self.loader.next_step()
+
+    def discard_step(self) -> None:
+        """Forget the statistics recorded since the last :meth:`next_step`: the loop calls it instead of
+        :meth:`step` for an optimizer step it skipped (a non-finite loss), so the strategy never sees them.
+        The step's samples stay consumed: the sample stream does not depend on skipped steps."""
+        self.stats.rollback()
 
     @property
     def weights(self) -> np.ndarray:

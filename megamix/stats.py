@@ -90,6 +90,24 @@ class DomainStats:
         self._row_loss: list[torch.Tensor] = []    # [n, 2] float64: token-loss sum, token count (nan: unknown)
         self._counter = 0                          # rows seen this round on this rank (keys of unkeyed rows)
         self.reduced = False
+        self._mark = None
+
+    def mark(self) -> None:
+        """Remember the accumulators now, so that :meth:`rollback` can drop whatever is added after this point
+        (the statistics of an optimizer step that is then skipped)."""
+        self._mark = (self.sums.clone(), self.counts.clone(), self.loss_sum.clone(), self.token_count.clone(),
+                      len(self._rows), len(self._row_domains), len(self._row_ids), self.reduced)
+
+    def rollback(self) -> None:
+        """Drop everything added since the last :meth:`mark` (no-op without one)."""
+        m = getattr(self, "_mark", None)
+        if m is None:
+            return
+        self.sums, self.counts, self.loss_sum, self.token_count = m[0], m[1], m[2], m[3]
+        self.device = self.sums.device
+        del self._rows[m[4]:], self._row_domains[m[5]:], self._row_ids[m[6]:]
+        self.reduced = m[7]
+        self._mark = None
 
     @property
     def num_samples(self) -> int:

@@ -397,3 +397,21 @@ def test_merge_snapshots_adds_eval_counts_so_means_stay_means():
     del b.extra["eval_counts"]
     with pytest.raises(ValueError, match="eval_counts"):
         merge_snapshots(a, b)
+
+
+@pytest.mark.parametrize("strategy", ["dograph", "dograph-sample"])
+@pytest.mark.parametrize("objective", ["variance", "robust", "alignment", "uncertainty"])
+def test_dograph_keeps_weights_when_gradients_carry_no_signal(objective, strategy):
+    """All-zero per-sample gradients (no signal) keep the previous weights, like R&B's zero Gp, instead of
+    moving them toward the round's sample counts (here 70/10/10/10 against uniform weights)."""
+    snap = _snap(n_per=(70, 10, 10, 10))
+    snap.per_sample[:] = 0.0
+    snap.sums[:] = 0.0
+    s = build_strategy(_cfg(strategy=strategy, dograph_objective=objective), NAMES, np.full(4, 0.25))
+    s.observe(snap)
+    np.testing.assert_array_equal(s.propose(1), np.full(4, 0.25))
+    assert "no gradient signal" in s.last_info["fallback"]
+    r = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))   # the same check, one owner
+    r.observe(snap)
+    np.testing.assert_array_equal(r.propose(1), np.full(4, 0.25))
+    assert "no gradient signal" in r.last_info["fallback"]

@@ -20,7 +20,7 @@ def _cfg(data_dir: Path, out_dir: Path, *extra: str) -> MegamixConfig:
 
 
 def test_layout_and_v01_single_process_checkpoint_resumes(tiny_store, tmp_path):
-    from megamix.train.checkpoint import SIDE_FILE
+    from megamix.train.checkpoint import DONE_FILE, SIDE_FILE
     from megamix.train.loop import train
 
     data = tiny_store.parent
@@ -28,7 +28,8 @@ def test_layout_and_v01_single_process_checkpoint_resumes(tiny_store, tmp_path):
     train(_cfg(data, tmp_path / "old", "train.steps=3"), progress=False, log_to_stdout=False)
     ck = tmp_path / "old" / "checkpoints"
     assert (ck / "latest").read_text() == "step_0000003"
-    assert sorted(p.name for p in (ck / "step_0000003").iterdir()) == [SIDE_FILE.format(rank=0), "model.pt"]
+    assert sorted(p.name for p in (ck / "step_0000003").iterdir()) == [
+        "config.yaml", DONE_FILE.format(rank=0), SIDE_FILE.format(rank=0), "model.pt"]
     # rewrite it as megamix 0.1 wrote it: one file per step and `latest` naming that file
     side = torch.load(ck / "step_0000003" / SIDE_FILE.format(rank=0), weights_only=False)
     model = torch.load(ck / "step_0000003" / "model.pt", weights_only=False)
@@ -60,3 +61,185 @@ def test_mismatched_backend_and_world_size_are_clear_errors(tiny_store, tmp_path
         Checkpoints(tmp_path / "r").load(PlainBackend(rank=1, world_size=2), mixer=None)
     with pytest.raises(ConfigError, match="deepspeed.enabled=true for multi-rank"):
         PlainBackend(rank=0, world_size=2).check(_cfg(tiny_store.parent, tmp_path / "x", "train.steps=1"))
+
+
+# ------------------------------------------------------------------ crash consistency, fallback, retention
+def _losses(out_dir: Path) -> dict[int, float]:
+    """step -> train loss from metrics.jsonl (the last record of a step wins)."""
+    import json
+    recs = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def full6(tiny_store, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints every 2 steps): the reference for resumed runs."""
+    from megamix.train.loop import train
+
+    out = tmp_path_factory.mktemp("full6") / "run"
+    res = train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"),
+                progress=False, log_to_stdout=False)
+    return res, out
+
+
+def _resume6(tiny_store, out: Path):
+    from megamix.train.loop import train
+
+    return train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"),
+                 progress=False, log_to_stdout=False)
+
+
+def _copy_until(full: Path, dst: Path, step: int) -> Path:
+    """A run directory as the full run left it after step ``step``'s checkpoint."""
+    import shutil
+
+    shutil.copytree(full, dst)
+    for p in (dst / "checkpoints").iterdir():
+        if p.name.startswith("step_") and int(p.name[5:]) > step:
+            shutil.rmtree(p)
+    (dst / "checkpoints" / "latest").write_text(f"step_{step:07d}")
+    return dst
+
+
+@pytest.mark.parametrize("phase", ["model_saved", "side_saved"])
+def test_crash_inside_a_save_resumes_from_the_previous_checkpoint(tiny_store, tmp_path, full6, caplog, phase):
+    """A crash between the model files and megamix's side files (or before the marker) leaves checkpoint 4
+    incomplete: resume says so, restarts from 2, and ends bit-identical to the uninterrupted run."""
+    from megamix.train.loop import train
+
+    class Crash(Exception):
+        pass
+
+    def crash(p, step, rank):
+        if (p, step) == (phase, 4):
+            raise Crash
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(_cfg(tiny_store.parent, out, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"),
+              progress=False, log_to_stdout=False, checkpoint_hook=crash)
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000002"
+    with caplog.at_level("WARNING", logger="megamix"):
+        res = _resume6(tiny_store, out)
+    warn = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(warn) == 1 and "step_0000002" in warn[0] and "skipped step_0000004" in warn[0], warn
+    assert "megamix_rank00000" in warn[0] and "world size" not in warn[0]
+    ref, ref_dir = full6
+    assert res.start_step == 2 and res.weights == ref.weights and res.weight_history == ref.weight_history
+    assert _losses(out) == _losses(ref_dir)
+    for step in (4, 6):
+        a = torch.load(out / "checkpoints" / f"step_{step:07d}" / "model.pt", weights_only=False)["model"]
+        b = torch.load(ref_dir / "checkpoints" / f"step_{step:07d}" / "model.pt", weights_only=False)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_latest_naming_an_incomplete_checkpoint_is_not_blamed_on_world_size(tiny_store, tmp_path, full6, caplog):
+    """A checkpoint written before completion markers existed, named by `latest`, whose side file is
+    missing (a kill before megamix's files): resume falls back instead of blaming the unchanged world size."""
+    ref, ref_dir = full6
+    out = _copy_until(ref_dir, tmp_path / "run", 4)
+    d = out / "checkpoints" / "step_0000004"
+    for p in d.glob("megamix_rank*"):
+        p.unlink()
+    old = out / "checkpoints" / "step_0000002"      # rewritten in the layout before completion markers
+    for p in old.glob("*.done.json"):
+        p.unlink()
+    side = torch.load(old / "megamix_rank00000.pt", weights_only=False)
+    side.pop("format", None)
+    torch.save(side, old / "megamix_rank00000.pt")
+    with caplog.at_level("WARNING", logger="megamix"):
+        res = _resume6(tiny_store, out)
+    warn = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped step_0000004" in warn and "world size" not in warn
+    assert res.start_step == 2 and res.weights == ref.weights and _losses(out) == _losses(ref_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
+def test_torn_newest_checkpoint_falls_back_naming_the_file(tiny_store, tmp_path, full6, caplog, damage):
+    ref, ref_dir = full6
+    out = _copy_until(ref_dir, tmp_path / "run", 4)
+    bad = out / "checkpoints" / "step_0000004" / "model.pt"
+    data = bad.read_bytes()
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garble":   # same size: only reading it can tell
+        bad.write_bytes(b"\x00" * 64 + data[64:])
+    else:
+        bad.unlink()
+    with caplog.at_level("WARNING", logger="megamix"):
+        res = _resume6(tiny_store, out)
+    warn = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(warn) == 1 and str(bad) in warn[0], warn
+    assert res.start_step == 2 and res.weights == ref.weights and _losses(out) == _losses(ref_dir)
+
+
+def test_no_readable_checkpoint_starts_over_with_a_warning(tiny_store, tmp_path, full6, caplog):
+    ref, ref_dir = full6
+    out = _copy_until(ref_dir, tmp_path / "run", 2)
+    (out / "checkpoints" / "step_0000002" / "megamix_rank00000.pt").write_bytes(b"torn")
+    with caplog.at_level("WARNING", logger="megamix"):
+        res = _resume6(tiny_store, out)
+    assert any("no complete checkpoint to resume from" in r.getMessage() and "starting from step 0" in r.getMessage()
+               for r in caplog.records)
+    assert res.start_step == 0 and res.weights == ref.weights
+
+
+def test_keep_checkpoints_prunes_older_complete_ones_only(tiny_store, tmp_path):
+    import shutil
+
+    from megamix.train.checkpoint import Checkpoints
+    from megamix.train.loop import train
+
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    (ck / "step_0000001").mkdir(parents=True)                        # incomplete (a crash): not ours to delete
+    train(_cfg(tiny_store.parent, out, "train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2"),
+          progress=False, log_to_stdout=False)
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_0000001", "step_0000006", "step_0000008"]
+    # a newer checkpoint (another run's) is never touched, nor the one `latest` names even when older
+    shutil.copytree(ck / "step_0000008", ck / "step_0000099")
+    (ck / "latest").write_text("step_0000006")
+    Checkpoints(out)._prune(8, keep=1)
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_0000001", "step_0000006", "step_0000008",
+                                                    "step_0000099"]
+    with pytest.raises(ConfigError, match="keep_checkpoints must be >= 0"):
+        _cfg(tiny_store.parent, out, "train.keep_checkpoints=-1")
+
+
+# ------------------------------------------------------------------ resume against a changed config
+def test_resume_with_a_changed_config_is_a_clear_error(tiny_store, tmp_path, capsys, caplog):
+    from megamix.cli import main
+    from megamix.train.loop import train
+
+    out = tmp_path / "run"
+    data = tiny_store.parent
+    train(_cfg(data, out, "train.steps=2"), progress=False, log_to_stdout=False)
+    with pytest.raises(ConfigError, match=r"(?s)mixing.strategy: 'rnb' \(checkpoint\) -> 'dograph' \(now\)  "
+                                          r"\[cannot change on resume\].*start a new train.out_dir"):
+        train(_cfg(data, out, "train.steps=3", "mixing.strategy=dograph"), progress=False, log_to_stdout=False)
+    with pytest.raises(ConfigError, match=r"model.n_embd: 32 \(checkpoint\) -> 64 \(now\)"):
+        train(_cfg(data, out, "train.steps=3", "model.n_embd=64"), progress=False, log_to_stdout=False)
+    with pytest.raises(ConfigError, match=r"(?s)train.lr: 0.003 \(checkpoint\) -> 0.001 \(now\).*"
+                                          r"--set train.resume_allow_changes=\[train.lr\]"):
+        train(_cfg(data, out, "train.steps=3", "train.lr=0.001"), progress=False, log_to_stdout=False)
+    with caplog.at_level("WARNING", logger="megamix"):
+        res = train(_cfg(data, out, "train.steps=3", "train.lr=0.001", "train.resume_allow_changes=[train.lr]",
+                         "train.eval_every=1", "train.log_every=1", "train.checkpoint_every=1",
+                         "train.keep_checkpoints=1"), progress=False, log_to_stdout=False)
+    assert res.start_step == 2 and res.steps == 3
+    changed = [r.getMessage() for r in caplog.records if "resuming with a changed config" in r.getMessage()]
+    assert len(changed) == 1 and "train.lr: 0.003 (checkpoint) -> 0.001 (now)" in changed[0]
+    assert "train.steps: 2 (checkpoint) -> 3 (now)" in changed[0]
+    # the checkpoint carries its own config
+    assert "lr: 0.001" in (out / "checkpoints" / "step_0000003" / "config.yaml").read_text()
+    # the CLI: exit code 2, one line per differing field, then the fix
+    y = tmp_path / "c.yaml"
+    y.write_text(_cfg(data, out, "train.steps=4", "mixing.strategy=dograph", "model.n_layer=2").to_yaml())
+    assert main(["train", "--config", str(y), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_layer: 1 (checkpoint) -> 2 (now)" in err and "mixing.strategy: 'rnb'" in err
+    assert "Traceback" not in err
+    with pytest.raises(ConfigError, match="model.n_layer cannot change on resume"):
+        _cfg(data, out, "train.resume_allow_changes=[model.n_layer]")
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
+        _cfg(data, out, "train.resume_allow_changes=[train.lrr]")

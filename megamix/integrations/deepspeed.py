@@ -383,6 +383,44 @@ def cpu_adam(params: Any, **kw) -> torch.optim.Optimizer:
     return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
 
 
+def skippable(optimizer: torch.optim.Optimizer) -> Callable[[bool], Any]:
+    """Make the torch ``optimizer`` an engine wraps skippable; returns ``skip(flag)``, a context manager.
+
+    Inside ``with skip(True): engine.step()`` the optimizer's step sees no gradients (a step pre-hook drops
+    them), so it changes neither a parameter nor its state; the engine around it (ZeRO's partition copies,
+    zeroing gradients, its counters) runs as usual. Under every ZeRO stage the engine calls this optimizer's
+    ``step()`` on the (partitioned) fp32 parameters, so one hook covers them all."""
+    state = {"skip": False}
+
+    def drop_grads(opt, args, kwargs):
+        if state["skip"]:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    optimizer.register_step_pre_hook(drop_grads)
+
+    @contextlib.contextmanager
+    def skip(flag: bool):
+        state["skip"] = bool(flag)
+        try:
+            yield
+        finally:
+            state["skip"] = False
+
+    return skip
+
+
+def align_lr_schedule(engine, step: int) -> None:
+    """Put the engine's ``LambdaLR`` at step ``step`` if it lags: DeepSpeed does not advance the schedule on a
+    step its overflow check skipped, while megamix's schedule follows the step index."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is None or not hasattr(sched, "last_epoch") or sched.last_epoch == step:
+        return
+    sched.last_epoch = step - 1
+    sched.step()
+
+
 # ---------------------------------------------------------------------------------------- ZeRO-3 parameters
 def is_zero3_param(param: torch.Tensor) -> bool:
     """True for a parameter that DeepSpeed ZeRO-3 manages (partitioned between its modules' forwards)."""
@@ -397,6 +435,11 @@ def register_external(module: nn.Module, param: torch.nn.Parameter) -> None:
     import deepspeed
 
     deepspeed.zero.register_external_parameter(module, param)
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` this rank holds: its ZeRO-3 partition (``ds_tensor``), else the tensor itself."""
+    return param.ds_tensor.detach() if is_zero3_param(param) else param.detach()
 
 
 @contextlib.contextmanager
@@ -420,15 +463,24 @@ def save_engine(engine, ckpt_root: str | Path, tag: str) -> None:
 
 
 def load_engine(engine, ckpt_root: str | Path, tag: str) -> None:
-    path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    """Load the engine's files of checkpoint ``ckpt_root/tag`` (the tag is always explicit: DeepSpeed's own
+    ``latest`` is not used). The caller has checked that the checkpoint is complete (megamix.train.checkpoint)."""
+    where = Path(ckpt_root) / tag
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    except Exception as e:
+        path, why = None, f" ({type(e).__name__}: {str(e).strip()[:160]})"
+    else:
+        why = ""
     if path is None:
-        raise ConfigError(f"DeepSpeed could not load the checkpoint {Path(ckpt_root) / tag}; it is incomplete "
-                          "or was written with another ZeRO stage / world size. Start a new train.out_dir")
+        raise ConfigError(f"DeepSpeed could not load checkpoint {where}{why}; its files are all there, so they are "
+                          f"damaged or were written by an incompatible engine: move {where} aside to resume from the "
+                          "previous checkpoint, or start a new train.out_dir")
 
 
 __all__ = ["gradient_accumulation_steps", "load_user_ds_config", "user_ds_config", "merge_ds_config",
            "ds_config_and_notes", "build_ds_config", "offloads_optimizer", "validate_launch", "patch_cpu_op_builds",
-           "init_distributed", "create_engine", "fused_adam", "cpu_adam", "is_zero3_param", "register_external",
-           "gathered_parameter", "save_engine", "load_engine"]
+           "init_distributed", "create_engine", "fused_adam", "cpu_adam", "skippable", "align_lr_schedule",
+           "is_zero3_param", "register_external", "local_shard", "gathered_parameter", "save_engine", "load_engine"]
 
 

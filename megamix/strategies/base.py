@@ -50,7 +50,19 @@ from megamix.snapshot import StatsSnapshot
 log = logging.getLogger("megamix.strategies")
 
 __all__ = ["MixingStrategy", "keep_inactive", "merge_snapshots", "snapshot_to_dict",
-           "snapshot_from_dict"]
+           "snapshot_from_dict", "no_signal"]
+
+
+def no_signal(x, what: str) -> str | None:
+    """Why the gradient statistics ``x`` cannot drive an update, or None when they can: they hold a NaN/Inf,
+    or they are all zero (no gradient signal, e.g. a head without gradients). The one check the strategies
+    share; the caller keeps the previous weights with this reason (``info["fallback"]``)."""
+    x = np.asarray(x, np.float64)
+    if not np.all(np.isfinite(x)):
+        return f"{what} is not finite (NaN/inf gradient statistics)"
+    if x.size == 0 or not np.any(x):
+        return f"{what} is zero (no gradient signal)"
+    return None
 
 
 def keep_inactive(proposed: np.ndarray, previous: np.ndarray, active: np.ndarray) -> np.ndarray:

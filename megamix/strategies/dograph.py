@@ -45,6 +45,10 @@ sample of the round's samples that is identical on every rank, see :mod:`megamix
    cluster shares equal ``q``, its update is exactly ``Σ_c π_c ḡ_c``. Until the first refresh every weight
    is 1. The domain sampling weights never change.
 
+   Both: a round whose per-sample gradients are all zero (no gradient signal,
+   :func:`~megamix.strategies.base.no_signal`) keeps the previous weights, as R&B does, instead of
+   clustering zeros (which would move the weights toward the round's sample counts).
+
    ``dograph-sample``: clusters map back to the loader's domains by
    ``w_d = Σ_c π_c · n_{c,d} / n_c`` (:func:`clusters_to_domains`), then the guards of
    :mod:`megamix.strategies.base` apply (min count, EMA, floor, drift bound). This equals the per-domain
@@ -61,7 +65,7 @@ import torch
 from megamix import simplex
 from megamix.simplex import project, softmax
 from megamix.snapshot import StatsSnapshot
-from megamix.strategies.base import MixingStrategy
+from megamix.strategies.base import MixingStrategy, no_signal
 from megamix.strategies.kmeans import kmeans
 
 log = logging.getLogger("megamix.strategies")
@@ -271,6 +275,10 @@ class _DoGraphBase(MixingStrategy):
         loss = None if loss is None else loss[finite]
         if x.shape[0] == 0:
             info["fallback"] = "no (finite) per-sample gradients this round"
+            return None
+        problem = no_signal(x, "every per-sample gradient")
+        if problem:  # clustering zeros would move the weights toward this round's sample counts
+            info["fallback"] = problem
             return None
         km = kmeans(self._features(x), self.num_clusters(), seed=self.cfg.seed + self.rounds, n_init=3,
                     max_iter=100)

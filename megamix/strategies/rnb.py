@@ -31,7 +31,7 @@ import numpy as np
 
 from megamix.simplex import softmax
 from megamix.snapshot import StatsSnapshot
-from megamix.strategies.base import MixingStrategy
+from megamix.strategies.base import MixingStrategy, no_signal
 
 __all__ = ["RnBStrategy", "RnBDampedStrategy", "rnb_balance"]
 
@@ -54,11 +54,10 @@ def rnb_balance(means: np.ndarray, p: np.ndarray, lam: float, normalize: bool = 
     p = np.asarray(p, np.float64)
     t = p @ means if target is None else np.asarray(target, np.float64)
     gp = means @ t
+    problem = no_signal(gp, "Gp")
+    if problem:
+        raise FloatingPointError(problem)
     norm = float(np.linalg.norm(gp))
-    if not np.all(np.isfinite(gp)):
-        raise FloatingPointError("Gp is not finite (NaN/inf gradient statistics)")
-    if norm == 0.0:
-        raise FloatingPointError("Gp is zero (no gradient signal)")
     z = lam * gp / norm if normalize else lam * gp
     return softmax(z), gp
 

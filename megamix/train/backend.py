@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,8 +89,15 @@ class Backend:
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:
         raise NotImplementedError
 
-    def optimizer_step(self) -> float:
-        """Apply the accumulated gradients; return the gradient norm (NaN if unknown)."""
+    def grads_finite(self) -> bool:
+        """Whether the accumulated gradients are finite, checked before :meth:`optimizer_step` (the loop's
+        non-finite guard). Default True: engines that check their own gradients (DeepSpeed's overflow check)
+        keep it."""
+        return True
+
+    def optimizer_step(self, skip: bool = False) -> float:
+        """Apply the accumulated gradients, or with ``skip`` drop them (no parameter or optimizer-state change);
+        return the gradient norm (NaN if unknown)."""
         raise NotImplementedError
 
     def gathered(self, param: torch.Tensor):
@@ -100,6 +108,23 @@ class Backend:
     def barrier(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any data-parallel rank (collective)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return bool(t.item())
+        return bool(flag)
+
+    def local_parameters(self):
+        """The parameter tensors this rank holds (its shards, on engines that partition them)."""
+        return [p.detach() for p in self.model.parameters()]
+
+    def params_finite(self) -> bool:
+        """Whether every parameter is finite on every rank (collective; checked before each checkpoint)."""
+        ok = all(bool(torch.isfinite(p).all()) for p in self.local_parameters() if p.numel())
+        return not self.any(not ok)
 
     def mean(self, x: float) -> float:
         """Mean of a Python float over the data-parallel ranks."""
@@ -114,7 +139,13 @@ class Backend:
         """Write the model/optimizer state of checkpoint ``tag`` under ``ckpt_root / tag`` (collective)."""
         raise NotImplementedError
 
-    def load(self, ckpt_root: Path, tag: str) -> None:
+    def read(self, ckpt_root: Path, tag: str) -> Any:
+        """Read checkpoint ``tag``'s model state into memory without applying it (so an unreadable file is
+        found before anything is restored); None when the backend reads during :meth:`load`."""
+        return None
+
+    def load(self, ckpt_root: Path, tag: str, state: Any = None) -> None:
+        """Restore checkpoint ``tag`` (``state``: what :meth:`read` returned)."""
         raise NotImplementedError
 
     def load_legacy(self, state: dict) -> None:
@@ -156,6 +187,7 @@ class PlainBackend(Backend):
         self.lr_at = lr_at
         self.grad_clip = cfg.train.grad_clip
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+        self._norm: torch.Tensor | None = None
 
     def autocast(self):
         kind = self.device.type
@@ -171,13 +203,22 @@ class PlainBackend(Backend):
     def backward(self, loss, n_micro):
         (loss / n_micro).backward()
 
-    def optimizer_step(self) -> float:
-        gnorm = float("nan")
-        if self.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
-        self.optimizer.step()
+    def grads_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self._norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        return self._norm is None or bool(torch.isfinite(self._norm))
+
+    def optimizer_step(self, skip: bool = False) -> float:
+        norm, self._norm = self._norm, None   # from grads_finite() of this step, if it ran
+        if not skip:
+            if self.grad_clip > 0:
+                if norm is None:
+                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                else:  # the same clipping as clip_grad_norm_, with the norm already computed
+                    torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, norm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return gnorm
+        return float(norm) if norm is not None else math.nan
 
     def save(self, ckpt_root, tag):
         path = Path(ckpt_root) / tag / MODEL_FILE
@@ -186,9 +227,16 @@ class PlainBackend(Backend):
                     "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}, tmp)
         tmp.replace(path)
 
-    def load(self, ckpt_root, tag):
-        state = torch.load(Path(ckpt_root) / tag / MODEL_FILE, map_location="cpu", weights_only=False)
-        self._load_state(state)
+    def read(self, ckpt_root, tag):
+        path = Path(ckpt_root) / tag / MODEL_FILE
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # missing, truncated, garbled: name the file
+            lines = str(e).strip().splitlines()
+            raise OSError(f"{path} cannot be read ({type(e).__name__}: {lines[0][:160] if lines else ''})") from None
+
+    def load(self, ckpt_root, tag, state=None):
+        self._load_state(self.read(ckpt_root, tag) if state is None else state)
 
     def load_legacy(self, state: dict) -> None:
         self._load_state(state)
@@ -302,9 +350,9 @@ class DDPBackend(PlainBackend):
         if self._micro == n_micro - 1:
             self._sync_off.close()   # the last micro-step's forward and backward synchronise
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, skip: bool = False) -> float:
         self._sync_off.close()
-        return super().optimizer_step()
+        return super().optimizer_step(skip)
 
     def save(self, ckpt_root, tag):
         if self.rank == 0:
@@ -331,6 +379,11 @@ class DeepSpeedBackend(Backend):
     has an ``optimizer`` / ``scheduler`` section, which DeepSpeed then builds.
     Checkpoints: the engine's files in the checkpoint directory (``save_latest=False``; the loop
     writes ``latest``).
+
+    The engine's step at the accumulation boundary runs in :meth:`optimizer_step`, after the loop's
+    non-finite check: a skipped step still runs ``engine.step()`` (so the engine's counters and LR schedule
+    stay aligned with the step index) but the wrapped torch optimizer, under every ZeRO stage, sees no
+    gradients (:func:`megamix.integrations.deepspeed.skippable`), so parameters and optimizer state stay.
     """
 
     name = "deepspeed"
@@ -358,9 +411,13 @@ class DeepSpeedBackend(Backend):
         lr_lambda = None if self.user_schedule else (lambda s: lr_at(s) / base)
         self.engine = ds_glue.create_engine(model, optimizer, lr_lambda, ds_config, model_parameters=params,
                                             skip_op_builds=cfg.deepspeed.skip_op_builds)
+        # the torch optimizer under the engine (ours, or the one DeepSpeed built from the ds_config)
+        self._skip = ds_glue.skippable(optimizer if optimizer is not None else self.engine.basic_optimizer)
         self._bind(self.engine)
         if self.rank == 0 and cfg.deepspeed.config:  # the merged config this run used, next to its config.yaml
             atomic_write_json(Path(cfg.train.out_dir) / "ds_config.json", ds_config)
+
+    _skip = None
 
     def _bind(self, engine) -> None:
         self.engine = self.module = engine
@@ -376,6 +433,8 @@ class DeepSpeedBackend(Backend):
         return b
 
     def before_step(self, step: int) -> None:
+        if not self.user_schedule:  # megamix's LambdaLR follows the step index, also over skipped steps
+            ds_glue.align_lr_schedule(self.engine, step)
         self._lr = float(self.engine.get_lr()[0]) if self.user_schedule else None
 
     def current_lr(self, step: int) -> float:
@@ -383,13 +442,22 @@ class DeepSpeedBackend(Backend):
 
     def backward(self, loss, n_micro):
         # engine.backward scales by 1/gradient_accumulation_steps; engine.step applies the update at the
-        # accumulation boundary only.
+        # accumulation boundary only, which optimizer_step() runs.
         self.engine.backward(loss)
-        self.engine.step()
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, skip: bool = False) -> float:
+        if skip and self._skip is None:
+            raise RuntimeError("this DeepSpeedBackend cannot skip a step: build it with setup() (from_engine "
+                               "wraps an optimizer megamix did not make skippable)")
+        with self._skip(skip) if self._skip is not None else contextlib.nullcontext():
+            self.engine.step()
         gn = self.engine.get_global_grad_norm()
         return float(gn) if gn is not None else float("nan")
+
+    def local_parameters(self):
+        return [ds_glue.local_shard(p) for p in self.model.parameters()]
 
     def gathered(self, param):
         return ds_glue.gathered_parameter(param)
@@ -400,7 +468,7 @@ class DeepSpeedBackend(Backend):
     def save(self, ckpt_root, tag):
         ds_glue.save_engine(self.engine, ckpt_root, tag)
 
-    def load(self, ckpt_root, tag):
+    def load(self, ckpt_root, tag, state=None):
         ds_glue.load_engine(self.engine, ckpt_root, tag)
 
 

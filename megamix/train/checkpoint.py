@@ -1,33 +1,83 @@
-"""The one checkpoint layout of the training loop, for every backend::
+"""The one checkpoint layout of the training loop, for every backend, and how a run resumes from it::
 
     <train.out_dir>/checkpoints/
-        latest                   tag of the newest complete checkpoint (rank 0 writes it last, atomically)
+        latest                        tag of the newest complete checkpoint (rank 0 writes it last, atomically)
         step_0000006/
-            megamix_rank00000.pt per rank: step, mixer state (loader, strategy, round accumulators),
-                                 torch RNG, world size, backend name, config
-            model.pt             plain backend: model + optimizer state
-            <engine files>       DeepSpeed: what engine.save_checkpoint(..., tag, save_latest=False) writes
+            <model files>             plain backend: model.pt (model + optimizer state); DeepSpeed: what
+                                      engine.save_checkpoint(..., tag, save_latest=False) writes
+            megamix_rank00000.pt      per rank: step, mixer state (loader, strategy, round accumulators),
+                                      torch RNG, world size, backend name, the run config
+            config.yaml               the run config of this checkpoint (rank 0), for people and diffs
+            megamix_rank00000.done.json  per rank, written last: the files this rank relies on, with sizes
 
-``latest`` moves only after every rank's files of the new checkpoint are written (a barrier separates
-them), so a checkpoint that ``latest`` names is complete. megamix 0.1 layouts are read too: the
-single-process ``checkpoints/step_XXXXXXX.pt`` files and DeepSpeed's ``ds_checkpoints/``.
+**Crash consistency.** A save (collective) goes: every rank removes its old completion marker of this tag,
+barrier; the backend writes the model/engine files, barrier; each rank writes its side file, then its
+completion marker (``.done.json``: world size, step, and every file of the checkpoint it relies on with its
+size), barrier; then rank 0 atomically rewrites ``latest``. A checkpoint is *complete* when every rank's
+marker is there and every file a marker lists has the recorded size, so a process killed at any point (even
+between DeepSpeed's files and megamix's) leaves either a complete checkpoint or one that is recognisably
+incomplete. DeepSpeed's own ``latest`` is never written nor read for this layout: megamix passes the tag.
+
+**Resume** (:meth:`Checkpoints.load`) takes the checkpoint ``latest`` names if it is complete and readable,
+else the newest complete and readable one, and says so in one warning line naming what was incomplete or
+which file could not be read. A truncated or corrupt file of the plain backend is found before anything is
+restored (it is read into memory first). Every rank takes the same decision (one all-reduce per candidate
+looked at). The checkpoint's config is compared with the run's: a field that differs must be one that may
+change (:data:`megamix.config.RESUME_FREE`, or listed in ``train.resume_allow_changes``), else a
+:class:`ConfigError` lists the differences, one line per field.
+
+**Retention** (``train.keep_checkpoints``): once a new checkpoint is complete and ``latest`` names it, rank
+0 deletes complete checkpoints *older* than it beyond the newest N. Incomplete ones, newer ones and the one
+``latest`` names are never deleted.
+
+megamix 0.1 layouts are read too: the single-process ``checkpoints/step_XXXXXXX.pt`` files and DeepSpeed's
+``ds_checkpoints/``; checkpoint directories written before completion markers existed count as complete
+when every rank's side file is there. Checkpoints must be on storage every rank sees (as DeepSpeed's default
+checkpointing assumes).
+
+Test hook: ``Checkpoints(out_dir, on_phase=f)`` calls ``f(phase, step, rank)`` at each point of
+:data:`PHASES` during a save (the CLI wires it to ``MEGAMIX_TEST_KILL_AT`` for the kill tests).
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from megamix.config import flat_config, resume_change_kind
 from megamix.configbase import ConfigError
+from megamix.data.corpus import atomic_write_json
+from megamix.train.guard import NonFiniteError
+
+log = logging.getLogger("megamix")
 
 SIDE_FILE = "megamix_rank{rank:05d}.pt"
+DONE_FILE = "megamix_rank{rank:05d}.done.json"
+CONFIG_COPY = "config.yaml"
+#: layout version in side files and markers; from 2 on, a checkpoint is complete only with every marker
+FORMAT = 2
 LATEST = "latest"
+#: points of a save where ``on_phase`` is called, in order
+PHASES = ("model_saved", "side_saved", "marker_saved", "latest_saved")
+_OWN = re.compile(r"megamix_rank(\d+)\.(pt|done\.json)$")
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def _step_of(name: str) -> int | None:
+    """The step a checkpoint entry's name encodes (``step_0000006``, ``step_0000006.pt``, ``global_step6``)."""
+    if name.startswith(".") or ".tmp" in name or name == LATEST:
+        return None
+    m = re.fullmatch(r"[A-Za-z_]*?(\d+)(\.pt)?", name)
+    return int(m.group(1)) if m else None
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -36,79 +86,323 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class Checkpoints:
-    """Save and restore training state under ``<out_dir>/checkpoints`` (see the module docstring)."""
+class _Unreadable(Exception):
+    """A file of a checkpoint is missing or cannot be read (the message names it)."""
 
-    def __init__(self, out_dir: str | Path):
+
+def _read_torch(path: Path) -> Any:
+    if not path.is_file():
+        raise _Unreadable(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, I/O error: all mean "not this checkpoint"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise _Unreadable(f"{path} cannot be read ({type(e).__name__}: {first[:160]})") from None
+
+
+def _fmt(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def check_resume_config(saved: dict | None, cfg: Any, where: Path, allow: list[str] | None = None,
+                        main: bool = True) -> list[str]:
+    """Compare the checkpoint's config (``saved``, a ``to_dict()``) with the run's ``cfg``.
+
+    Returns the allowed changes (one ``field: old -> new`` string each; rank 0 logs them in one line). Raises
+    :class:`ConfigError` listing every difference, one line per field, when any field differs that may not
+    change: fields in :data:`megamix.config.RESUME_NEVER` never may, other fields only when listed in
+    ``train.resume_allow_changes`` (``allow``; default: the run's), :data:`~megamix.config.RESUME_FREE` always
+    may. Fields one of the two configs lacks (a newer or older megamix) are not compared."""
+    if not saved:
+        return []
+    allow = set(cfg.train.resume_allow_changes if allow is None else allow)
+    old, new = flat_config(saved), flat_config(cfg.to_dict())
+    allowed, blocked, never = [], [], False
+    for key in sorted(set(old) & set(new)):
+        if old[key] == new[key]:
+            continue
+        line = f"{key}: {_fmt(old[key])} (checkpoint) -> {_fmt(new[key])} (now)"
+        kind = resume_change_kind(key)
+        if kind == "free" or (kind == "override" and key in allow):
+            allowed.append(line)
+        elif kind == "never":
+            never = True
+            blocked.append(f"  {line}  [cannot change on resume]")
+        else:
+            blocked.append(f"  {line}  [add it to train.resume_allow_changes to allow]")
+    if blocked:
+        may = [b.split(":")[0].strip() for b in blocked if "resume_allow_changes" in b]
+        fix = "start a new train.out_dir"
+        if may and not never:
+            fix += (" or, to continue this run with the new values, pass --set "
+                    f"train.resume_allow_changes=[{','.join(sorted(allow | set(may)))}]")
+        elif may:
+            fix += " (the fields marked 'cannot change' shape the saved state)"
+        raise ConfigError(f"the config differs from the one checkpoint {where} was written with:\n"
+                          + "\n".join(blocked) + f"\n{fix}")
+    if main and allowed:
+        log.warning("megamix: resuming with a changed config: %s", "; ".join(allowed))
+    return allowed
+
+
+class Checkpoints:
+    """Save and restore training state under ``<out_dir>/checkpoints`` (see the module docstring).
+
+    Args:
+        out_dir: the run directory (``train.out_dir``).
+        on_phase: optional ``f(phase, step, rank)`` called at each point of :data:`PHASES` of a save.
+    """
+
+    def __init__(self, out_dir: str | Path, on_phase: Callable[[str, int, int], None] | None = None):
         self.out_dir = Path(out_dir)
         self.root = self.out_dir / "checkpoints"
+        self.on_phase = on_phase
+        self.loaded: Path | None = None   # the checkpoint the last load() restored
+        self.saved: Path | None = None    # the checkpoint the last save() completed
 
+    # ------------------------------------------------------------------------------------- reading
     def _read_root(self) -> Path:
         """Where to resume from: ``checkpoints/``, or megamix 0.1's DeepSpeed ``ds_checkpoints/``."""
         legacy = self.out_dir / "ds_checkpoints"
-        if not (self.root / LATEST).is_file() and (legacy / LATEST).is_file():
+        if not self.candidates(self.root) and (legacy / LATEST).is_file():
             return legacy
         return self.root
 
     def latest_tag(self) -> str | None:
-        """The tag ``latest`` names, if it names an existing checkpoint."""
+        """The tag ``latest`` names, if it names an existing checkpoint (complete or not)."""
         root = self._read_root()
         p = root / LATEST
         if not p.is_file():
             return None
         tag = p.read_text().strip()
-        return tag if (root / tag).exists() else None
+        return tag if tag and (root / tag).exists() else None
+
+    def last_checkpoint(self) -> str | None:
+        """The checkpoint a resume would start from now (the last one saved or loaded), for messages."""
+        p = self.saved or self.loaded
+        return str(p) if p is not None else None
+
+    @staticmethod
+    def candidates(root: Path) -> list[str]:
+        """Checkpoint entries (directories and v0.1 ``.pt`` files) under ``root``, newest step first."""
+        if not root.is_dir():
+            return []
+        found = [(s, p.name) for p in root.iterdir() if (s := _step_of(p.name)) is not None
+                 and (p.is_dir() or p.suffix == ".pt")]
+        return [name for _, name in sorted(found, reverse=True)]
+
+    @staticmethod
+    def problem(root: Path, tag: str) -> str | None:
+        """Why checkpoint ``root/tag`` is incomplete, or None when it is complete (this process's view)."""
+        d = root / tag
+        if d.is_file():
+            return None  # a v0.1 single file: whether it reads is checked when it is read
+        markers = {}
+        for m in d.glob("megamix_rank*.done.json"):
+            try:
+                doc = json.loads(m.read_text())
+                markers[int(doc["rank"])] = doc
+            except Exception as e:
+                return f"{m} cannot be read ({type(e).__name__})"
+        if markers:
+            world = int(markers[min(markers)]["world_size"])
+            missing = [r for r in range(world) if r not in markers]
+            if missing:
+                return (f"rank {missing[0]} of {world} did not finish writing it "
+                        f"({DONE_FILE.format(rank=missing[0])} is missing)")
+            for doc in markers.values():
+                for name, size in doc["files"].items():
+                    f = d / name
+                    if not f.is_file():
+                        return f"{f} is missing"
+                    have = f.stat().st_size
+                    if have != size:
+                        return f"{f} has {have} bytes, {size} were written (truncated)"
+            return None
+        ranks = sorted(int(m.group(1)) for p in d.glob("megamix_rank*.pt") if (m := _OWN.search(p.name)))
+        if not ranks:
+            return f"it holds no megamix state ({SIDE_FILE.format(rank=0)} is missing)"
+        try:
+            fmt = _read_torch(d / SIDE_FILE.format(rank=ranks[0])).get("format", 1)
+        except _Unreadable as e:
+            return str(e)
+        if fmt >= FORMAT:  # a save of this layout crashed between the side file and the marker
+            return f"rank {ranks[0]} did not finish writing it ({DONE_FILE.format(rank=ranks[0])} is missing)"
+        # written before completion markers existed: complete when rank 0..n-1's side files are all there
+        gap = [r for r in range(ranks[-1] + 1) if r not in ranks]
+        if gap:
+            return f"{d / SIDE_FILE.format(rank=gap[0])} is missing"
+        return None
+
+    @staticmethod
+    def world_size_of(root: Path, tag: str) -> int | None:
+        """The world size checkpoint ``root/tag`` was written with (None for a v0.1 single file)."""
+        d = root / tag
+        if d.is_file():
+            return None
+        for m in sorted(d.glob("megamix_rank*.done.json")):
+            return int(json.loads(m.read_text())["world_size"])
+        side = _read_torch(d / SIDE_FILE.format(rank=0))
+        ws = side.get("world_size")
+        return int(ws) if ws is not None else len(list(d.glob("megamix_rank*.pt")))
+
+    def _read(self, root: Path, tag: str, backend: Any) -> tuple[dict, Any]:
+        """(side state, model state) of this rank, read into memory; raises _Unreadable."""
+        path = root / tag
+        if path.is_file():  # megamix 0.1 single-process file
+            state = _read_torch(path)
+            return state, state
+        side = _read_torch(path / SIDE_FILE.format(rank=backend.rank))
+        try:
+            state = backend.read(root, tag)
+        except Exception as e:  # a backend names the file in its message; else name the checkpoint
+            msg = str(e).strip()
+            raise _Unreadable(msg if str(path) in msg else f"{path} cannot be read by the {backend.name} backend "
+                              f"({type(e).__name__}: {msg[:160]})") from None
+        return side, state
+
+    def load(self, backend: Any, mixer: Any, cfg: Any = None) -> int:
+        """Restore the newest complete, readable checkpoint (``latest``'s when it is one) into ``backend`` and
+        ``mixer``; returns its step (0 when there is none). Collective: every rank calls it. With ``cfg``,
+        the checkpoint's config is compared with it first (see :func:`check_resume_config`)."""
+        root = self._read_root()
+        tags = self.candidates(root)
+        if not tags:
+            return 0
+        named = self.latest_tag()
+        order = ([named] if named in tags else []) + [t for t in tags if t != named]
+        skipped: list[str] = []
+        chosen = side = state = None
+        for tag in order:
+            why = self.problem(root, tag)
+            if why is None:
+                try:
+                    ws = self.world_size_of(root, tag)
+                    if ws is not None and ws != backend.world_size:
+                        raise ConfigError(f"checkpoint {root / tag} was written with world size {ws}, this run has "
+                                          f"{backend.world_size}; resume with the same world size or start a new "
+                                          "train.out_dir")
+                    side, state = self._read(root, tag, backend)
+                except _Unreadable as e:
+                    why = str(e)
+                    if backend.rank != 0:  # rank 0's warning below can only say that another rank failed
+                        log.warning("megamix: rank %d: %s", backend.rank, why)
+            if backend.any(why is not None):  # every rank decides alike
+                skipped.append(f"{tag} ({why or 'another rank could not read its files'})")
+                side = state = None
+                continue
+            chosen = tag
+            break
+        main = backend.rank == 0
+        if chosen is None:
+            if main:
+                log.warning("megamix: no complete checkpoint to resume from in %s (%s); starting from step 0",
+                            root, "; ".join(skipped))
+            return 0
+        if main:  # newer entries than the one resumed from were passed over: say why
+            seen = {s.split(" ")[0] for s in skipped}
+            for tag in tags:
+                if _step_of(tag) > _step_of(chosen) and tag not in seen:
+                    why = self.problem(root, tag)
+                    skipped.append(f"{tag} ({why or f'complete, but {LATEST} names {chosen}'})")
+        if skipped and main:
+            log.warning("megamix: resuming from %s: %s", root / chosen, "; ".join(f"skipped {s}" for s in skipped))
+        if (root / chosen).is_file():
+            backend.load_legacy(state)
+        else:
+            written_by = side.get("backend", "deepspeed")
+            if written_by != backend.name:
+                flag = str(written_by == "deepspeed").lower()
+                raise ConfigError(f"checkpoint {root / chosen} was written by the {written_by!r} backend, this run "
+                                  f"uses {backend.name!r}; set deepspeed.enabled={flag} to resume it, or start a new "
+                                  "train.out_dir")
+            if cfg is not None:
+                check_resume_config(side.get("config"), cfg, root / chosen, main=main)
+            backend.load(root, chosen, state)
+        mixer.load_state_dict(side["mixer"])
+        torch.set_rng_state(side["torch_rng"])
+        self.loaded = root / chosen
+        return int(side["step"])
+
+    # ------------------------------------------------------------------------------------- writing
+    def _phase(self, phase: str, step: int, rank: int) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase, step, rank)
+
+    @staticmethod
+    def _files_of(d: Path, rank: int) -> dict[str, int]:
+        """The files of checkpoint directory ``d`` that rank ``rank``'s completion marker vouches for: the
+        model/engine files (complete: every rank has passed the barrier after writing them), its own side
+        file and, on rank 0, the config copy."""
+        out = {}
+        for p in sorted(d.rglob("*")):
+            if not p.is_file() or ".tmp" in p.name:
+                continue
+            rel = p.relative_to(d).as_posix()
+            m = _OWN.fullmatch(rel)
+            if m and (m.group(2) == "done.json" or int(m.group(1)) != rank):
+                continue
+            if rel == CONFIG_COPY and rank != 0:
+                continue
+            out[rel] = p.stat().st_size
+        return out
 
     def save(self, step: int, backend: Any, mixer: Any, cfg: Any) -> Path:
-        """Write checkpoint ``step`` (collective: every rank calls it); returns its directory."""
+        """Write checkpoint ``step`` (collective: every rank calls it); returns its directory.
+
+        Raises :class:`megamix.train.guard.NonFiniteError` (and writes nothing) when any rank holds a
+        non-finite parameter."""
         tag = tag_for(step)
         d = self.root / tag
+        if not backend.params_finite():
+            raise NonFiniteError(f"step {step}: the model parameters are not finite; checkpoint {d} was not "
+                                 f"written (the last one is {self.last_checkpoint() or 'none'}). Lower train.lr")
+        rank = backend.rank
         d.mkdir(parents=True, exist_ok=True)
+        done = d / DONE_FILE.format(rank=rank)
+        done.unlink(missing_ok=True)  # this tag becomes complete again only through this save's markers
+        backend.barrier()
         backend.save(self.root, tag)
-        side = {"step": int(step), "mixer": mixer.state_dict(), "torch_rng": torch.get_rng_state(),
+        backend.barrier()
+        self._phase("model_saved", step, rank)
+        side = {"format": FORMAT, "step": int(step), "mixer": mixer.state_dict(), "torch_rng": torch.get_rng_state(),
                 "world_size": backend.world_size, "backend": backend.name, "config": cfg.to_dict()}
-        path = d / SIDE_FILE.format(rank=backend.rank)
+        path = d / SIDE_FILE.format(rank=rank)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(side, tmp)
         os.replace(tmp, path)
+        if rank == 0:
+            _atomic_text(d / CONFIG_COPY, cfg.to_yaml())
+        self._phase("side_saved", step, rank)
+        atomic_write_json(done, {"format": FORMAT, "step": int(step), "rank": rank, "world_size": backend.world_size,
+                                 "backend": backend.name, "files": self._files_of(d, rank)})
+        self._phase("marker_saved", step, rank)
         backend.barrier()
-        if backend.rank == 0:
+        if rank == 0:
             _atomic_text(self.root / LATEST, tag)
+            self._phase("latest_saved", step, rank)
+            self._prune(step, int(getattr(cfg.train, "keep_checkpoints", 0)))
         backend.barrier()
+        self.saved = d
         return d
 
-    def load(self, backend: Any, mixer: Any) -> int:
-        """Restore the latest checkpoint into ``backend`` and ``mixer``; returns its step (0 if none)."""
-        tag = self.latest_tag()
-        if tag is None:
-            return 0
-        root = self._read_root()
-        if (root / tag).is_file():  # megamix 0.1 single-process file
-            state = torch.load(root / tag, map_location="cpu", weights_only=False)
-            backend.load_legacy(state)
-            mixer.load_state_dict(state["mixer"])
-            torch.set_rng_state(state["torch_rng"])
-            return int(state["step"])
-        side_path = root / tag / SIDE_FILE.format(rank=backend.rank)
-        if not side_path.is_file():
-            n = len(list((root / tag).glob("megamix_rank*.pt")))
-            raise ConfigError(f"{side_path} is missing: checkpoint {root / tag} was written by {n} rank(s) and this "
-                              f"run has {backend.world_size}; resume with the same world size (each rank's round "
-                              "accumulators are in its own file) or start a new train.out_dir")
-        side = torch.load(side_path, map_location="cpu", weights_only=False)
-        ws = side.get("world_size")
-        if ws is not None and ws != backend.world_size:
-            raise ConfigError(f"checkpoint {root / tag} was written with world size {ws}, this run has "
-                              f"{backend.world_size}; resume with the same world size or start a new train.out_dir")
-        written_by = side.get("backend", "deepspeed")
-        if written_by != backend.name:
-            raise ConfigError(f"checkpoint {root / tag} was written by the {written_by!r} backend, this run uses "
-                              f"{backend.name!r}; set deepspeed.enabled={str(written_by == 'deepspeed').lower()} "
-                              "to resume it, or start a new train.out_dir")
-        backend.load(root, tag)
-        mixer.load_state_dict(side["mixer"])
-        torch.set_rng_state(side["torch_rng"])
-        return int(side["step"])
+    def _prune(self, step: int, keep: int) -> None:
+        """Delete complete checkpoints older than ``step`` beyond the newest ``keep`` (rank 0, after ``latest``
+        names ``step``'s); see the module docstring."""
+        for stale in self.root.glob(".deleting_*"):  # a prune killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
+        if keep <= 0:
+            return
+        named = self.latest_tag()
+        older = [t for t in self.candidates(self.root)
+                 if (self.root / t).is_dir() and _step_of(t) < step and self.problem(self.root, t) is None]
+        for tag in older[max(keep - 1, 0):]:
+            if tag == named:
+                continue
+            gone = self.root / f".deleting_{tag}"
+            os.replace(self.root / tag, gone)  # disappears at once; the slow delete cannot leave a torn one
+            shutil.rmtree(gone, ignore_errors=True)
 
 
-__all__ = ["Checkpoints", "SIDE_FILE", "tag_for"]
+__all__ = ["Checkpoints", "SIDE_FILE", "DONE_FILE", "PHASES", "tag_for", "check_resume_config"]

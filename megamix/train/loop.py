@@ -39,6 +39,7 @@ from megamix.integrations.hf import apply_megamix, body_hidden_states, check_sup
 from megamix.integrations.hook import attach
 from megamix.train.backend import Backend, make_backend
 from megamix.train.checkpoint import Checkpoints
+from megamix.train.guard import NonFiniteGuard
 from megamix.train.metrics import MetricsLogger, mixture_fields, read_metrics
 from megamix.train.model import build_model, count_parameters, model_inputs
 from megamix.train.optim import build_optimizer
@@ -187,9 +188,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records logged after the checkpoint's step (they will be produced again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # blank, or torn by a kill mid-write
+            pass
+    tmp = path.with_name(path.name + ".tmp")  # atomic: a kill now must not lose the earlier records
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def _peak_rss_mb() -> float:
@@ -216,7 +224,8 @@ def print_summary(res: TrainResult, domains: list[str]) -> None:
 # ------------------------------------------------------------------------------------------- the loop
 def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Backend | None = None,
           progress: bool = True, log_to_stdout: bool = True, stop_at_step: int | None = None,
-          store: Any = None, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+          store: Any = None, stop_requested: Callable[[], bool] | None = None,
+          checkpoint_hook: Any = None) -> TrainResult:
     """Pretrain as configured; every rank calls it. Returns the :class:`TrainResult` (on every rank).
 
     Args:
@@ -232,6 +241,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         store: an open TokenStore (default: ``<data.data_dir>/tokens``).
         stop_requested: asked at every step boundary (e.g. set by a signal handler); when it returns True on
             any rank, the step's checkpoint is saved and :class:`megamix.train.stop.StopRequested` is raised.
+        checkpoint_hook: ``f(phase, step, rank)`` called inside each checkpoint save (tests: kill points).
     """
     from megamix.data.backings import open_store
     from megamix.data.corpus import atomic_write_json
@@ -265,19 +275,20 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     if cfg.data.eval_data_dir:
         eval_store = TokenStore(Path(cfg.data.eval_data_dir) / "tokens")
         eval_domains = list(eval_store.domains)
-    ckpt = Checkpoints(out_dir)
-    start = ckpt.load(backend, mixer) if t.resume else 0
+    ckpt = Checkpoints(out_dir, on_phase=checkpoint_hook)
+    start = ckpt.load(backend, mixer, cfg) if t.resume else 0
     metrics_path = out_dir / "metrics.jsonl"
     if main:
         if start:
             _truncate_metrics(metrics_path, start)
             if log_to_stdout:
-                print(f"resumed from {ckpt.root / ckpt.latest_tag()} at step {start}")
+                print(f"resumed from {ckpt.loaded} at step {start}")
         elif metrics_path.exists():
             metrics_path.unlink()  # a fresh run: drop records of an earlier, unfinished one
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
         atomic_write_json(out_dir / "data_manifest.json", store.manifest)  # what was trained on (sources, splits)
     logger = MetricsLogger(out_dir, enabled=main, resume_step=start, logging=cfg.logging, run_config=cfg.to_dict())
+    guard = NonFiniteGuard(t.on_nonfinite, logger, main, ckpt.last_checkpoint)
     if start == 0:
         logger.log("run", 0, params=n_params, domains=mixer.domains, world_size=world_size, backend=backend.name,
                    zero_stage=cfg.deepspeed.zero_stage if backend.name == "deepspeed" else None,
@@ -312,10 +323,13 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
             loss = head.loss(batch)
             backend.backward(loss, n_micro)
             loss_acc += float(loss.detach()) / n_micro
-        gnorm = backend.optimizer_step()
-        update = mixer.step(step, **step_kwargs)
+        last_loss = backend.mean(loss_acc)  # before the step: a NaN on any rank reaches every rank
+        skip = guard.check(step + 1, last_loss, backend.grads_finite())  # raises under on_nonfinite=stop
+        gnorm = backend.optimizer_step(skip=skip)
+        if skip:
+            mixer.discard_step()  # the skipped step's statistics never reach the strategy
+        update = None if skip else mixer.step(step, **step_kwargs)
         step_times.append(time.perf_counter() - ts)
-        last_loss = backend.mean(loss_acc)
         step_losses.append(last_loss)
         done = step + 1
         if update is not None:
