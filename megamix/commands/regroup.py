@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from megamix.commands.train import _dist_env
+from megamix.commands.train import dist_env
 from megamix.configbase import ConfigError
 
 
@@ -64,7 +64,7 @@ def run(args) -> int:
             raise ConfigError(f"{flag} must be >= {2 if flag == '--fit-docs' else 1} (got {v})")
     from megamix.regroup import regroup
 
-    rank, world = _dist_env()
+    rank, world, _ = dist_env()
     group = None
     if world > 1:
         import torch.distributed as dist

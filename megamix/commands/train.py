@@ -47,7 +47,7 @@ def _env_int(names: tuple[str, ...]) -> int | None:
                           "launch with torchrun/deepspeed/srun, which set it") from None
 
 
-def _dist_env() -> tuple[int, int, int | None]:
+def dist_env() -> tuple[int, int, int | None]:
     """Rank, world size and local rank from the launcher's environment (torchrun, deepspeed, SLURM via srun)."""
     rank = _env_int(("RANK", "SLURM_PROCID"))
     world = _env_int(("WORLD_SIZE", "SLURM_NTASKS"))
@@ -149,7 +149,7 @@ def run(args) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(args)
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = dist_env()
     if world > 1 and not args.dry_run and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         raise ConfigError(f"world size {world} (from WORLD_SIZE/SLURM_NTASKS) but MASTER_ADDR/MASTER_PORT are not "
                           "set: launch with torchrun (or the deepspeed launcher), or export the first node's address "
