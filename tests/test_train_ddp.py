@@ -22,6 +22,7 @@ import torch
 
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
+from megamix.train.checkpoint import CONFIG_COPY, DONE_FILE, SIDE_FILE
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,6 @@ def _worker(rank: int, port: int, data_dir: str, root: str) -> None:
 def test_ddp_two_ranks_matches_single_process_and_resumes_exactly(tmp_path, tiny_store):
     import torch.multiprocessing as mp
 
-    from megamix.train.checkpoint import SIDE_FILE
     from megamix.train.loop import train
 
     data_dir = str(tiny_store.parent)
@@ -175,7 +175,8 @@ def test_ddp_two_ranks_matches_single_process_and_resumes_exactly(tmp_path, tiny
     ck = tmp_path / "A" / "checkpoints"
     assert (ck / "latest").read_text() == "step_0000004"
     assert sorted(p.name for p in (ck / "step_0000004").iterdir()) == sorted(
-        [SIDE_FILE.format(rank=0), SIDE_FILE.format(rank=1), "model.pt"])
+        [SIDE_FILE.format(rank=0), SIDE_FILE.format(rank=1), DONE_FILE.format(rank=0), DONE_FILE.format(rank=1),
+         CONFIG_COPY, "model.pt"])
     assert json.loads((tmp_path / "A" / "result.json").read_text())["backend"] == "ddp"
 
     # the mixture telemetry of rank 0 counts both ranks' samples: the same per-domain tokens as the single
@@ -220,7 +221,9 @@ def test_torchrun_without_deepspeed_trains_data_parallel(tiny_store, tmp_path):
     assert [x.split(" (")[0] for x in lines] == ["train[ddp x2] step 1/2", "train[ddp x2] step 2/2"], p.stdout
     assert "\r" not in p.stdout + p.stderr
     ck = out / "checkpoints" / "step_0000002"
-    assert sorted(x.name for x in ck.iterdir()) == ["megamix_rank00000.pt", "megamix_rank00001.pt", "model.pt"]
+    assert sorted(x.name for x in ck.iterdir()) == sorted(
+        [SIDE_FILE.format(rank=0), SIDE_FILE.format(rank=1), DONE_FILE.format(rank=0), DONE_FILE.format(rank=1),
+         CONFIG_COPY, "model.pt"])
     runs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in runs if r["kind"] == "train"] == [1, 2]
 
