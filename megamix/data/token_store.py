@@ -31,6 +31,7 @@ from typing import Iterable
 import numpy as np
 
 from megamix.data.errors import DataError
+from megamix.data.views import DocumentSequence
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -275,7 +276,7 @@ def read_index(idx_path: str | Path) -> dict:
             "sequence_lengths": lengths, "sequence_pointers": pointers, "document_indices": info.document_indices}
 
 
-class IndexedTokenDataset:
+class IndexedTokenDataset(DocumentSequence):
     """Read a ``<prefix>.bin/.idx`` store (ours or Megatron's) through a read-only memmap.
 
     Attributes:
@@ -300,15 +301,6 @@ class IndexedTokenDataset:
         else:
             self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
 
-    def __len__(self) -> int:
-        return len(self.doc_lengths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"document {i} out of range for {n} documents")
-        i %= n
-        return np.asarray(self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]])
 
     def __iter__(self):
         for i in range(len(self)):

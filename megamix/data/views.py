@@ -18,6 +18,21 @@ from typing import Sequence
 import numpy as np
 
 
+class DocumentSequence:
+    """Documents as slices of one token array; a subclass sets ``tokens``, ``doc_offsets`` ([n+1]) and
+    ``doc_lengths`` ([n]). ``seq[i]`` is document i's tokens (negative i counts from the end)."""
+
+    def __len__(self) -> int:
+        return len(self.doc_lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range for {n} documents")
+        i %= n
+        return np.asarray(self.tokens[int(self.doc_offsets[i]):int(self.doc_offsets[i + 1])])
+
+
 class ConcatTokens:
     """A read-only 1-D token array made of pieces (array slices), concatenated virtually.
 
@@ -87,7 +102,7 @@ class DocumentPart:
     select: np.ndarray | None = None
 
 
-class DocumentView:
+class DocumentView(DocumentSequence):
     """The selected documents of several parts, as one flat stream (no token is copied).
 
     Consecutive selected documents of a part become one piece, so a held-out split with ``v`` validation
@@ -121,15 +136,6 @@ class DocumentView:
             self.tokens = ConcatTokens(pieces, dtype)
         self.dtype = np.dtype(dtype if dtype is not None else self.tokens.dtype).type
 
-    def __len__(self) -> int:
-        return len(self.doc_lengths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"document {i} out of range for {n} documents")
-        i %= n
-        return np.asarray(self.tokens[int(self.doc_offsets[i]):int(self.doc_offsets[i + 1])])
 
     def __iter__(self):
         for i in range(len(self)):
