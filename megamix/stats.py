@@ -95,8 +95,11 @@ class DomainStats:
     def mark(self) -> None:
         """Remember the accumulators now, so that :meth:`rollback` can drop whatever is added after this point
         (the statistics of an optimizer step that is then skipped)."""
+        # the row lists themselves (shallow copies): appends and reservoir shrinks after this point replace or
+        # extend the lists but never modify a tensor already in them
         self._mark = (self.sums.clone(), self.counts.clone(), self.loss_sum.clone(), self.token_count.clone(),
-                      len(self._rows), len(self._row_domains), len(self._row_ids), self.reduced)
+                      [list(x) for x in (self._rows, self._row_domains, self._row_ids, self._row_keys,
+                                         self._row_loss)], self._counter, self.reduced)
 
     def rollback(self) -> None:
         """Drop everything added since the last :meth:`mark` (no-op without one)."""
@@ -105,8 +108,8 @@ class DomainStats:
             return
         self.sums, self.counts, self.loss_sum, self.token_count = m[0], m[1], m[2], m[3]
         self.device = self.sums.device
-        del self._rows[m[4]:], self._row_domains[m[5]:], self._row_ids[m[6]:]
-        self.reduced = m[7]
+        self._rows, self._row_domains, self._row_ids, self._row_keys, self._row_loss = m[4]
+        self._counter, self.reduced = m[5], m[6]
         self._mark = None
 
     @property

@@ -109,3 +109,33 @@ def test_two_gloo_ranks_hold_the_single_process_reservoir():
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a, b)          # bit for bit: the same rows, keys and losses
         np.testing.assert_allclose(sums, single.snapshot(STEPS, list("abc")).sums, rtol=1e-12)
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_rollback_after_a_skipped_step_restores_the_reservoir_exactly(keyed):
+    """The non-finite guard's discard_step: mark(), one more step (whose rows may shrink the reservoir),
+    rollback() — the state equals never having seen that step, rows, keys, losses and counter included."""
+    batches = _round(seed=3)
+
+    def feed(st, bs):
+        for step, g, dom, ids, ls, tc in bs:
+            st.update(g, dom, sample_ids=ids, token_loss_sum=ls, token_count=tc,
+                      keys=sample_keys(SEED, step, ids) if keyed else None)
+
+    ref = DomainStats(D, K, max_rows=R, key_seed=SEED)
+    feed(ref, batches[:2])
+    st = DomainStats(D, K, max_rows=R, key_seed=SEED)
+    feed(st, batches[:2])
+    st.mark()
+    feed(st, batches[2:])   # 16 more samples: the reservoir of 11 is shrunk again
+    st.rollback()
+    for a, b in zip(st._local_rows(), ref._local_rows()):
+        assert torch.equal(a, b)
+    assert st._counter == ref._counter and torch.equal(st.sums, ref.sums) and torch.equal(st.counts, ref.counts)
+    # and the round goes on as if the step never happened
+    feed(st, batches[3:])
+    feed(ref, batches[3:])
+    names = [f"d{i}" for i in range(D)]
+    a, b = st.snapshot(9, names), ref.snapshot(9, names)
+    np.testing.assert_array_equal(a.per_sample, b.per_sample)
+    np.testing.assert_array_equal(a.extra["per_sample_loss"], b.extra["per_sample_loss"])
