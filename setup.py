@@ -4,7 +4,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-core = ["torch>=2.4", "numpy", "pyyaml", "tqdm", "transformers", "tokenizers", "scipy",
+core = ["torch>=2.6", "numpy", "pyyaml", "tqdm", "transformers", "tokenizers", "scipy",
         "scikit-learn", "matplotlib"]
 setup(
     name="megamix",

@@ -152,7 +152,8 @@ class TrainConfig(ConfigBase):
                             "step, before the optimizer applies it, so nothing non-finite is trained on or saved; "
                             "'skip' drops the step (no optimizer step, its statistics are not shown to the mixing "
                             "strategy), logs it (a 'nonfinite' record in metrics.jsonl) and goes on, but still stops "
-                            "after 10 consecutive skipped steps. Every rank takes the same decision.", "stop")
+                            "after 10 consecutive skipped steps. Every rank takes the same decision. Under DeepSpeed only the loss "
+                            "is checked (the gradients are not; no checkpoint holds non-finite parameters).", "stop")
     resume_allow_changes: list[str] = doc("Fields that may differ from the checkpoint's config when resuming, e.g. "
                                           "[train.lr, mixing.update_every]. Without them a changed field stops the "
                                           "resume with a diff. Cadence fields and train.steps never need listing "
@@ -330,7 +331,7 @@ class LoaderConfig(ConfigBase):
 class DeepSpeedConfig(ConfigBase):
     """Running the pretraining through DeepSpeed (megamix.integrations.deepspeed)."""
 
-    enabled: bool = doc("Train through a DeepSpeed engine instead of the plain single-process loop.", False)
+    enabled: bool = doc("Train through a DeepSpeed engine instead of the plain (one process) or DDP (several processes) backend.", False)
     zero_stage: int = doc("ZeRO stage 0-3.", 1)
     backend: str = doc("torch.distributed backend: gloo (CPU) or nccl (GPU).", "gloo")
     skip_op_builds: bool = doc("Avoid DeepSpeed's run-time C++ op builds (shm comm, fused Adam) on CPU.",
@@ -414,11 +415,11 @@ class MegamixConfig(ConfigBase):
 # ------------------------------------------------------------------------------------ resume compatibility
 #: Fields a resume may change freely: where and how often things are logged, evaluated and saved, where the
 #: run executes, and train.steps (extending or shortening a run; the cosine LR schedule then spans the new
-#: length, and the loop says so).
+#: length).
 RESUME_FREE = frozenset({
     "train.out_dir", "train.resume", "train.threads", "train.device", "train.steps", "train.eval_every",
     "train.eval_batches", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.on_nonfinite", "train.resume_allow_changes", "data.cap_mb", "data.valid_fraction", "data.seed",
+    "train.on_nonfinite", "train.resume_allow_changes", "data.cap_mb",
     "data.eval_data_dir", "data.vocab_check_mb", "loader.telemetry_window", "loader.verify_weights",
     "deepspeed.backend", "deepspeed.skip_op_builds", "model.gradient_checkpointing", "model.compile",
     "model.init_from", "logging."})
@@ -431,7 +432,8 @@ RESUME_NEVER = frozenset({
     "model.", "mixture.", "mixing.strategy", "data.domains", "projection.enabled", "projection.k1",
     "projection.k2", "projection.k", "projection.kind", "projection.seed", "train.seed", "train.global_batch_size",
     "train.dtype", "train.optimizer", "deepspeed.enabled", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
-    "data.tokenizer", "data.paths", "data.valid_paths"})
+    "data.tokenizer", "data.paths", "data.valid_paths", "data.seed", "data.valid_fraction",
+    "mixing.dograph_reservoir", "mixing.dograph_clusters", "deepspeed.config"})
 
 
 def flat_config(d: dict) -> dict:

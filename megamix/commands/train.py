@@ -125,9 +125,6 @@ def _kill_hook(spec: str | None):
     """The checkpoint hook for ``MEGAMIX_TEST_KILL_AT`` (None when unset): a crash at a named point."""
     if not spec:
         return None
-    import signal
-
-    from megamix.configbase import ConfigError
     from megamix.train.checkpoint import PHASES
 
     points = set()

@@ -39,12 +39,12 @@ from megamix.integrations.hf import apply_megamix, body_hidden_states, check_sup
 from megamix.integrations.hook import attach
 from megamix.train.backend import Backend, make_backend
 from megamix.train.checkpoint import Checkpoints
-from megamix.train.guard import NonFiniteGuard
+from megamix.train.guard import NonFiniteError, NonFiniteGuard
 from megamix.train.metrics import MetricsLogger, mixture_fields, read_metrics
 from megamix.train.model import build_model, count_parameters, model_inputs
 from megamix.train.optim import build_optimizer
 from megamix.train.progress import StepReporter
-from megamix.train.stop import check_stop
+from megamix.train.stop import StopRequested, check_stop
 
 log = logging.getLogger("megamix")
 
@@ -315,47 +315,55 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     t0 = time.time()
     bar = StepReporter(backend.progress_label(cfg), start, end, t.steps, bar=progress and main,
                        lines=main and (progress or log_to_stdout))
-    for step in bar:
-        ts = time.perf_counter()
-        backend.before_step(step)
-        loss_acc = 0.0
-        for batch in mixer.next_step():
-            loss = head.loss(batch)
-            backend.backward(loss, n_micro)
-            loss_acc += float(loss.detach()) / n_micro
-        last_loss = backend.mean(loss_acc)  # before the step: a NaN on any rank reaches every rank
-        skip = guard.check(step + 1, last_loss, backend.grads_finite())  # raises under on_nonfinite=stop
-        gnorm = backend.optimizer_step(skip=skip)
-        if skip:
-            mixer.discard_step()  # the skipped step's statistics never reach the strategy
-        update = None if skip else mixer.step(step, **step_kwargs)
-        step_times.append(time.perf_counter() - ts)
-        step_losses.append(last_loss)
-        done = step + 1
-        if update is not None:
-            snap = update["snapshot"]
-            logger.log("mixing", done, domain_train_loss=dict(zip(mixer.domains, snap.domain_loss.tolist())),
-                       counts=dict(zip(mixer.domains, snap.counts.tolist())), gram=np.asarray(snap.gram).tolist(),
-                       **update.get("log", {}))
-            logger.snapshot(snap)
-            if update["changed"]:
-                logger.log("weights", done, weights=dict(zip(mixer.domains, update["weights"].tolist())))
-        if done % t.log_every == 0 or done == end:
-            med = float(np.median(step_times[-t.log_every:]))
-            lr_now = backend.current_lr(step)
-            logger.log("train", done, loss=last_loss, lr=lr_now, grad_norm=gnorm, step_seconds=med,
-                       tokens_per_second=tokens_per_step / med, **mixture_fields(mixer.loader.telemetry()))
-            bar.log(done, loss=last_loss, tokens_per_second=tokens_per_step / med, lr=lr_now,
-                    weights=dict(zip(mixer.domains, mixer.weights.tolist())))
-        if (t.eval_every and done % t.eval_every == 0) or done == end:
-            vl = evaluate(head, eval_store, eval_domains, cfg)
-            logger.log("eval", done, valid_loss=vl, valid_loss_avg=_avg(vl))
-            if main and log_to_stdout:
-                bar.write(f"step {done}: train {last_loss:.3f} | valid avg {_avg(vl):.3f} | " +
-                          " ".join(f"{k}={v:.2f}" for k, v in vl.items()))
-        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == end:
-            ckpt.save(done, backend, mixer, cfg)
-        check_stop(stop_requested, done, backend, ckpt, mixer, cfg, last=done == end)
+    try:
+        for step in bar:
+            ts = time.perf_counter()
+            backend.before_step(step)
+            loss_acc = 0.0
+            for batch in mixer.next_step():
+                loss = head.loss(batch)
+                backend.backward(loss, n_micro)
+                loss_acc += float(loss.detach()) / n_micro
+            last_loss = backend.mean(loss_acc)  # before the step: a NaN on any rank reaches every rank
+            skip = guard.check(step + 1, last_loss, backend.grads_finite())  # raises under on_nonfinite=stop
+            gnorm = backend.optimizer_step(skip=skip)
+            if skip:
+                mixer.discard_step()  # the skipped step's statistics never reach the strategy
+            update = None if skip else mixer.step(step, **step_kwargs)
+            step_times.append(time.perf_counter() - ts)
+            step_losses.append(last_loss)
+            done = step + 1
+            if update is not None:
+                snap = update["snapshot"]
+                logger.log("mixing", done, domain_train_loss=dict(zip(mixer.domains, snap.domain_loss.tolist())),
+                           counts=dict(zip(mixer.domains, snap.counts.tolist())), gram=np.asarray(snap.gram).tolist(),
+                           **update.get("log", {}))
+                logger.snapshot(snap)
+                if update["changed"]:
+                    logger.log("weights", done, weights=dict(zip(mixer.domains, update["weights"].tolist())))
+            if done % t.log_every == 0 or done == end:
+                med = float(np.median(step_times[-t.log_every:]))
+                lr_now = backend.current_lr(step)
+                logger.log("train", done, loss=last_loss, lr=lr_now, grad_norm=gnorm, step_seconds=med,
+                           tokens_per_second=tokens_per_step / med, **mixture_fields(mixer.loader.telemetry()))
+                bar.log(done, loss=last_loss, tokens_per_second=tokens_per_step / med, lr=lr_now,
+                        weights=dict(zip(mixer.domains, mixer.weights.tolist())))
+            if (t.eval_every and done % t.eval_every == 0) or done == end:
+                vl = evaluate(head, eval_store, eval_domains, cfg)
+                logger.log("eval", done, valid_loss=vl, valid_loss_avg=_avg(vl))
+                if main and log_to_stdout:
+                    bar.write(f"step {done}: train {last_loss:.3f} | valid avg {_avg(vl):.3f} | " +
+                              " ".join(f"{k}={v:.2f}" for k, v in vl.items()))
+            if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == end:
+                ckpt.save(done, backend, mixer, cfg)
+            check_stop(stop_requested, done, backend, ckpt, mixer, cfg, last=done == end)
+    except BaseException as e:  # leave no open logger, hook or process group behind
+        bar.close()
+        logger.close()
+        head.remove()
+        if isinstance(e, (StopRequested, NonFiniteError)):  # every rank stops at the same step
+            backend.close()
+        raise
     bar.close()
     wall = time.time() - t0
     logger.close()
