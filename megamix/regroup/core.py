@@ -40,6 +40,8 @@ import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megamix.data.corpus import atomic_write_json
+
 __all__ = ["DocRef", "collect_refs", "iter_texts", "embed_to_memmap", "fit_minibatch_kmeans",
            "predict_memmap", "sweep_k", "write_regrouped", "regroup", "cluster_name", "shard_rows",
            "fit_sample_rows", "nearest_centroid"]
@@ -138,12 +140,6 @@ def iter_texts(data_dir: str | Path, refs: Sequence[DocRef]) -> Iterator[tuple[D
         i = j
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def embed_to_memmap(texts, n: int, embedder, path: str | Path, *, batch_size: int = 64,
                     max_chars: int | None = 2000, progress: bool = True, desc: str = "regroup embed") -> np.memmap:
     """Embed ``n`` texts in batches of ``batch_size`` into a float32 ``.npy`` memmap ``[n, embedder.dim]``.
@@ -167,7 +163,7 @@ def embed_to_memmap(texts, n: int, embedder, path: str | Path, *, batch_size: in
             done = int(prog["rows"])
     if done == 0:
         np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, int(embedder.dim))).flush()
-        _write_json_atomic(prog_path, {**want, "rows": 0})
+        atomic_write_json(prog_path, {**want, "rows": 0})
     out = np.load(path, mmap_mode="r+")
     if done < n:
         if done and not callable(texts):
@@ -186,7 +182,7 @@ def embed_to_memmap(texts, n: int, embedder, path: str | Path, *, batch_size: in
             out[pos:pos + len(batch)] = np.asarray(embedder.encode(batch, batch_size=batch_size), dtype=np.float32)
             out.flush()
             pos += len(batch)
-            _write_json_atomic(prog_path, {**want, "rows": pos})
+            atomic_write_json(prog_path, {**want, "rows": pos})
             bar.update(len(batch))
         bar.close()
         if pos != n:
@@ -445,7 +441,7 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
                     if p.exists():
                         shutil.rmtree(p)
                 rg.mkdir(parents=True)
-                _write_json_atomic(rg / "plan.json", plan)
+                atomic_write_json(rg / "plan.json", plan)
         except (FileExistsError, OSError) as e:
             err = e
     err = _broadcast(err, world_size, group)
@@ -504,6 +500,6 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
         if plot:
             from megamix.regroup.plots import plot_regroup
             report["plot"] = str(plot_regroup(report, rg / "regroup.png"))
-        _write_json_atomic(rg / "report.json", report)
+        atomic_write_json(rg / "report.json", report)
     report = _broadcast(report, world_size, group)
     return report
