@@ -163,26 +163,30 @@ def write_domain(data_dir: str | Path, domain: str, docs: Iterable[tuple[str, st
     total = dup = short = skipped_cap = 0
     bar = tqdm(total=cap_bytes, unit="B", unit_scale=True, desc=f"corpus {domain}", file=sys.stderr,
                disable=not progress, leave=False, mininterval=1.0)
-    for text, src in valid_docs or ():
+
+    def clean(text: str) -> tuple[str, str] | None:
+        """``(dedup key, normalised text)``, or None after counting why it is dropped (too short, duplicate)."""
+        nonlocal short, dup
         text = normalize_text(_truncate(text, max_doc_chars))
         if len(text) < min_chars:
             short += 1
-            continue
+            return None
         key = dedup_key(text)
         if key in seen:
             dup += 1
+            return None
+        return key, text
+
+    for text, src in valid_docs or ():
+        if (c := clean(text)) is None:
             continue
+        key, text = c
         seen.add(key)
         fixed_valid.append((key, text, src))
     for text, src in docs:
-        text = normalize_text(_truncate(text, max_doc_chars))
-        if len(text) < min_chars:
-            short += 1
+        if (c := clean(text)) is None:
             continue
-        key = dedup_key(text)
-        if key in seen:
-            dup += 1
-            continue
+        key, text = c
         size = len(text.encode("utf-8"))
         if cap_bytes is not None and total + size > cap_bytes:
             skipped_cap += 1
