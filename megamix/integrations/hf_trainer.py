@@ -197,13 +197,18 @@ class MegamixFeed:
             self.hook.remove()
 
 
+def _check_rank(mixer: Any, rank: int, world_size: int, who: str, build_as: str) -> None:
+    """One-line ConfigError unless the Mixer was built for this process's rank and world size."""
+    if (world_size, rank) != (mixer.world_size, mixer.rank):
+        raise ConfigError(f"the Mixer was built for rank {mixer.rank} of {mixer.world_size} but {who} is rank "
+                          f"{rank} of {world_size}; build it as Mixer(cfg, store, {build_as})")
+
+
 def check_accelerator(accelerator: Any, mixer: Any) -> None:
     """Raise a one-line ConfigError unless ``accelerator`` runs the Mixer's batch geometry (processes, rank,
     gradient accumulation steps)."""
-    if (accelerator.num_processes, accelerator.process_index) != (mixer.world_size, mixer.rank):
-        raise ConfigError(f"the Mixer was built for rank {mixer.rank} of {mixer.world_size} but this process is rank "
-                          f"{accelerator.process_index} of {accelerator.num_processes}; build it as Mixer(cfg, store, "
-                          "rank=accelerator.process_index, world_size=accelerator.num_processes)")
+    _check_rank(mixer, accelerator.process_index, accelerator.num_processes, "this process",
+                "rank=accelerator.process_index, world_size=accelerator.num_processes")
     n = gradient_accumulation_steps(mixer.cfg, mixer.world_size)
     if accelerator.gradient_accumulation_steps != n:
         raise ConfigError(f"Accelerator(gradient_accumulation_steps={accelerator.gradient_accumulation_steps}) but "
@@ -226,10 +231,8 @@ def check_trainer_args(args: Any, mixer: Any, *, fused: bool = False, train_data
         raise ConfigError(f"TrainingArguments.per_device_train_batch_size={args.per_device_train_batch_size} but the "
                           f"megamix config has train.micro_batch_size={t.micro_batch_size}; set "
                           f"per_device_train_batch_size={t.micro_batch_size}")
-    if (args.world_size, args.process_index) != (mixer.world_size, mixer.rank):
-        raise ConfigError(f"the Mixer was built for rank {mixer.rank} of {mixer.world_size} but this Trainer process "
-                          f"is rank {args.process_index} of {args.world_size}; build it as Mixer(cfg, store, "
-                          "rank=args.process_index, world_size=args.world_size)")
+    _check_rank(mixer, args.process_index, args.world_size, "this Trainer process",
+                "rank=args.process_index, world_size=args.world_size")
     n = gradient_accumulation_steps(mixer.cfg, mixer.world_size)
     if args.gradient_accumulation_steps != n:
         raise ConfigError(f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} but "
