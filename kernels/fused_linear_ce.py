@@ -27,6 +27,23 @@ rescaled by ``grad_output`` in the backward, so the full ``N×V`` logits never e
 ``dX``/``dW`` is saved. The projection only *reads* δ, so training gradients are bit-identical with
 the projection on or off.
 
+Four places can compute ``u = δ P1ᵀ`` (``u_method``, :data:`U_METHODS`); the logits GEMM, the CE pass
+that writes δ and the dW GEMM are the same code for all four, so δ, the loss and dW never depend on it:
+
+- ``fused`` (default): inside the CE pass above; every 16-row program streams all of P1ᵀ.
+- ``gemm``: the CE pass without P1, then one GEMM ``δ_chunk @ P1ᵀ`` (cuBLAS with an fp32 output on CUDA):
+  one more read of the δ chunk.
+- ``augmented``: ``W_aug = [W | P1ᵀ]`` (``[V, d+k1]``, built once per call: one extra copy of W in memory)
+  and one GEMM ``δ @ W_aug = [dX | u]``: no extra pass over δ and k1/d more FLOPs in the dX GEMM; u comes out
+  in the GEMM's dtype (bf16 in bf16 training). The wider GEMM may pick another kernel, so dX may differ from
+  the other methods in its last bits (within the tolerance table). Without a dX GEMM (no grad, or pass 1 of
+  the two-pass row-weight path) it computes u like ``gemm``.
+- ``tiled``: the CE pass without P1, then :func:`proj_u_triton`: 128-row tiles (P1ᵀ streamed once per 128
+  rows) and V split across programs, fp32 partials summed in a fixed order (Triton backend only).
+
+Which is fastest depends on the GPU; ``kernels/bench/bench_fused_lce.py --u-methods`` measures them side by
+side against the step's three-GEMM floor (``kernels/bench/results/SUMMARY.md``).
+
 Vocab-parallel variant (:func:`vocab_parallel_fused_linear_cross_entropy`, Megatron-style tensor
 parallelism): TP rank ``r`` holds the vocab shard ``W_r = W[s_r:e_r]`` and the replicated hidden states.
 Per chunk, its logits shard ``x W_rᵀ`` goes through two passes with collectives in between:
@@ -53,11 +70,16 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from megamix.kernels.projection import Projection
+from megamix.kernels.projection import Projection, mm_fp32
 from megamix.kernels.utils import (HAS_TRITON, all_reduce_, cdiv, group_size, interpreting, next_pow2, resolve_backend,
                            tl, triton)
 
 REDUCTIONS = ("mean", "sum")
+#: Where ``u = δ P1ᵀ`` is computed (δ, the loss, dX and dW are the same for all four, see the module docstring):
+#: ``fused`` inside the CE pass (``tl.dot`` over V tiles, 16-row programs); ``gemm`` one more GEMM on each δ chunk
+#: (cuBLAS, fp32 output); ``augmented`` as extra columns of the dX GEMM, ``δ [W | P1ᵀ] = [dX | u]``; ``tiled``
+#: a Triton kernel over each δ chunk with 128-row tiles and V split across programs (Triton backend only).
+U_METHODS = ("fused", "gemm", "augmented", "tiled")
 _PAD_V_ON_CPU = False  # tests flip this to exercise the CUDA-only V padding on CPU
 
 
@@ -276,6 +298,39 @@ if HAS_TRITON:
             tl.store(u_ptr + rows64[:, None] * stride_u + kcols[None, :], u_acc * p1_scale,
                      mask=rmask[:, None] & (kcols < K1)[None, :])
 
+    @triton.jit
+    def _proj_u_kernel(delta_ptr, stride_d, p1t_ptr, stride_p, part_ptr, stride_ps, stride_pr,
+                       C, V, K1, V_PER_SPLIT,
+                       BM: tl.constexpr, BV: tl.constexpr, BK1: tl.constexpr, DOT_IEEE: tl.constexpr):
+        """``u_method="tiled"``: partial ``δ[rows, vs:ve] @ P1ᵀ[vs:ve]`` of BM rows over one slice of V.
+
+        Grid ``(row blocks, V slices)``; each program streams its slice of P1ᵀ once per BM rows (the fused
+        CE pass streams all of P1ᵀ once per 16 rows) and writes an fp32 partial ``[BM, k1]`` of slice
+        ``program_id(1)``; the launcher sums the slices in a fixed order (deterministic, no atomics)."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_m * BM + tl.arange(0, BM)
+        rmask = rows < C
+        rows64 = rows.to(tl.int64)
+        kcols = tl.arange(0, BK1)
+        kmask = kcols < K1
+        row_base = delta_ptr + rows64 * stride_d
+        v_lo = pid_s * V_PER_SPLIT
+        v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+        acc = tl.zeros([BM, BK1], tl.float32)
+        for v0 in range(v_lo, v_hi, BV):
+            cols = v0 + tl.arange(0, BV)
+            cmask = cols < v_hi
+            dlt = tl.load(row_base[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            pt = tl.load(p1t_ptr + cols[:, None].to(tl.int64) * stride_p + kcols[None, :],
+                         mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if DOT_IEEE:
+                acc = tl.dot(dlt.to(pt.dtype), pt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(dlt.to(pt.dtype), pt, acc)
+        tl.store(part_ptr + pid_s * stride_ps + rows64[:, None] * stride_pr + kcols[None, :], acc,
+                 mask=rmask[:, None] & kmask[None, :])
+
 
 # ----------------------------------------------------------------------------------------------
 # Launchers (own the shape / dtype checks)
@@ -340,6 +395,49 @@ def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float, ig
             logits, logits.stride(0), labels, loss, C=C, V=V, scale=float(scale), p1_scale=float(p1_scale),
             ignore_index=int(ignore_index), BM=BM, BV=BV, num_warps=warps, **proj_args)
     return loss, u
+
+
+def _proj_tile_config(C: int, V: int, block_m: int | None, block_v: int | None, split_v: int | None,
+                      num_warps: int | None, device: torch.device) -> tuple[int, int, int, int]:
+    """(BM, BV, V slices, warps) of the ``tiled`` projection. On a GPU: 128-row tiles (P1ᵀ is streamed once
+    per 128 rows) and enough V slices for about two programs per SM."""
+    if interpreting():
+        bm, bv, warps = block_m or min(64, next_pow2(C, 16)), block_v or 64, 4
+        target = 2   # two slices: the interpreter exercises the split-V reduction too
+    else:
+        bm, bv, warps = block_m or 128, block_v or 64, num_warps or 8
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    if split_v is None:
+        split_v = max(1, min(cdiv(target, cdiv(max(C, 1), bm)), cdiv(V, bv)))
+    return bm, bv, int(split_v), warps
+
+
+def proj_u_triton(delta: torch.Tensor, p1t: torch.Tensor, p1_scale: float = 1.0, *, block_m: int | None = None,
+                  block_v: int | None = None, split_v: int | None = None, num_warps: int | None = None
+                  ) -> torch.Tensor:
+    """``u = p1_scale · δ P1ᵀ`` ``[C, k1]`` fp32 from a δ chunk ``[C, V]`` (row stride free, unit column
+    stride) with the ``tiled`` Triton kernel: BM-row tiles, V split into ``split_v`` slices whose fp32
+    partials are summed in slice order."""
+    if delta.dim() != 2 or delta.stride(1) != 1:
+        raise ValueError(f"δ must be a 2-D row-major chunk, got shape {tuple(delta.shape)} strides {delta.stride()}")
+    if p1t.dim() != 2 or p1t.shape[0] != delta.shape[1] or p1t.stride(1) != 1:
+        raise ValueError(f"P1ᵀ must be a contiguous [V={delta.shape[1]}, k1] matrix, got {tuple(p1t.shape)}")
+    _check_triton_dtype(delta)
+    if split_v is not None and (not isinstance(split_v, int) or split_v < 1):
+        raise ValueError(f"split_v must be a positive int or None, got {split_v!r}")
+    C, V = delta.shape
+    k1 = p1t.shape[1]
+    BM, BV, S, warps = _proj_tile_config(C, V, block_m, block_v, split_v, num_warps, delta.device)
+    per_split = cdiv(cdiv(V, S), BV) * BV          # each slice a whole number of BV tiles
+    S = cdiv(V, per_split)
+    part = torch.empty(S, C, k1, device=delta.device, dtype=torch.float32)
+    if C > 0:
+        _proj_u_kernel[(cdiv(C, BM), S)](delta, delta.stride(0), p1t, p1t.stride(0), part, part.stride(0),
+                                         part.stride(1), C, V, k1, per_split, BM=BM, BV=BV,
+                                         BK1=next_pow2(k1, 16), DOT_IEEE=p1t.dtype == torch.float32,
+                                         num_warps=warps)
+    u = part[0] if S == 1 else part.sum(0)
+    return u.mul_(p1_scale) if p1_scale != 1.0 else u
 
 
 def _delta_and_u_torch(logits: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
@@ -487,11 +585,11 @@ def _row_weights_of(row_weights, s: int, e: int, u, w, dev) -> torch.Tensor:
 
 
 def _two_pass_forward(hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend,
-                      need_dx, need_dw, shard, row_weights):
+                      need_dx, need_dw, shard, row_weights, u_method):
     """Row weights that need a group longer than a chunk: pass 1 (CE + projections, no dX/dW), the weights
     of all rows, then pass 2 recomputes every chunk's logits with the weights known (dX, dW)."""
     _, token_loss, u, w, _, _ = _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection,
-                                                 chunk_tokens, backend, False, False, shard)
+                                                 chunk_tokens, backend, False, False, shard, u_method=u_method)
     r = _row_weights_of(row_weights, 0, hidden.shape[0], u, w, hidden.device)
     loss, dX, dW = _weighted_loss(token_loss, r, labels, ignore_index, reduction), None, None
     if need_dx or need_dw:
@@ -509,17 +607,19 @@ def _weighted_loss(token_loss, r, labels, ignore_index, reduction):
 
 
 def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend,
-                     need_dx, need_dw, shard: VocabShard | None = None, row_weights=None, row_group: int = 1):
+                     need_dx, need_dw, shard: VocabShard | None = None, row_weights=None, row_group: int = 1,
+                     u_method: str = "fused"):
     """Returns (loss, token_loss, u, w, dX, dW) with dX/dW already scaled by the loss's own scaling.
 
     With ``shard``, ``weight`` is a vocab shard: the CE pass is :func:`ce_vocab_parallel`, P1ᵀ is sliced to
     the shard's rows, and after the last chunk ``u`` (and ``dX`` if ``shard.reduce_dx``) are all-reduced.
     With ``row_weights`` (a tensor [N] or a function, see the module docstring) every token's loss, dX row
-    and dW contribution is weighted."""
+    and dW contribution is weighted. ``u_method`` says where ``u = δ P1ᵀ`` comes from (see ``U_METHODS``);
+    the logits GEMM, the CE pass that writes δ and the dW GEMM are the same for every method."""
     if callable(row_weights):
         if row_group > chunk_tokens:
             return _two_pass_forward(hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens,
-                                     backend, need_dx, need_dw, shard, row_weights)
+                                     backend, need_dx, need_dw, shard, row_weights, u_method)
         chunk_tokens = (chunk_tokens // row_group) * row_group   # chunks never split a group
     N, d = hidden.shape
     V = weight.shape[0]
@@ -542,14 +642,26 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
         ce = ce_delta_triton if backend == "triton" else ce_delta_torch
     else:
         ce = functools.partial(ce_vocab_parallel, vocab_start=shard.start, group=shard.group, backend=backend)
-    p1t = p2t = None
+    # "augmented" needs the dX GEMM; a call without dX (no grad, pass 1 of the two-pass path) uses "gemm".
+    method = u_method if (projection is not None and (u_method != "augmented" or need_dx)) else "gemm"
+    p1t = p2t = w_aug = None
     p1_scale = p2_scale = 1.0
     if projection is not None:
-        op_dtype = hidden.dtype if (backend == "triton" and hidden.dtype != torch.float32) else torch.float32
+        low = hidden.dtype in (torch.bfloat16, torch.float16)
+        if method == "augmented":
+            op_dtype = hidden.dtype                       # a column block of the dX GEMM's operand
+        elif method == "fused":
+            op_dtype = hidden.dtype if (backend == "triton" and low) else torch.float32
+        else:                                             # a GEMM on δ as stored (in the logits dtype)
+            op_dtype = hidden.dtype if low else torch.float32
         p1t, p1_scale = projection.operand("P1", op_dtype, dev)
         if shard is not None:
             p1t = p1t[shard.start:shard.start + V]  # a contiguous block of rows of P1ᵀ
         p2t, p2_scale = projection.operand("P2", torch.float32, dev)
+        if method == "augmented":  # W_aug = [W | P1ᵀ] (zero rows for the padding): δ W_aug = [dX | u]
+            p1t_rows = p1t if V_pad == V else torch.cat([p1t, p1t.new_zeros(V_pad - V, p1t.shape[1])])
+            w_aug = torch.cat([w_c, p1t_rows], dim=1)
+            del p1t_rows
     token_loss = torch.empty(N, device=dev, dtype=torch.float32)
     u = torch.empty(N, projection.k1, device=dev, dtype=torch.float32) if projection is not None else None
     w = torch.empty(N, projection.k2, device=dev, dtype=torch.float32) if projection is not None else None
@@ -561,9 +673,23 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
         x = hidden[s:e]
         logits_full = torch.mm(x, w_c.t())
         logits = logits_full[:, :V] if V_pad != V else logits_full
-        tl_c, u_c = ce(logits, labels[s:e], scale, ignore_index, p1t, p1_scale)
+        tl_c, u_c = ce(logits, labels[s:e], scale, ignore_index, p1t if method == "fused" else None, p1_scale)
         token_loss[s:e] = tl_c
+        if need_dx:
+            if w_aug is not None:       # one GEMM gives [dX | u]
+                dx_u = torch.mm(logits_full, w_aug)
+                dX[s:e] = dx_u[:, :d]
+                u_c = dx_u[:, d:].float()
+                if p1_scale != 1.0:
+                    u_c.mul_(p1_scale)
+                del dx_u
+            else:
+                torch.mm(logits_full, w_c, out=dX[s:e])
         if projection is not None:
+            if method in ("gemm", "tiled"):   # one more pass over the δ chunk
+                u_c = proj_u_triton(logits, p1t, p1_scale) if method == "tiled" else mm_fp32(logits, p1t)
+                if method == "gemm" and p1_scale != 1.0:
+                    u_c.mul_(p1_scale)
             u[s:e] = u_c
             torch.mm(x.float(), p2t, out=w[s:e])
             if p2_scale != 1.0:
@@ -571,9 +697,7 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
         if r_all is not None:  # weighted rows: dX_t = r_t Wᵀδ_t, dW += δᵀ (r x)
             r_all[s:e] = _row_weights_of(row_weights, s, e, u, w, dev)
             x = x * r_all[s:e, None].to(x.dtype)
-        if need_dx:
-            torch.mm(logits_full, w_c, out=dX[s:e])
-            if r_all is not None:
+            if need_dx:
                 dX[s:e].mul_(r_all[s:e, None].to(dX.dtype))
         if need_dw:
             if dW.dtype == logits_full.dtype:
@@ -581,6 +705,7 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
             else:
                 dW.add_(torch.mm(logits_full.t(), x))
         del logits_full, logits  # free this chunk before the next one is allocated (peak = one chunk)
+    del w_aug
     if dW is not None and V_pad != V:
         dW = dW[:V].contiguous()
     if shard is not None:  # one collective each for the whole call, not one per chunk
@@ -606,11 +731,11 @@ class _FusedLinearCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, projection, chunk_tokens, backend, shard,
-                row_weights, row_group):
+                row_weights, row_group, u_method):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, token_loss, u, w, dX, dW = _chunked_forward(hidden, weight, labels, ignore_index, reduction,
                                                           projection, chunk_tokens, backend, need_dx, need_dw,
-                                                          shard, row_weights, row_group)
+                                                          shard, row_weights, row_group, u_method)
         ctx.save_for_backward(dX, dW)
         empty = hidden.new_empty(0, dtype=torch.float32)
         u = empty if u is None else u
@@ -627,7 +752,7 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             gx = dX if unit else dX * grad_loss.to(dX.dtype)
         if dW is not None:
             gw = dW if unit else dW * grad_loss.to(dW.dtype)
-        return gx, gw, None, None, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,27 +783,36 @@ def _flatten_checked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     return hidden2.contiguous(), labels1.long().contiguous()
 
 
+def _check_u_method(u_method: str, backend: str) -> None:
+    if u_method not in U_METHODS:
+        raise ValueError(f"u_method must be one of {U_METHODS}, got {u_method!r}")
+    if u_method == "tiled" and backend != "triton":
+        raise ValueError("u_method='tiled' is a Triton kernel but the backend is 'torch' (no CUDA device, or "
+                         "backend='torch'); use u_method='gemm' there")
+
+
 def _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, backend,
-         shard: VocabShard | None, row_weights=None, row_group: int = 1) -> LinearCEOutput:
+         shard: VocabShard | None, row_weights=None, row_group: int = 1, u_method: str = "fused") -> LinearCEOutput:
     """Through the autograd.Function when a gradient is needed, else the driver alone."""
     with torch.autocast(device_type=hidden2.device.type, enabled=False):
         if torch.is_grad_enabled() and (hidden2.requires_grad or weight.requires_grad):
             loss, token_loss, u, w = _FusedLinearCEFunction.apply(hidden2, weight, labels1, ignore_index,
                                                                   reduction, projection, chunk_tokens, backend,
-                                                                  shard, row_weights, row_group)
+                                                                  shard, row_weights, row_group, u_method)
             if projection is None:
                 u = w = None
         else:
             loss, token_loss, u, w, _, _ = _chunked_forward(hidden2, weight, labels1, ignore_index, reduction,
                                                             projection, chunk_tokens, backend, False, False, shard,
-                                                            row_weights, row_group)
+                                                            row_weights, row_group, u_method)
     return LinearCEOutput(loss, token_loss, u, w)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                ignore_index: int = -100, reduction: str = "mean",
                                projection: Projection | None = None, chunk_tokens: int = 4096,
-                               backend: str = "auto", row_weights=None, row_group: int = 1) -> LinearCEOutput:
+                               backend: str = "auto", row_weights=None, row_group: int = 1,
+                               u_method: str = "fused") -> LinearCEOutput:
     """Cross-entropy of ``hidden @ weightᵀ`` against ``labels`` without materialising all logits.
 
     Args:
@@ -697,6 +831,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             alike; ``u``, ``w`` and ``token_loss`` stay unweighted. See the module docstring.
         row_group: with a function ``row_weights``: rows come in groups of this many consecutive rows
             (e.g. the tokens of one sample, ``N`` a multiple of it) that a call never splits.
+        u_method: where ``u = δ P1ᵀ`` is computed, one of :data:`U_METHODS` (``fused`` default; ``tiled``
+            needs the Triton backend). δ, the loss and dW are bit-identical for every method and with the
+            projection off; so is dX except under ``augmented``, whose wider dX GEMM may round differently.
 
     Returns:
         :class:`LinearCEOutput`; ``loss`` is differentiable w.r.t. ``hidden`` and ``weight``.
@@ -718,15 +855,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         else:
             row_weights = row_weights.reshape(-1).detach()
     be = resolve_backend(backend, hidden.device)
+    _check_u_method(u_method, be)
     return _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, be, None,
-                row_weights, row_group)
+                row_weights, row_group, u_method)
 
 
 def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torch.Tensor,
                                               labels: torch.Tensor, *, vocab_start: int, group: Any = None,
                                               ignore_index: int = -100, reduction: str = "mean",
                                               projection: Projection | None = None, chunk_tokens: int = 4096,
-                                              backend: str = "auto", reduce_dx: bool = True) -> LinearCEOutput:
+                                              backend: str = "auto", reduce_dx: bool = True,
+                                              u_method: str = "fused") -> LinearCEOutput:
     """:func:`fused_linear_cross_entropy` for a vocab-parallel (tensor-parallel) LM head.
 
     Every rank of the TP ``group`` calls it together with the same ``hidden`` and ``labels`` and its own
@@ -749,7 +888,7 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
             False: it is this rank's partial ``δ_r W_r``, for a caller whose own autograd op sums it
             (Megatron's ``copy_to_tensor_model_parallel_region`` or, with sequence parallelism, the
             reduce-scatter in the backward of ``gather_from_sequence_parallel_region``).
-        ignore_index, reduction, chunk_tokens, backend: as in :func:`fused_linear_cross_entropy`.
+        ignore_index, reduction, chunk_tokens, backend, u_method: as in :func:`fused_linear_cross_entropy`.
 
     With a group of one rank (or torch.distributed not initialised) this *is*
     :func:`fused_linear_cross_entropy` (``vocab_start`` must then be 0). Communication per chunk: one
@@ -765,7 +904,7 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
                              "whole vocabulary (vocab_start=0); pass the tensor-parallel group as group=")
         return fused_linear_cross_entropy(hidden, weight_shard, labels, ignore_index=ignore_index,
                                           reduction=reduction, projection=projection, chunk_tokens=chunk_tokens,
-                                          backend=backend)
+                                          backend=backend, u_method=u_method)
     hidden2, labels1 = _flatten_checked(hidden, weight_shard, labels, reduction, chunk_tokens)
     V_r = weight_shard.shape[0]
     if projection is not None and (projection.V < vocab_start + V_r or projection.d != hidden2.shape[1]):
@@ -773,11 +912,12 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
                          f"[{vocab_start}, {vocab_start + V_r}) with d={hidden2.shape[1]}: build the projection "
                          "for the full (padded) vocabulary")
     be = resolve_backend(backend, hidden.device)
+    _check_u_method(u_method, be)
     return _run(hidden2, weight_shard, labels1, ignore_index, reduction, projection, chunk_tokens, be,
-                VocabShard(vocab_start, group, bool(reduce_dx)))
+                VocabShard(vocab_start, group, bool(reduce_dx)), u_method=u_method)
 
 
-__all__ = ["LinearCEOutput", "VocabShard", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
+__all__ = ["LinearCEOutput", "VocabShard", "U_METHODS", "proj_u_triton", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
            "vocab_parallel_fused_linear_cross_entropy", "vocab_parallel_cross_entropy_ref",
            "ce_delta_triton", "ce_delta_torch", "ce_shard_stats_triton", "ce_shard_stats_torch",
            "ce_shard_delta_triton", "ce_shard_delta_torch", "ce_vocab_parallel"]

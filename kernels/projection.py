@@ -105,7 +105,7 @@ class Projection:
         return g @ self.R.to(g.device, g.dtype).t()
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as fp32. fp32 operands: a plain fp32 GEMM. bf16/fp16 operands: on CUDA a GEMM with an
     fp32 output (``out_dtype``, fp32 accumulation and no rounding of the result); elsewhere, or where that
     overload is missing, the GEMM in the operand dtype (the BLAS accumulates in fp32 and rounds the
@@ -139,7 +139,7 @@ def project_u(delta: torch.Tensor, projection: Projection, *, chunk_tokens: int 
     p1t, scale = projection.operand("P1", op_dtype, flat.device)
     u = torch.empty(flat.shape[0], projection.k1, device=flat.device, dtype=torch.float32)
     for s in range(0, flat.shape[0], chunk_tokens):
-        u[s:s + chunk_tokens] = _mm_fp32(flat[s:s + chunk_tokens].to(op_dtype), p1t)
+        u[s:s + chunk_tokens] = mm_fp32(flat[s:s + chunk_tokens].to(op_dtype), p1t)
     if scale != 1.0:
         u.mul_(scale)
     return u.reshape(*lead, projection.k1)

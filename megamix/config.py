@@ -18,6 +18,8 @@ MIX_KINDS = ("natural", "uniform", "temperature", "explicit", "file")
 #: strategies in the layering, so it cannot import the registry)
 STRATEGY_NAMES = ("static", "rnb", "rnb-damped", "dograph", "dograph-sample")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+#: megamix.kernels.fused_linear_ce.U_METHODS (kept in step by a test, as above)
+U_METHODS = ("fused", "gemm", "augmented", "tiled")
 OPTIMIZERS = ("auto", "adamw", "fused_adam", "apex_fused_adam")
 
 
@@ -231,6 +233,10 @@ class ProjectionConfig(ConfigBase):
     k: int = doc("Optional dense second stage: compress each k1*k2 per-sample row to k dims "
                  "(0 = off, rows stay k1*k2).", 0)
     backend: str = doc("Kernel backend: auto (triton on CUDA, else torch) | torch | triton.", "auto")
+    u_method: str = doc("Where the fused loss computes u = δ P1ᵀ: fused (inside the CE pass, default) | gemm (one "
+                        "more GEMM per δ chunk) | augmented (extra columns of the dX GEMM, δ [W | P1ᵀ]; one extra "
+                        "copy of W in memory) | tiled (a 128-row-tile Triton kernel; CUDA/Triton only). δ, the "
+                        "loss and dW are bit-identical for all four; see kernels/bench/results/SUMMARY.md.", "fused")
 
     def validate(self):
         check(self.k1 >= 1 and self.k2 >= 1, "projection.k1 and projection.k2 must be >= 1")
@@ -240,6 +246,11 @@ class ProjectionConfig(ConfigBase):
         check(self.k >= 0, f"projection.k must be >= 0 (0 disables the second stage; got {self.k})")
         check(self.backend in ("auto", "torch", "triton"),
               f"projection.backend must be auto, torch or triton (got {self.backend!r})")
+        check(self.u_method in U_METHODS,
+              f"projection.u_method must be one of {', '.join(U_METHODS)} (got {self.u_method!r})")
+        check(not (self.u_method == "tiled" and self.backend == "torch"),
+              "projection.u_method=tiled is a Triton kernel but projection.backend=torch: set projection.u_method=gemm "
+              "or projection.backend=auto on a CUDA machine")
         return self
 
 

@@ -178,7 +178,8 @@ class Mixer:
         if num_items_in_batch is not None:
             scale = 1.0 / (float(num_items_in_batch) * self.world_size)
         kw = dict(ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum", projection=proj,
-                  chunk_tokens=self.cfg.projection.chunk_tokens, backend=self.cfg.projection.backend)
+                  chunk_tokens=self.cfg.projection.chunk_tokens, backend=self.cfg.projection.backend,
+                  u_method=self.cfg.projection.u_method)
         if record and self.reweighting:
             return self._reweighted_loss(hidden.reshape(b * T, d), weight, labels, domain_ids, sample_ids,
                                          proj, scale, num_items_in_batch, kw)
@@ -333,7 +334,8 @@ class Mixer:
                 out = fused_linear_cross_entropy(h.reshape(b * T, dim), W, labels.reshape(-1).to(h.device),
                                                  ignore_index=-100, reduction="mean", projection=proj,
                                                  chunk_tokens=self.cfg.projection.chunk_tokens,
-                                                 backend=self.cfg.projection.backend)
+                                                 backend=self.cfg.projection.backend,
+                                                 u_method=self.cfg.projection.u_method)
                 g = proj.finalize(per_sample_grads(out.u, out.w, _sample_index(b, T, h.device), b,
                                                    backend=self.cfg.projection.backend))
                 sums[i] += g.double().sum(0).cpu().numpy()

@@ -247,6 +247,9 @@ CASES: list[Case] = [
       ("mixing.dograph_objective",)),
     T("projection_k1_zero", ["projection.k1=0"], ("projection.k1",)),
     T("projection_backend_unknown", ["projection.backend=cuda"], ("projection.backend",)),
+    T("projection_u_method_unknown", ["projection.u_method=cublas"], ("projection.u_method",)),
+    T("projection_u_method_tiled_on_cpu", ["projection.u_method=tiled", "train.device=cpu"],
+      ("projection.u_method=tiled", "train.device=cpu")),
     T("loader_max_epochs_negative", ["loader.max_epochs=-1"], ("loader.max_epochs",)),
     # --- data.* and the token store ------------------------------------------------------------------------
     T("data_dir_missing", ["data.data_dir={tmp}/nodata"], ("{tmp}/nodata",)),

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from megamix.kernels.domain_gram import per_sample_grads
-from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from megamix.kernels.fused_linear_ce import (U_METHODS, fused_linear_cross_entropy, fused_linear_cross_entropy_ref,
+                                             proj_u_triton)
 from megamix.kernels.projection import make_projection
 from megamix.kernels.testing import assert_close
 
@@ -224,3 +225,113 @@ def test_row_weights_reject_bad_input():
         fused_linear_cross_entropy(h, W, y, row_weights=torch.ones(11))
     with pytest.raises(ValueError, match="shape"):
         fused_linear_cross_entropy(h, W, y, row_weights=lambda s, e, u, w: torch.ones(3), row_group=4)
+
+
+# --- where u = δ P1ᵀ is computed (u_method): four designs, one contract -----------------------------------
+METHOD_CASES = [(be, m) for be in BACKENDS for m in U_METHODS if not (m == "tiled" and be == "torch")]
+
+
+@pytest.mark.parametrize("backend,u_method", METHOD_CASES)
+@pytest.mark.parametrize("pad", [False, True])
+def test_u_methods_match_the_reference_and_change_no_training_bit(backend, u_method, pad, monkeypatch):
+    """Every u_method gives u within the tolerance table; the loss, token losses and dW are bit-identical to
+    the projection-off run (δ is written by the same CE pass), and so is dX except under ``augmented``,
+    whose wider dX GEMM may round differently (then within the tolerance table). ``pad`` runs the CUDA
+    zero-padding of W (V=197 -> 208 rows), where W_aug gets zero rows of P1ᵀ too."""
+    import megamix.kernels.fused_linear_ce as flce
+    monkeypatch.setattr(flce, "_PAD_V_ON_CPU", pad)
+    N, d, V = 45, 24, 197
+    h, W, y = _data(N, d, V, seed=12)
+    P = make_projection(V, d, 19, 7, seed=3, device=DEV)
+    ref = fused_linear_cross_entropy_ref(h, W, y, projection=P)
+    runs = []
+    for proj in (None, P):
+        h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h1, W1, y, projection=proj, chunk_tokens=16, backend=backend,
+                                         u_method=u_method)
+        (out.loss * 3.0).backward()
+        runs.append((out, h1.grad, W1.grad))
+    (off, dx0, dw0), (on, dx1, dw1) = runs
+    assert_close(on.u, ref.u, "proj", F32, DEV, f"{u_method} u")
+    assert_close(on.w, ref.w, "proj", F32, DEV, f"{u_method} w")
+    assert torch.all(on.u[y == -100] == 0)
+    assert torch.equal(on.loss, off.loss) and torch.equal(on.token_loss, off.token_loss)
+    assert torch.equal(dw1, dw0)
+    if u_method == "augmented":
+        assert_close(dx1, dx0, "grad", F32, DEV, "augmented dX")
+    else:
+        assert torch.equal(dx1, dx0)
+
+
+@pytest.mark.parametrize("backend,u_method", METHOD_CASES)
+def test_u_methods_feed_row_weights_the_same_projections(backend, u_method):
+    """DoGraph's row-weight function sees each chunk's u before its dX/dW: the same u for every method
+    (within the tolerance), in the one-pass (chunk 26) and two-pass (chunk 5) paths."""
+    B, T, d, V = 4, 13, 12, 101
+    h, W, y = _data(B * T, d, V, seed=13)
+    P = make_projection(V, d, 8, 4, seed=2, device=DEV)
+    ref = fused_linear_cross_entropy_ref(h, W, y, projection=P)
+    r = torch.tensor([0.2, 1.7, 0.0, 1.1], device=DEV).repeat_interleave(T)
+    for chunk in (26, 5):
+        seen = torch.zeros_like(ref.u)
+
+        def fn(s, e, u, w):
+            seen[s:e] = u
+            return r[s:e]
+
+        h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h1, W1, y, projection=P, chunk_tokens=chunk, backend=backend,
+                                         row_weights=fn, row_group=T, u_method=u_method)
+        out.loss.backward()
+        h2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        wref = fused_linear_cross_entropy_ref(h2, W2, y, projection=P, row_weights=r)
+        wref.loss.backward()
+        assert_close(seen, ref.u, "proj", F32, DEV, f"{u_method} chunk {chunk} u seen by row_weights")
+        assert_close(h1.grad, h2.grad, "grad", F32, DEV, f"{u_method} chunk {chunk} weighted dX")
+        assert_close(W1.grad, W2.grad, "grad", F32, DEV, f"{u_method} chunk {chunk} weighted dW")
+
+
+@pytest.mark.parametrize("C,V,k1,split_v,block_m", [(45, 197, 19, None, None), (70, 300, 64, 3, 32),
+                                                     (16, 130, 8, 40, 16), (1, 64, 16, 1, None)])
+def test_proj_u_triton_matches_a_gemm(C, V, k1, split_v, block_m):
+    """The tiled kernel on its own: row tiles that do not divide C, V slices that do not divide V (and more
+    slices asked for than V has tiles), a δ chunk with a row stride wider than V (the padded-logits view)."""
+    g = torch.Generator().manual_seed(C + V)
+    wide = torch.randn(C, V + 5, generator=g).to(DEV)
+    delta = wide[:, :V]
+    p1t = torch.randn(V, k1, generator=g).to(DEV)
+    u = proj_u_triton(delta, p1t, 0.5, split_v=split_v, block_m=block_m)
+    assert_close(u, 0.5 * (delta @ p1t), "proj", F32, DEV, "tiled u")
+
+
+def test_u_method_bad_input_is_named():
+    h, W, y = _data(12, 8, 40)
+    P = make_projection(40, 8, 4, 4, seed=1, device=DEV)
+    with pytest.raises(ValueError, match="u_method must be one of"):
+        fused_linear_cross_entropy(h, W, y, projection=P, u_method="cublas")
+    with pytest.raises(ValueError, match="use u_method='gemm'"):
+        fused_linear_cross_entropy(h, W, y, projection=P, backend="torch", u_method="tiled")
+    with pytest.raises(ValueError, match="split_v"):
+        proj_u_triton(torch.zeros(4, 40, device=DEV), torch.zeros(40, 4, device=DEV), split_v=0)
+    with pytest.raises(ValueError, match="P1ᵀ"):
+        proj_u_triton(torch.zeros(4, 40, device=DEV), torch.zeros(39, 4, device=DEV))
+
+
+def test_augmented_without_a_dx_gemm_still_gives_u():
+    """No gradient (eval, or hidden without grad): there is no dX GEMM to widen, so u comes from a GEMM."""
+    h, W, y = _data(30, 16, 90, seed=6)
+    P = make_projection(90, 16, 8, 4, seed=1, device=DEV)
+    ref = fused_linear_cross_entropy_ref(h, W, y, projection=P)
+    with torch.no_grad():
+        out = fused_linear_cross_entropy(h, W, y, projection=P, chunk_tokens=8, backend="torch", u_method="augmented")
+    assert_close(out.u, ref.u, "proj", F32, DEV, "no-grad augmented u")
+    W1 = W.clone().requires_grad_()   # dW only (hidden needs no grad)
+    out = fused_linear_cross_entropy(h, W1, y, projection=P, chunk_tokens=8, backend="torch", u_method="augmented")
+    out.loss.backward()
+    assert_close(out.u, ref.u, "proj", F32, DEV, "dW-only augmented u")
+
+
+def test_config_u_methods_match_the_kernel():
+    """config.py sits below kernels in the layering and keeps its own copy of the names."""
+    from megamix.config import U_METHODS as CONFIG_U_METHODS
+    assert CONFIG_U_METHODS == U_METHODS

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from megamix.kernels.domain_gram import fused_domain_stats, per_sample_grads, per_sample_grads_ref
-from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from megamix.kernels.fused_linear_ce import (U_METHODS, fused_linear_cross_entropy, fused_linear_cross_entropy_ref,
+                                             proj_u_triton)
 from megamix.kernels.projection import make_projection
 from megamix.kernels.testing import assert_close
 
@@ -71,3 +72,40 @@ def test_gpu_segment_reduction_and_sum_identity():
     ref_s = torch.zeros_like(sums).index_add_(0, dom, g)
     assert_close(sums, ref_s, "proj", torch.float32, "cuda", "fused domain sums")
     assert counts.tolist() == [4, 2, 2, 0]
+
+
+@pytest.mark.parametrize("u_method", U_METHODS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_gpu_u_methods(u_method, dt):
+    """Each u_method on compiled Triton: u within the table; loss, dW bit-identical to the projection-off
+    run; dX bit-identical except under ``augmented`` (reported when it differs, and within the table)."""
+    dtype = DT[dt]
+    h, W, y = _data(3000, 512, 50257, dtype, seed=6)
+    P = make_projection(50257, 512, 64, 64, seed=7, device="cuda")
+    ref = fused_linear_cross_entropy_ref(h.float(), W.float(), y, projection=P)
+    res = []
+    for proj in (None, P):
+        h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fused_linear_cross_entropy(h1, W1, y, projection=proj, chunk_tokens=1024, backend="triton",
+                                         u_method=u_method)
+        out.loss.backward()
+        res.append((out, h1.grad, W1.grad))
+    (off, dx0, dw0), (on, dx1, dw1) = res
+    assert_close(on.u, ref.u, "proj", dtype, "cuda", f"{u_method}/{dt} u")
+    assert torch.equal(on.loss, off.loss) and torch.equal(dw1, dw0)
+    if u_method == "augmented":
+        if not torch.equal(dx1, dx0):
+            print(f"augmented/{dt}: dX differs from the projection-off dX by at most "
+                  f"{(dx1.float() - dx0.float()).abs().max().item():.3e}")
+        assert_close(dx1.float(), dx0.float(), "grad", dtype, "cuda", f"augmented/{dt} dX")
+    else:
+        assert torch.equal(dx1, dx0)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_gpu_proj_u_tiled_kernel(dt):
+    g = torch.Generator().manual_seed(0)
+    delta = (torch.randn(4096, 32000, generator=g) * 1e-3).cuda().to(DT[dt])
+    p1t = torch.randint(0, 2, (32000, 64), generator=g).float().mul(2).sub(1).cuda().to(DT[dt])
+    u = proj_u_triton(delta, p1t, 0.125)
+    assert_close(u, 0.125 * (delta.float() @ p1t.float()), "proj", DT[dt], "cuda", f"tiled u {dt}")

@@ -125,12 +125,15 @@ def _check_weighted(model, mixer, step_fn):
     return w
 
 
-@pytest.mark.parametrize("backend,chunk", [("torch", 4096), ("torch", 25), ("torch", 5), ("triton", 40),
-                                           ("triton", 7)])
-def test_fused_weighted_gradient_reaches_the_whole_network(tiny_store, backend, chunk):
+@pytest.mark.parametrize("backend,chunk,u_method", [
+    ("torch", 4096, "fused"), ("torch", 25, "fused"), ("torch", 5, "fused"), ("triton", 40, "fused"),
+    ("triton", 7, "fused"), ("torch", 25, "augmented"), ("torch", 5, "gemm"), ("triton", 40, "tiled")])
+def test_fused_weighted_gradient_reaches_the_whole_network(tiny_store, backend, chunk, u_method):
     """chunk 4096: one chunk; 25: chunks of 2 samples (cut at 24 tokens); 5 < seq_len 12: the two-pass
-    recompute. Triton: the interpreted CE kernel in both regimes."""
-    mixer = _mixer(tiny_store, f"projection.backend={backend}", f"projection.chunk_tokens={chunk}")
+    recompute. Triton: the interpreted CE kernel in both regimes. The other projection.u_method values run
+    through the mixer too (their u feeds the cluster weights before dX/dW)."""
+    mixer = _mixer(tiny_store, f"projection.backend={backend}", f"projection.chunk_tokens={chunk}",
+                   f"projection.u_method={u_method}")
     torch.manual_seed(0)
     model = TinyLM()
     _first_round(model, mixer, lambda b: _fused_step(model, mixer, b))

@@ -22,7 +22,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--shapes", default=None,
                    help="explicit V:d:N list, e.g. 128256:4096:16384,32000:768:16384 (overrides --V/--d/--N)")
     p.add_argument("--k", type=_ks, default=None, help="k1xk2 list, e.g. 32x32,64x64,128x64")
-    p.add_argument("--methods", default="fused+proj,fused,eager+proj,liger,cce")
+    p.add_argument("--methods", default="floor,fused+proj,fused,eager+proj,liger,cce",
+                   help="floor = the three GEMMs alone (same chunking); fused+proj, fused, eager+proj, liger, cce")
+    p.add_argument("--u-methods", default="fused",
+                   help="where fused+proj computes u = δ P1ᵀ: comma list of fused,gemm,augmented,tiled "
+                        "(tiled: Triton only)")
+    p.add_argument("--chunks", type=_ints, default=None,
+                   help="chunk_tokens sweep for floor/fused/fused+proj, e.g. 4096,8192,16384 (default: --chunk)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--chunk", type=int, default=8192, help="chunk_tokens of the fused kernel")
     p.add_argument("--backend", default="auto")
@@ -33,4 +39,18 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--out-dir", default="kernels/bench/results")
     p.add_argument("--tag", default=None, help="output file stem (default: bench_<gpu|cpu>)")
     p.add_argument("--_cpu-case", dest="cpu_case", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def build_domain_gram_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Options of ``kernels/bench/bench_domain_gram.py`` (``megamix bench gram``)."""
+    p = p or argparse.ArgumentParser(description="Per-sample reduction and domain Gram microbenchmark.")
+    p.add_argument("--cpu", action="store_true", help="CPU mode (torch backend only) even when CUDA is present")
+    p.add_argument("--shapes", default=None, help="N:T list, e.g. 16384:2048,16384:256 (T = tokens per sample)")
+    p.add_argument("--k", type=_ks, default=None, help="k1xk2 list, e.g. 32x32,64x64,128x64")
+    p.add_argument("--D", default=None, help="domain counts, comma separated, e.g. 8,64")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out-dir", default="kernels/bench/results")
+    p.add_argument("--tag", default=None, help="output file stem (default: bench_domain_gram_<gpu|cpu>)")
     return p

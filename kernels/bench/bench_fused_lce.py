@@ -1,13 +1,18 @@
 """Microbenchmark of the fused linear cross-entropy with factored gradient projection.
 
 GPU mode (default when CUDA is present): for each (V, d, N) and k1×k2 it times, in the same run,
-- ``fused+proj k1xk2``: megamix fused LCE emitting u, w (+ the segmented per-sample reduction),
+- ``floor``: the step's three GEMMs alone (logits ``x Wᵀ``, dX ``δ W``, dW ``δᵀ x``) with the same chunking
+  and padding as the fused step and no CE pass: the physical floor the fused step is compared with,
+- ``fused+proj k1xk2`` (``fused+proj[<u_method>] k1xk2`` for the non-default ``--u-methods``): megamix fused
+  LCE emitting u, w (+ the segmented per-sample reduction),
 - ``fused``: the same kernel with projection off,
 - ``eager+proj``: full logits + F.cross_entropy + autograd + a separate projection of dlogits,
 - ``liger`` / ``cce``: Liger-Kernel's fused linear CE and Apple's cut-cross-entropy, when importable,
 for ``forward`` (gradient-in-forward kernels do their GEMMs here), ``backward`` and ``full``
-(forward+backward), and reports median ms, TFLOP/s (6NVd per full step), peak extra memory and the
-projection overhead against ``fused``. Results are written as JSON + CSV with device, versions and date.
+(forward+backward), and reports median ms, TFLOP/s (6NVd per full step), peak extra memory, the
+projection overhead against ``fused`` at the same chunk size, and every full step as a ratio to the floor
+(same chunk size, and the best floor over the chunk sizes of ``--chunks``). Results are written as JSON +
+CSV with device, versions (and whether they are the pinned ones) and date.
 
 CPU mode (``--cpu``): the torch path at small shapes, plus the ratio of the factored projection
 (u = P1 δ, w = P2 a, g_i = Σ u wᵀ) against materialise-then-project (G_i = Σ δ aᵀ, then P1 G_i P2ᵀ)
@@ -16,11 +21,7 @@ at V=8k, d=512, B=16, T=128 (time, and peak memory measured in fresh subprocesse
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,69 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from megamix.kernels.bench.args import build_parser
+from megamix.kernels.bench.common import env_info, peak_mb, time_ms, write_json_csv
 from megamix.kernels.domain_gram import per_sample_grads
-from megamix.kernels.fused_linear_ce import ce_delta_torch, ce_delta_triton, fused_linear_cross_entropy
+from megamix.kernels.fused_linear_ce import (U_METHODS, ce_delta_torch, ce_delta_triton,
+                                             fused_linear_cross_entropy)
 from megamix.kernels.projection import make_projection
-
-
-# ----------------------------------------------------------------------------------------------
-# timing helpers
-# ----------------------------------------------------------------------------------------------
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, dev, warmup: int, iters: int) -> list[float]:
-    """Milliseconds per call (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    out = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def _peak_mb(fn, dev) -> float:
-    """Peak memory (MB) allocated by ``fn`` above what was allocated before it (CUDA only)."""
-    if dev.type != "cuda":
-        return float("nan")
-    _sync(dev)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    _sync(dev)
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def env_info(dev) -> dict:
-    info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "device": str(dev),
-            "host": platform.node()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = None
-    if dev.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
-        info["threads"] = torch.get_num_threads()
-        info["loadavg_1m_at_start"] = os.getloadavg()[0]  # other processes sharing the cores skew CPU timings
-    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,8 +47,33 @@ def _leaves(h, W):
     return h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
 
 
-def make_method(name: str, h, W, y, proj, chunk: int, backend: str):
+def _floor_method(h, W, chunk: int):
+    """The fused step's three GEMMs alone, chunk by chunk: logits = x Wᵀ, dX = logits W, dW += logitsᵀ x (the
+    logits stand in for δ; GEMM time does not depend on the values). W is zero-padded to a multiple of 16 rows
+    on CUDA exactly as the fused driver does, so the shapes are the same."""
+    N, d = h.shape
+    Wc = W
+    if h.is_cuda and W.shape[0] % 16:
+        Wc = torch.cat([W, W.new_zeros(16 - W.shape[0] % 16, d)])
+    dX = torch.empty_like(h)
+
+    def fwd():
+        dW = Wc.new_zeros(Wc.shape)
+        for s in range(0, N, chunk):
+            x = h[s:s + chunk]
+            logits = torch.mm(x, Wc.t())
+            torch.mm(logits, Wc, out=dX[s:s + chunk])
+            dW.addmm_(logits.t(), x)
+            del logits
+        return dW
+
+    return fwd, (lambda state: None), (lambda: None)
+
+
+def make_method(name: str, h, W, y, proj, chunk: int, backend: str, u_method: str = "fused"):
     """Return ``(fwd, bwd, clear)``; ``fwd()`` returns the state ``bwd(state)`` needs, ``clear()`` drops grads."""
+    if name == "floor":
+        return _floor_method(h, W, chunk)
     hl, Wl = _leaves(h, W)
 
     def clear():
@@ -119,7 +87,8 @@ def make_method(name: str, h, W, y, proj, chunk: int, backend: str):
 
         def fwd():
             clear()
-            out = fused_linear_cross_entropy(hl, Wl, y, projection=p, chunk_tokens=chunk, backend=backend)
+            out = fused_linear_cross_entropy(hl, Wl, y, projection=p, chunk_tokens=chunk, backend=backend,
+                                             u_method=u_method)
             if p is not None:
                 per_sample_grads(out.u, out.w, sample_index, B, backend=backend)
             return out.loss
@@ -161,34 +130,67 @@ def make_method(name: str, h, W, y, proj, chunk: int, backend: str):
     raise ValueError(f"unknown method {name!r}")
 
 
-def bench_shape(V, d, N, ks, methods, dtype, chunk, backend, warmup, iters, dev, seed=0) -> list[dict]:
+def _plan(V, d, ks, methods, chunks, u_methods, dev) -> list[tuple]:
+    """(label, method, projection, chunk, u_method) of every timed row of one shape, floor first."""
+    projs = {(k1, k2): make_projection(V, d, k1, k2, seed=1, device=dev) for k1, k2 in ks}
+    plan = []
+    for m in sorted(methods, key=lambda m: m != "floor"):
+        if m == "fused+proj":
+            plan += [(f"fused+proj {k1}x{k2}" if um == "fused" else f"fused+proj[{um}] {k1}x{k2}", m, projs[k], c, um)
+                     for c in chunks for k in ks for um in u_methods for k1, k2 in [k]]
+        elif m in ("fused", "floor"):
+            plan += [(m, m, None, c, None) for c in chunks]
+        elif m == "eager+proj":
+            plan += [(f"{m} {k1}x{k2}", m, projs[(k1, k2)], None, None) for k1, k2 in ks]
+        else:
+            plan.append((m, m, None, None, None))
+    return plan
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Overhead vs ``fused`` at the same chunk size, ratio vs the floor at the same chunk size and vs the best
+    floor of the shape, and ratio vs the fastest baseline (eager, Liger, CCE)."""
+    ok = [r for r in rows if r["full_ms"]]
+    fused = {r["chunk_tokens"]: r["full_ms"] for r in ok if r["method"] == "fused"}
+    floor = {r["chunk_tokens"]: r["full_ms"] for r in ok if r["method"] == "floor"}
+    best_floor = min(floor.values()) if floor else None
+    others = [r["full_ms"] for r in ok if r["method"] in ("liger", "cce") or r["method"].startswith("eager")]
+    best = min(others) if others else None
+    for r in ok:
+        c = r["chunk_tokens"]
+        if c in fused and r["method"] != "floor":
+            r["overhead_pct_vs_fused"] = 100.0 * (r["full_ms"] / fused[c] - 1.0)
+        if c in floor:
+            r["ratio_vs_floor"] = r["full_ms"] / floor[c]
+        if best_floor:
+            r["ratio_vs_best_floor"] = r["full_ms"] / best_floor
+        if best:
+            r["ratio_vs_best_baseline"] = r["full_ms"] / best
+
+
+def bench_shape(V, d, N, ks, methods, dtype, chunk, backend, warmup, iters, dev, seed=0, *, chunks=None,
+                u_methods=("fused",)) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     h = (torch.randn(N, d, generator=g) / 2).to(dev, dtype)
     W = (torch.randn(V, d, generator=g) / d ** 0.5).to(dev, dtype)
     y = torch.randint(0, V, (N,), generator=g).to(dev)
     flops = 6.0 * N * V * d
     rows = []
-    plan = []
-    for m in methods:
-        if m == "fused+proj" or m == "eager+proj":
-            plan += [(f"{m} {k1}x{k2}", m, make_projection(V, d, k1, k2, seed=1, device=dev)) for k1, k2 in ks]
-        else:
-            plan.append((m, m, None))
-    for label, m, proj in plan:
+    for label, m, proj, c, um in _plan(V, d, ks, methods, list(chunks or [chunk]), list(u_methods), dev):
         row = {"V": V, "d": d, "N": N, "dtype": str(dtype).replace("torch.", ""), "method": label,
-               "chunk_tokens": chunk if m.startswith("fused") else None,
+               "u_method": um, "chunk_tokens": c,
                "k1": proj.k1 if proj is not None else None, "k2": proj.k2 if proj is not None else None}
         try:
-            fwd, bwd, clear = make_method(m, h, W, y, proj, chunk, backend)
-            t_full = _time(lambda: bwd(fwd()), dev, warmup, iters)
+            fwd, bwd, clear = make_method(m, h, W, y, proj, c or chunk, backend, um or "fused")
+            t_full = time_ms(lambda: bwd(fwd()), dev, warmup, iters)
             state_holder = []
-            t_fwd = _time(lambda: state_holder.append(fwd()) or state_holder.clear(), dev, warmup, iters)
+            t_fwd = time_ms(lambda: state_holder.append(fwd()) or state_holder.clear(), dev, warmup, iters)
             bwd_times = []
             for _ in range(iters):
                 st = fwd()
-                bwd_times += _time(lambda: bwd(st), dev, 0, 1)
+                bwd_times += time_ms(lambda: bwd(st), dev, 0, 1)
             clear()  # peak counts everything the step allocates, gradients included
-            peak = _peak_mb(lambda: bwd(fwd()), dev)
+            peak = peak_mb(lambda: bwd(fwd()), dev)
             clear()
             row.update(full_ms=statistics.median(t_full), forward_ms=statistics.median(t_fwd),
                        backward_ms=statistics.median(bwd_times), peak_mb=peak,
@@ -200,16 +202,7 @@ def bench_shape(V, d, N, ks, methods, dtype, chunk, backend, warmup, iters, dev,
         print(json.dumps(row), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    base = next((r for r in rows if r["method"] == "fused" and r["full_ms"]), None)
-    others = [r["full_ms"] for r in rows if r["method"] in ("liger", "cce", "eager") or
-              r["method"].startswith("eager")]
-    others = [o for o in others if o]
-    best = min(others) if others else None
-    for r in rows:
-        if base and r["full_ms"]:
-            r["overhead_pct_vs_fused"] = 100.0 * (r["full_ms"] / base["full_ms"] - 1.0)
-        if best and r["full_ms"]:
-            r["ratio_vs_best_baseline"] = r["full_ms"] / best
+    _add_ratios(rows)
     return rows
 
 
@@ -227,16 +220,16 @@ def sweep_ce(dev, dtype, C=8192, V=128256, k1=64, warmup=3, iters=10) -> list[di
     for kind, bm, bv, nw in cfgs:
         p = None if kind == "noproj" else p1t
         try:
-            t = _time(lambda: (logits.copy_(logits0), ce_delta_triton(logits, y, 1.0 / C, -100, p, s1, block_m=bm,
+            t = time_ms(lambda: (logits.copy_(logits0), ce_delta_triton(logits, y, 1.0 / C, -100, p, s1, block_m=bm,
                                                                         block_v=bv, num_warps=nw)), dev, warmup, iters)
-            tc = _time(lambda: logits.copy_(logits0), dev, warmup, iters)
+            tc = time_ms(lambda: logits.copy_(logits0), dev, warmup, iters)
             ms = statistics.median(t) - statistics.median(tc)
             res.append({"proj": p is not None, "BM": bm, "BV": bv, "warps": nw, "ce_ms": ms,
                         "GB_per_s": 3 * C * V * logits.element_size() / (ms * 1e-3) / 1e9})
         except Exception as e:
             res.append({"proj": p is not None, "BM": bm, "BV": bv, "warps": nw, "error": str(e)[:200]})
         print(json.dumps(res[-1]), flush=True)
-    t = _time(lambda: (logits.copy_(logits0), ce_delta_torch(logits, y, 1.0 / C, -100, p1t, s1)), dev, 1, 3)
+    t = time_ms(lambda: (logits.copy_(logits0), ce_delta_torch(logits, y, 1.0 / C, -100, p1t, s1)), dev, 1, 3)
     res.append({"proj": True, "torch_ce_ms": statistics.median(t)})
     return res
 
@@ -324,18 +317,10 @@ def cpu_projection_ratio(ks=((64, 64), (32, 32))) -> list[dict]:
 # output
 # ----------------------------------------------------------------------------------------------
 def write_results(out_dir: Path, tag: str, meta: dict, rows: list[dict], extra: dict) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jp, cp = out_dir / f"{tag}.json", out_dir / f"{tag}.csv"
-    jp.write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
-    keys = ["V", "d", "N", "dtype", "method", "k1", "k2", "chunk_tokens", "forward_ms", "backward_ms", "full_ms",
-            "tflops", "peak_mb", "overhead_pct_vs_fused", "ratio_vs_best_baseline", "error"]
-    with cp.open("w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys + ["gpu", "torch", "triton", "date"], extrasaction="ignore")
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({**r, "gpu": meta.get("gpu", meta.get("cpu")), "torch": meta["torch"],
-                         "triton": meta["triton"], "date": meta["date"]})
-    return jp, cp
+    keys = ["V", "d", "N", "dtype", "method", "u_method", "k1", "k2", "chunk_tokens", "forward_ms", "backward_ms",
+            "full_ms", "tflops", "peak_mb", "overhead_pct_vs_fused", "ratio_vs_floor", "ratio_vs_best_floor",
+            "ratio_vs_best_baseline", "error"]
+    return write_json_csv(out_dir, tag, meta, rows, extra, keys)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -357,8 +342,15 @@ def main(args: argparse.Namespace) -> int:
     methods = [m for m in args.methods.split(",") if m]
     if not cuda:
         methods = [m for m in methods if m not in ("liger", "cce")]
+    u_methods = [m for m in args.u_methods.split(",") if m]
+    bad = [m for m in u_methods if m not in U_METHODS]
+    if bad:
+        raise SystemExit(f"bench: --u-methods {','.join(bad)} unknown; use some of {','.join(U_METHODS)}")
+    if args.backend == "torch" or not cuda:
+        u_methods = [m for m in u_methods if m != "tiled"] or ["fused"]   # tiled is Triton-only
+    chunks = args.chunks or [args.chunk]
     meta = env_info(dev)
-    meta.update(chunk_tokens=args.chunk, warmup=args.warmup, iters=args.iters, dtype=str(dtype))
+    meta.update(chunk_tokens=chunks, u_methods=u_methods, warmup=args.warmup, iters=args.iters, dtype=str(dtype))
     tag = args.tag or f"bench_{'gpu' if cuda else 'cpu'}"
     out_dir = Path(args.out_dir)
     rows, extra = [], {}
@@ -374,7 +366,8 @@ def main(args: argparse.Namespace) -> int:
         if time.time() - t0 > args.time_budget:
             extra.setdefault("skipped_shapes", []).append([v, dd, n])
             continue
-        rows += bench_shape(v, dd, n, ks, methods, dtype, args.chunk, args.backend, args.warmup, args.iters, dev)
+        rows += bench_shape(v, dd, n, ks, methods, dtype, args.chunk, args.backend, args.warmup, args.iters, dev,
+                            chunks=chunks, u_methods=u_methods)
         write_results(out_dir, tag, meta, rows, extra)
     if not cuda:
         extra["projection_ratio"] = cpu_projection_ratio()

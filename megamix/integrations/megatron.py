@@ -223,7 +223,7 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
     out = vocab_parallel_fused_linear_cross_entropy(
         hidden.reshape(-1, d), weight_shard, token_labels.reshape(-1), vocab_start=vocab_start, group=tp_group,
         ignore_index=-100, reduction="mean", projection=mixer.projection_for(V, d, hidden.device) if record else None,
-        chunk_tokens=p.chunk_tokens, backend=p.backend, reduce_dx=reduce_dx)
+        chunk_tokens=p.chunk_tokens, backend=p.backend, reduce_dx=reduce_dx, u_method=p.u_method)
     if record:
         u, w, token_loss = out.u, out.w, out.token_loss
         if seq_first:

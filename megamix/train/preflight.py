@@ -25,7 +25,7 @@ from typing import Any
 
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
-from megamix.train.backend import Backend, make_backend
+from megamix.train.backend import Backend, make_backend, resolve_device
 
 
 @dataclass
@@ -135,6 +135,10 @@ def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int =
     backend = backend or make_backend(cfg, rank, world_size)
     world_size = backend.world_size
     notes = backend.check(cfg)
+    if (cfg.projection.enabled and cfg.projection.u_method == "tiled" and cfg.projection.backend == "auto"
+            and resolve_device(cfg.train.device).type != "cuda"):
+        raise ConfigError(f"projection.u_method=tiled is a Triton kernel but train.device={cfg.train.device} runs on "
+                          "the CPU: set projection.u_method=gemm (or fused) there")
 
     out = Path(cfg.train.out_dir)
     if out.exists() and not out.is_dir():
