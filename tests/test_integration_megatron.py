@@ -37,6 +37,9 @@ N = B * T
 # zero rows that no label points at and chunks 24 tokens by 10; "even" has no padding and one chunk.
 KERNEL_CASES = (("padded", 45, 48, 10), ("even", 64, 64, 64))
 BACKENDS = ("torch", "triton")
+#: (backend, u_method) of the other places u can be computed, run on the padded case (the shard's P1ᵀ rows, W_aug's
+#: zero padding rows and the final all-reduce of u must all agree with the unsharded call)
+U_METHOD_CASES = (("torch", "gemm"), ("torch", "augmented"), ("triton", "augmented"), ("triton", "tiled"))
 GRAD_OUT = 0.75                                  # backward through loss * GRAD_OUT: the grad_output scaling path
 GLUE_S = GLUE_B = 8                              # the glue's micro-batch: seq_len == micro-batch, as in Megatron tests
 GLUE_V, GLUE_V_PAD, GLUE_D = 37, 40, 16
@@ -138,6 +141,9 @@ def _kernel_runs(rank: int) -> dict:
                                      be, vocab_start=s)
     W, hidden, labels, proj = _kernel_data(45, 48)
     s, e = vocab_range(48, rank, TP)
+    for be, um in U_METHOD_CASES:
+        res[("u_method", be, um)] = _fused(vocab_parallel_fused_linear_cross_entropy, W[s:e], hidden, labels, proj, 10,
+                                           be, vocab_start=s, u_method=um)
     rank_part = _fused(vocab_parallel_fused_linear_cross_entropy, W[s:e], hidden, labels, proj, 10, "torch",
                      vocab_start=s, reduce_dx=False)
     res["partial_dX"] = rank_part["dX"]
@@ -238,6 +244,16 @@ def test_vocab_parallel_fused_equals_unsharded(tp_runs, case, backend):
                  dw_rows=vocab_range(v_pad, rank, TP))
     if v_pad != v_real:  # padded rows take part in the softmax, so their gradient is not zero, only unused by labels
         assert tp_runs[-1]["kernel"][(name, backend)]["dW"][v_real - v_pad:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend,u_method", U_METHOD_CASES)
+def test_vocab_parallel_u_methods_equal_unsharded(tp_runs, backend, u_method):
+    W, hidden, labels, proj = _kernel_data(45, 48)
+    ref = _fused(fused_linear_cross_entropy, W, hidden, labels, proj, 10, backend)
+    keys = [("loss", "loss"), ("token_loss", "loss"), ("dX", "grad"), ("dW", "grad"), ("u", "proj"), ("g", "proj")]
+    for rank, res in enumerate(tp_runs):
+        _compare(res["kernel"][("u_method", backend, u_method)], ref, keys, f"{u_method}/{backend}/rank{rank}",
+                 dw_rows=vocab_range(48, rank, TP))
 
 
 def test_reduce_dx_false_returns_the_rank_partial(tp_runs):
