@@ -680,16 +680,14 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
                 dx_u = torch.mm(logits_full, w_aug)
                 dX[s:e] = dx_u[:, :d]
                 u_c = dx_u[:, d:].float()
-                if p1_scale != 1.0:
-                    u_c.mul_(p1_scale)
                 del dx_u
             else:
                 torch.mm(logits_full, w_c, out=dX[s:e])
         if projection is not None:
             if method in ("gemm", "tiled"):   # one more pass over the δ chunk
-                u_c = proj_u_triton(logits, p1t, p1_scale) if method == "tiled" else mm_fp32(logits, p1t)
-                if method == "gemm" and p1_scale != 1.0:
-                    u_c.mul_(p1_scale)
+                u_c = proj_u_triton(logits, p1t) if method == "tiled" else mm_fp32(logits, p1t)
+            if method != "fused" and p1_scale != 1.0:   # the CE pass scales its own u
+                u_c.mul_(p1_scale)
             u[s:e] = u_c
             torch.mm(x.float(), p2t, out=w[s:e])
             if p2_scale != 1.0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -107,8 +108,6 @@ def _paper_table(summaries, out: Path, d2v_eval: str | None = D2V_EVAL_DEFAULT) 
     """Each paper's own figure next to ours (ours computed from this suite and the interleaved probe; '—'
     where the suite lacks the run). Loss differences are in nats, so a paper's perplexity ratio p1/p0 is
     shown as ln(p1/p0), the same unit as our Δ avg valid loss."""
-    import math
-
     from megamix.evaluation.harness import aggregate
 
     agg = aggregate(summaries)
