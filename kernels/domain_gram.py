@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from megamix.kernels import launch_configs
 from megamix.kernels.utils import HAS_TRITON, interpreting, next_pow2, resolve_backend, tl, triton
 
 
@@ -113,12 +114,14 @@ def segment_outer_triton(u: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
     if S == 0:
         return out
     offs = offsets.to(device=u.device, dtype=torch.int64).contiguous()
-    BT = block_t or (64 if interpreting() else 32)
+    cfg = launch_configs.segment_outer(k1, k2, interpret=interpreting())
+    BT = block_t or cfg.block_m
     BK1, BK2 = next_pow2(k1, 16), next_pow2(k2, 16)
     ordr = order.to(device=u.device, dtype=torch.int64).contiguous() if order is not None else offs
     _segment_outer_kernel[(S,)](u, u.stride(0), w, w.stride(0), ordr, offs, out, k1, k2,
                                 HAS_ORDER=order is not None, BT=BT, BK1=BK1, BK2=BK2, DOT_PREC="ieee",
-                                num_warps=4)
+                                num_warps=cfg.num_warps,
+                                **({"num_stages": cfg.num_stages} if cfg.num_stages and not interpreting() else {}))
     return out
 
 

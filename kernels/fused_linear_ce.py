@@ -70,6 +70,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from megamix.kernels import launch_configs
 from megamix.kernels.projection import Projection, mm_fp32
 from megamix.kernels.utils import (HAS_TRITON, all_reduce_, cdiv, group_size, interpreting, next_pow2, resolve_backend,
                            tl, triton)
@@ -224,10 +225,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_delta_proj_kernel(logits_ptr, stride_l, labels_ptr, loss_ptr, p1t_ptr, stride_p, u_ptr, stride_u,
-                              C, V, K1, scale, p1_scale, ignore_index,
+                              C, V, K1, scale_ptr, p1_scale, ignore_index,
                               HAS_PROJ: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
                               BK1: tl.constexpr, DOT_IEEE: tl.constexpr):
-        """One program owns BM rows of the chunk and sweeps all of V twice (no atomics).
+        """One program owns BM rows of the chunk and sweeps all of V twice (no atomics). The loss scale
+        ``s`` is read from ``scale_ptr`` (an fp32 scalar on the device: 1/n_valid needs no host read).
 
         Pass 1: online max / sum-exp -> lse; the target logit is read directly.
         Pass 2: δ = s (exp(z - lse) - onehot) stored over z; if HAS_PROJ, u += δ_tile @ P1ᵀ_tile."""
@@ -237,7 +239,7 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)
         y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
         valid = rmask & (y != ignore_index)
-        row_scale = tl.where(valid, scale, 0.0)
+        row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         row_base = logits_ptr + rows64 * stride_l
 
         zy = tl.load(row_base + y, mask=valid, other=0.0).to(tl.float32)
@@ -280,7 +282,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_shard_delta_kernel(logits_ptr, stride_l, labels_ptr, lse_ptr, p1t_ptr, stride_p, u_ptr, stride_u,
-                               C, V, K1, vocab_start, scale, p1_scale, ignore_index,
+                               C, V, K1, vocab_start, scale_ptr, p1_scale, ignore_index,
                                HAS_PROJ: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
                                BK1: tl.constexpr, DOT_IEEE: tl.constexpr):
         """Vocab-parallel pass B: δ from the global lse written over the shard; u_r = δ_r P1_rᵀ."""
@@ -291,7 +293,7 @@ if HAS_TRITON:
         row_base = logits_ptr + rows64 * stride_l
         valid, local = _shard_label(labels_ptr, rows, rmask, vocab_start, V, ignore_index)
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        u_acc = _delta_sweep(row_base, rmask, local, lse, tl.where(valid, scale, 0.0), p1t_ptr, stride_p, V,
+        u_acc = _delta_sweep(row_base, rmask, local, lse, tl.where(valid, tl.load(scale_ptr), 0.0), p1t_ptr, stride_p, V,
                              K1, HAS_PROJ, BM, BV, BK1, DOT_IEEE)
         if HAS_PROJ:
             kcols = tl.arange(0, BK1)
@@ -350,66 +352,55 @@ def _check_triton_dtype(logits: torch.Tensor) -> None:
         raise TypeError(f"logits dtype {logits.dtype} not supported (fp32, fp16, bf16)")
 
 
-def _tile_config(C: int, block_m: int | None, block_v: int | None, num_warps: int | None) -> tuple[int, int, int]:
-    """(BM, BV, warps) of the CE passes; the same with or without the projection, so the online-softmax
-    order (hence δ and the training gradients) never depends on it."""
-    if interpreting():
-        return block_m or min(64, next_pow2(C, 16)), block_v or 64, 4
-    # Chosen from an H200 sweep of this pass (kernels/bench/results/gpu_h200: 16x256/8 warps is the
-    # fastest without projection, 1.69 ms per 8192x128256 bf16 chunk, and within 6% of the fastest with
-    # k1=64, 2.74 ms).
-    return block_m or 16, block_v or 256, num_warps or 8
+def scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The loss scale ``s`` as a 0-d fp32 tensor on ``device``. A Python float becomes a device fill (no host
+    copy); a tensor (e.g. ``1/n_valid`` computed on the device) is used as is: neither needs a host sync."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"the loss scale must be a scalar, got shape {tuple(scale.shape)}")
+        return scale.reshape(()).to(device=device, dtype=torch.float32)
+    return torch.full((), float(scale), device=device, dtype=torch.float32)
 
 
-def _proj_launch_args(logits: torch.Tensor, p1t: torch.Tensor | None, dummy: torch.Tensor
-                      ) -> tuple[torch.Tensor | None, dict]:
-    """(u output [C, k1] fp32 or None, the projection-dependent kernel arguments); without a projection the
+def _ce_launch(logits: torch.Tensor, p1t: torch.Tensor | None, dummy: torch.Tensor, block_m: int | None,
+               block_v: int | None, num_warps: int | None) -> tuple[torch.Tensor | None, dict]:
+    """(u output [C, k1] fp32 or None, the launch arguments of a CE pass kernel that depend on the tiles and the
+    projection). Tiles, warps and stages come from :func:`megamix.kernels.launch_configs.ce_pass` (explicit
+    ``block_m``/``block_v``/``num_warps`` override it, for the benchmarks' sweeps); without a projection the
     unused pointers are ``logits`` and the fp32 vector ``dummy``."""
     C = logits.shape[0]
     k1 = p1t.shape[1] if p1t is not None else 1
-    BK1 = next_pow2(k1, 16)
+    interp = interpreting()
+    cfg = launch_configs.ce_pass(C, logits.dtype, p1t.shape[1] if p1t is not None else None, interpret=interp)
     u = torch.empty(C, k1, device=logits.device, dtype=torch.float32) if p1t is not None else None
     u_arg = u if u is not None else dummy
     args = {"p1t_ptr": p1t if p1t is not None else logits, "stride_p": p1t.stride(0) if p1t is not None else 0,
             "u_ptr": u_arg, "stride_u": u_arg.stride(0), "K1": k1,
-            "HAS_PROJ": p1t is not None, "BK1": BK1,
-            "DOT_IEEE": p1t is None or p1t.dtype == torch.float32}
-    if BK1 >= 128 and not interpreting():
-        args["num_stages"] = 2
+            "HAS_PROJ": p1t is not None, "BK1": next_pow2(k1, 16),
+            "DOT_IEEE": p1t is None or p1t.dtype == torch.float32,
+            "BM": block_m or cfg.block_m, "BV": block_v or cfg.block_v,
+            "num_warps": cfg.num_warps if interp else (num_warps or cfg.num_warps)}
+    if cfg.num_stages is not None and not interp:
+        args["num_stages"] = cfg.num_stages
     return u, args
 
 
-def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
+def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor, ignore_index: int,
                     p1t: torch.Tensor | None = None, p1_scale: float = 1.0, *,
                     block_m: int | None = None, block_v: int | None = None, num_warps: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton CE pass: overwrite ``logits [C,V]`` with δ; return (token_loss [C] fp32, u [C,k1] fp32 | None)."""
+    """Triton CE pass: overwrite ``logits [C,V]`` with δ; return (token_loss [C] fp32, u [C,k1] fp32 | None).
+    ``scale``: the loss scale s (a float, or a scalar tensor on the device)."""
     _check_ce_args(logits, labels, p1t)
     _check_triton_dtype(logits)
     C, V = logits.shape
-    BM, BV, warps = _tile_config(C, block_m, block_v, num_warps)
     loss = torch.empty(C, device=logits.device, dtype=torch.float32)
-    u, proj_args = _proj_launch_args(logits, p1t, loss)
+    u, args = _ce_launch(logits, p1t, loss, block_m, block_v, num_warps)
     if C > 0:
-        _ce_delta_proj_kernel[(cdiv(C, BM),)](
-            logits, logits.stride(0), labels, loss, C=C, V=V, scale=float(scale), p1_scale=float(p1_scale),
-            ignore_index=int(ignore_index), BM=BM, BV=BV, num_warps=warps, **proj_args)
+        _ce_delta_proj_kernel[(cdiv(C, args["BM"]),)](
+            logits, logits.stride(0), labels, loss, C=C, V=V, scale_ptr=scale_tensor(scale, logits.device),
+            p1_scale=float(p1_scale), ignore_index=int(ignore_index), **args)
     return loss, u
-
-
-def _proj_tile_config(C: int, V: int, block_m: int | None, block_v: int | None, split_v: int | None,
-                      num_warps: int | None, device: torch.device) -> tuple[int, int, int, int]:
-    """(BM, BV, V slices, warps) of the ``tiled`` projection. On a GPU: 128-row tiles (P1ᵀ is streamed once
-    per 128 rows) and enough V slices for about two programs per SM."""
-    if interpreting():
-        bm, bv, warps = block_m or min(64, next_pow2(C, 16)), block_v or 64, 4
-        target = 2   # two slices: the interpreter exercises the split-V reduction too
-    else:
-        bm, bv, warps = block_m or 128, block_v or 64, num_warps or 8
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    if split_v is None:
-        split_v = max(1, min(cdiv(target, cdiv(max(C, 1), bm)), cdiv(V, bv)))
-    return bm, bv, int(split_v), warps
 
 
 def proj_u_triton(delta: torch.Tensor, p1t: torch.Tensor, p1_scale: float = 1.0, *, block_m: int | None = None,
@@ -427,7 +418,11 @@ def proj_u_triton(delta: torch.Tensor, p1t: torch.Tensor, p1_scale: float = 1.0,
         raise ValueError(f"split_v must be a positive int or None, got {split_v!r}")
     C, V = delta.shape
     k1 = p1t.shape[1]
-    BM, BV, S, warps = _proj_tile_config(C, V, block_m, block_v, split_v, num_warps, delta.device)
+    interp = interpreting()
+    cfg = launch_configs.proj_u(C, V, delta.dtype, k1, interpret=interp)
+    BM, BV = block_m or cfg.block_m, block_v or cfg.block_v
+    warps = cfg.num_warps if interp else (num_warps or cfg.num_warps)
+    S = split_v or launch_configs.proj_u_splits(C, V, BM, BV, interpret=interp, device=delta.device)
     per_split = cdiv(cdiv(V, S), BV) * BV          # each slice a whole number of BV tiles
     S = cdiv(V, per_split)
     part = torch.empty(S, C, k1, device=delta.device, dtype=torch.float32)
@@ -435,7 +430,8 @@ def proj_u_triton(delta: torch.Tensor, p1t: torch.Tensor, p1_scale: float = 1.0,
         _proj_u_kernel[(cdiv(C, BM), S)](delta, delta.stride(0), p1t, p1t.stride(0), part, part.stride(0),
                                          part.stride(1), C, V, k1, per_split, BM=BM, BV=BV,
                                          BK1=next_pow2(k1, 16), DOT_IEEE=p1t.dtype == torch.float32,
-                                         num_warps=warps)
+                                         num_warps=warps,
+                                         **({"num_stages": cfg.num_stages} if cfg.num_stages and not interp else {}))
     u = part[0] if S == 1 else part.sum(0)
     return u.mul_(p1_scale) if p1_scale != 1.0 else u
 
@@ -490,12 +486,12 @@ def ce_shard_stats_triton(logits: torch.Tensor, labels: torch.Tensor, vocab_star
     _check_ce_args(logits, labels, None)
     _check_triton_dtype(logits)
     C, V = logits.shape
-    BM, BV, warps = _tile_config(C, block_m, block_v, num_warps)
     stats = torch.empty(3, C, device=logits.device, dtype=torch.float32)
+    _, args = _ce_launch(logits, None, stats[0], block_m, block_v, num_warps)
+    tiles = {k: args[k] for k in ("BM", "BV", "num_warps", "num_stages") if k in args}
     if C > 0:
-        _ce_shard_stats_kernel[(cdiv(C, BM),)](logits, logits.stride(0), labels, stats[0], stats[1], stats[2],
-                                               C, V, int(vocab_start), int(ignore_index), BM=BM, BV=BV,
-                                               num_warps=warps)
+        _ce_shard_stats_kernel[(cdiv(C, tiles["BM"]),)](logits, logits.stride(0), labels, stats[0], stats[1],
+                                                        stats[2], C, V, int(vocab_start), int(ignore_index), **tiles)
     return stats[0], stats[1], stats[2]
 
 
@@ -511,7 +507,7 @@ def ce_shard_stats_torch(logits: torch.Tensor, labels: torch.Tensor, vocab_start
     return m, sumexp, zy
 
 
-def ce_shard_delta_triton(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: float,
+def ce_shard_delta_triton(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: float | torch.Tensor,
                           vocab_start: int, ignore_index: int, p1t: torch.Tensor | None = None,
                           p1_scale: float = 1.0, *, block_m: int | None = None, block_v: int | None = None,
                           num_warps: int | None = None) -> torch.Tensor | None:
@@ -522,14 +518,13 @@ def ce_shard_delta_triton(logits: torch.Tensor, labels: torch.Tensor, lse: torch
     if lse.shape != (logits.shape[0],) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be fp32 [C={logits.shape[0]}], got {lse.dtype} {tuple(lse.shape)}")
     C, V = logits.shape
-    BM, BV, warps = _tile_config(C, block_m, block_v, num_warps)
     lse = lse.contiguous()
-    u, proj_args = _proj_launch_args(logits, p1t, lse)
+    u, args = _ce_launch(logits, p1t, lse, block_m, block_v, num_warps)
     if C > 0:
-        _ce_shard_delta_kernel[(cdiv(C, BM),)](
+        _ce_shard_delta_kernel[(cdiv(C, args["BM"]),)](
             logits, logits.stride(0), labels, lse, C=C, V=V, vocab_start=int(vocab_start),
-            scale=float(scale), p1_scale=float(p1_scale), ignore_index=int(ignore_index), BM=BM, BV=BV,
-            num_warps=warps, **proj_args)
+            scale_ptr=scale_tensor(scale, logits.device), p1_scale=float(p1_scale), ignore_index=int(ignore_index),
+            **args)
     return u
 
 
