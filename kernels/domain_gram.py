@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from megamix.kernels import launch_configs
-from megamix.kernels.utils import HAS_TRITON, interpreting, next_pow2, resolve_backend, tl, triton
+from megamix.kernels.utils import HAS_TRITON, interpreting, next_pow2, no_autocast, resolve_backend, tl, triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,18 +160,33 @@ def segment_outer_torch(u: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 def _segment_outer(u, w, offsets, order, backend):
     be = resolve_backend(backend, u.device)
-    return (segment_outer_triton if be == "triton" else segment_outer_torch)(u, w, offsets, order)
+    with no_autocast(u.device):
+        return (segment_outer_triton if be == "triton" else segment_outer_torch)(u, w, offsets, order)
 
 
 def per_sample_grads(u: torch.Tensor, w: torch.Tensor, sample_index: torch.Tensor | None = None,
                      num_samples: int | None = None, *, offsets: torch.Tensor | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     tokens_per_sample: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Projected per-sample gradients ``g [B, k1*k2]`` (fp32), ``g_i = Σ_{t∈i} u_t w_tᵀ``.
 
-    Give either ``sample_index [N]`` (sample of each token, < 0 = skip) with ``num_samples``, or
-    ``offsets [B+1]`` for contiguous (packed) samples. Samples need not align with CE chunks.
+    Give exactly one of: ``sample_index [N]`` (sample of each token, < 0 = skip) with ``num_samples``;
+    ``offsets [B+1]`` for contiguous (packed) samples; or ``tokens_per_sample=T`` when the ``N = B·T`` rows are
+    ``B`` consecutive samples of ``T`` tokens each (a loader micro-batch ``[B, T]``), which is one batched GEMM
+    ``[B, k1, T] @ [B, T, k2]`` with no host sync (the other forms read segment bounds on the host). Samples
+    need not align with CE chunks.
     """
     _check_uw(u, w)
+    if tokens_per_sample is not None:
+        if sample_index is not None or offsets is not None:
+            raise ValueError("give exactly one of sample_index (with num_samples), offsets or tokens_per_sample")
+        T = int(tokens_per_sample)
+        if T < 1 or u.shape[0] % T:
+            raise ValueError(f"tokens_per_sample={tokens_per_sample} must be >= 1 and divide the {u.shape[0]} rows")
+        B = u.shape[0] // T
+        k1, k2 = u.shape[1], w.shape[1]
+        with no_autocast(u.device):      # fp32 statistics, also inside a caller's autocast region
+            return torch.bmm(u.float().reshape(B, T, k1).transpose(1, 2),
+                             w.float().reshape(B, T, k2)).reshape(B, k1 * k2)
     if (sample_index is None) == (offsets is None):
         raise ValueError("give exactly one of sample_index (with num_samples) or offsets")
     if offsets is not None:

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from megamix.kernels import launch_configs
-from megamix.kernels.projection import Projection, mm_fp32
+from megamix.kernels.projection import Projection, accumulate_mm_, mm_fp32
 from megamix.kernels.utils import (HAS_TRITON, all_reduce_, cdiv, group_size, interpreting, next_pow2, resolve_backend,
                            tl, triton)
 
@@ -333,6 +333,16 @@ if HAS_TRITON:
         tl.store(part_ptr + pid_s * stride_ps + rows64[:, None] * stride_pr + kcols[None, :], acc,
                  mask=rmask[:, None] & kmask[None, :])
 
+    @triton.jit
+    def _scale_kernel(x_ptr, n, s_ptr, BLOCK: tl.constexpr):
+        """``x *= s`` in place, in fp32 (``s`` an fp32 scalar read from the device), rounded once to x's dtype:
+        the backward's scaling of dX and dW by the loss gradient."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = offs < n
+        s = tl.load(s_ptr)
+        x = tl.load(x_ptr + offs, mask=msk, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=msk)
+
 
 # ----------------------------------------------------------------------------------------------
 # Launchers (own the shape / dtype checks)
@@ -436,12 +446,39 @@ def proj_u_triton(delta: torch.Tensor, p1t: torch.Tensor, p1_scale: float = 1.0,
     return u.mul_(p1_scale) if p1_scale != 1.0 else u
 
 
+def scale_(t: torch.Tensor, s: torch.Tensor, backend: str = "torch", *, block_rows: int = 4096) -> torch.Tensor:
+    """``t *= s`` in place, computed in fp32 whatever ``t``'s dtype (``s``: a scalar tensor on ``t``'s device, read
+    there: no host sync). Multiplying a bf16 tensor by an fp32 tensor in torch would first round ``s`` to bf16
+    (exact only for powers of two); here ``s`` stays fp32 and each element is rounded once. Triton: one pass
+    (:func:`_scale_kernel`); torch: fp32 tensors directly, others ``block_rows`` rows at a time through an fp32
+    copy of the block."""
+    s = scale_tensor(s, t.device)
+    if t.dtype == torch.float32 or t.numel() == 0:
+        return t.mul_(s)
+    if backend == "triton" and t.is_contiguous():
+        _check_triton_dtype(t)
+        n = t.numel()
+        cfg = launch_configs.scale(t.dtype, interpret=interpreting())
+        _scale_kernel[(cdiv(n, cfg.block_m),)](t, n, s, BLOCK=cfg.block_m, num_warps=cfg.num_warps)
+        return t
+    flat = t.view(t.shape[0], -1) if t.dim() > 1 else t.view(-1, 1)
+    for r0 in range(0, flat.shape[0], block_rows):
+        blk = flat[r0:r0 + block_rows]
+        blk.copy_(blk.float().mul_(s))
+    return t
+
+
 def _delta_and_u_torch(logits: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
                        hit: torch.Tensor, valid: torch.Tensor, scale: float, p1t: torch.Tensor | None,
                        p1_scale: float) -> torch.Tensor | None:
     """Turn ``z`` (fp32 view or copy of ``logits``) into δ = scale·valid·(exp(z - lse) - onehot) in place,
     the onehot at column ``target`` of rows where ``hit``; store δ in ``logits``; return u = δ P1ᵀ."""
     z.sub_(lse[:, None]).exp_()
+    return _finish_delta(logits, z, target, hit, valid, scale, p1t, p1_scale)
+
+
+def _finish_delta(logits, z, target, hit, valid, scale, p1t, p1_scale):
+    """``z`` holds the softmax: subtract the onehot, scale, store δ in ``logits``; return u = δ P1ᵀ."""
     z.scatter_add_(1, target[:, None], -hit.to(z.dtype)[:, None])
     z.mul_((valid.to(z.dtype) * scale)[:, None])
     if z.data_ptr() != logits.data_ptr():
@@ -454,18 +491,58 @@ def _delta_and_u_torch(logits: torch.Tensor, z: torch.Tensor, lse: torch.Tensor,
     return u
 
 
-def ce_delta_torch(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
+_FP32_BLOCK_ELEMS = 1 << 22    # torch CE passes on bf16/fp16 logits: fp32 copies of at most 16 MB at a time
+
+
+def _row_blocks(logits: torch.Tensor):
+    """Row ranges a torch CE pass works through: the whole chunk when the logits are fp32 (the pass then works in
+    place, with no temporary of the chunk's size), else blocks of at most an eighth of the chunk's rows and 16 MB,
+    so the pass never holds an fp32 copy of the whole chunk."""
+    C, V = logits.shape
+    step = C if logits.dtype == torch.float32 else max(1, min(C // 8, _FP32_BLOCK_ELEMS // max(V, 1)))
+    return [(r, min(C, r + step)) for r in range(0, C, step)] or [(0, 0)]
+
+
+def ce_delta_torch(logits: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor, ignore_index: int,
                    p1t: torch.Tensor | None = None, p1_scale: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pure-torch CE pass with the same contract as :func:`ce_delta_triton`."""
     _check_ce_args(logits, labels, p1t)
+    blocks = _row_blocks(logits)
+    if len(blocks) > 1:
+        parts = [_ce_delta_torch_block(logits[r0:r1], labels[r0:r1], scale, ignore_index, p1t, p1_scale)
+                 for r0, r1 in blocks]
+        return (torch.cat([p[0] for p in parts]),
+                None if p1t is None else torch.cat([p[1] for p in parts]))
+    return _ce_delta_torch_block(logits, labels, scale, ignore_index, p1t, p1_scale)
+
+
+@torch.no_grad()
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-row cross-entropy ``[C]`` fp32 of ``logits [C, V]`` (no gradient; 0 where ``labels`` is ignored),
+    computed in fp32 a block of rows at a time (:func:`_row_blocks`): bf16 logits never get a second, fp32 copy
+    of their full size. For reading the training loss next to a model's own loss (the capture path)."""
+    out = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    for r0, r1 in _row_blocks(logits):
+        out[r0:r1] = F.cross_entropy(logits[r0:r1].float(), labels[r0:r1], ignore_index=ignore_index,
+                                     reduction="none")
+    return out
+
+
+def _ce_delta_torch_block(logits, labels, scale, ignore_index, p1t, p1_scale):
+    """The CE pass on a block of rows, in place: ``z`` is the logits themselves when they are fp32 (else an fp32
+    copy of the block); the softmax is formed in ``z`` (``exp(z - max) / Σ``), with no temporary of its size."""
     z = logits.float()  # the same tensor when logits are fp32 (then δ is written in place directly)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(z, dim=1)
     zy = z.gather(1, safe[:, None]).squeeze(1)
+    m = z.amax(dim=1)
+    z.sub_(m[:, None]).exp_()
+    total = z.sum(dim=1)
+    lse = m + torch.log(total)
     token_loss = torch.where(valid, lse - zy, torch.zeros_like(lse))
-    u = _delta_and_u_torch(logits, z, lse, safe, valid, valid, scale, p1t, p1_scale)
+    z.div_(total[:, None])
+    u = _finish_delta(logits, z, safe, valid, valid, scale, p1t, p1_scale)
     return token_loss, u
 
 
@@ -596,8 +673,7 @@ def _two_pass_forward(hidden, weight, labels, ignore_index, reduction, projectio
 def _weighted_loss(token_loss, r, labels, ignore_index, reduction):
     total = (token_loss * r).sum()
     if reduction == "mean":
-        n_valid = int((labels != ignore_index).sum())
-        return total / n_valid if n_valid > 0 else total * float("nan")
+        return total / (labels != ignore_index).sum()     # on the device; 0/0 = NaN without a valid token
     return total
 
 
@@ -619,18 +695,18 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
     N, d = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    w_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+    cdt = hidden.dtype           # the GEMMs' operand dtype (the caller cast hidden: autocast, see _run)
     # cuBLAS is several times slower when the logits row stride (V) is not 16-byte aligned (e.g.
     # V=50257): on CUDA, pad W with zero rows to a multiple of 16; padded logits are exactly 0, the CE
     # pass ignores them (it only touches columns < V), and their δ columns stay 0.
     V_pad = V
     if (hidden.is_cuda or _PAD_V_ON_CPU) and V % 16 != 0:
         V_pad = V + (16 - V % 16)
-        w_c = torch.cat([w_c, w_c.new_zeros(V_pad - V, d)])
     valid = labels != ignore_index
-    n_valid = int(valid.sum())
+    n_valid = valid.sum()        # stays on the device: no host sync
     if reduction == "mean":
-        scale = 1.0 / n_valid if n_valid > 0 else 0.0
+        scale = torch.where(n_valid > 0, 1.0 / n_valid.clamp_min(1).to(torch.float32),
+                            torch.zeros((), device=dev, dtype=torch.float32))
     else:
         scale = 1.0
     if shard is None:
@@ -642,26 +718,36 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
     p1t = p2t = w_aug = None
     p1_scale = p2_scale = 1.0
     if projection is not None:
-        low = hidden.dtype in (torch.bfloat16, torch.float16)
+        low = cdt in (torch.bfloat16, torch.float16)
         if method == "augmented":
-            op_dtype = hidden.dtype                       # a column block of the dX GEMM's operand
+            op_dtype = cdt                                # a column block of the dX GEMM's operand
         elif method == "fused":
-            op_dtype = hidden.dtype if (backend == "triton" and low) else torch.float32
+            op_dtype = cdt if (backend == "triton" and low) else torch.float32
         else:                                             # a GEMM on δ as stored (in the logits dtype)
-            op_dtype = hidden.dtype if low else torch.float32
+            op_dtype = cdt if low else torch.float32
         p1t, p1_scale = projection.operand("P1", op_dtype, dev)
         if shard is not None:
             p1t = p1t[shard.start:shard.start + V]  # a contiguous block of rows of P1ᵀ
         p2t, p2_scale = projection.operand("P2", torch.float32, dev)
-        if method == "augmented":  # W_aug = [W | P1ᵀ] (zero rows for the padding): δ W_aug = [dX | u]
-            p1t_rows = p1t if V_pad == V else torch.cat([p1t, p1t.new_zeros(V_pad - V, p1t.shape[1])])
-            w_aug = torch.cat([w_c, p1t_rows], dim=1)
-            del p1t_rows
+    # The GEMM operand W_c: W itself when it already is [V, d] in the compute dtype, else ONE copy that casts
+    # and pads it at once (under autocast F.linear makes the same cast copy); "augmented" appends P1ᵀ's
+    # columns to that same copy, W_aug = [W | P1ᵀ], so δ W_aug = [dX | u].
+    if method == "augmented":
+        w_aug = torch.zeros(V_pad, d + p1t.shape[1], device=dev, dtype=cdt)
+        w_aug[:V, :d].copy_(weight)
+        w_aug[:V, d:].copy_(p1t)
+        w_c = w_aug[:, :d]
+    elif weight.dtype != cdt or V_pad != V:
+        w_c = torch.empty(V_pad, d, device=dev, dtype=cdt)
+        w_c[:V].copy_(weight)
+        w_c[V:].zero_()
+    else:
+        w_c = weight
     token_loss = torch.empty(N, device=dev, dtype=torch.float32)
     u = torch.empty(N, projection.k1, device=dev, dtype=torch.float32) if projection is not None else None
     w = torch.empty(N, projection.k2, device=dev, dtype=torch.float32) if projection is not None else None
     dX = torch.empty_like(hidden) if need_dx else None
-    dW = weight.new_zeros(V_pad, d) if need_dw else None
+    dW = torch.zeros_like(weight) if need_dw else None        # the weight's dtype: fp32 master weights, fp32 dW
     r_all = torch.empty(N, device=dev, dtype=torch.float32) if row_weights is not None else None
     for s in range(0, N, chunk_tokens):
         e = min(N, s + chunk_tokens)
@@ -693,14 +779,9 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
             if need_dx:
                 dX[s:e].mul_(r_all[s:e, None].to(dX.dtype))
         if need_dw:
-            if dW.dtype == logits_full.dtype:
-                dW.addmm_(logits_full.t(), x)
-            else:
-                dW.add_(torch.mm(logits_full.t(), x))
+            accumulate_mm_(dW, logits.t(), x, block_rows=chunk_tokens)
         del logits_full, logits  # free this chunk before the next one is allocated (peak = one chunk)
-    del w_aug
-    if dW is not None and V_pad != V:
-        dW = dW[:V].contiguous()
+    del w_aug, w_c
     if shard is not None:  # one collective each for the whole call, not one per chunk
         if u is not None:
             all_reduce_(u, "sum", shard.group)
@@ -709,7 +790,7 @@ def _chunked_forward(hidden, weight, labels, ignore_index, reduction, projection
     if r_all is not None:
         loss = _weighted_loss(token_loss, r_all, labels, ignore_index, reduction)
     elif reduction == "mean":
-        loss = token_loss.sum() / n_valid if n_valid > 0 else token_loss.sum() * float("nan")
+        loss = token_loss.sum() / n_valid     # 0/0 = NaN for a call with no valid token
     else:
         loss = token_loss.sum()
     return loss, token_loss, u, w, dX, dW
@@ -730,6 +811,7 @@ class _FusedLinearCEFunction(torch.autograd.Function):
                                                           projection, chunk_tokens, backend, need_dx, need_dw,
                                                           shard, row_weights, row_group, u_method)
         ctx.save_for_backward(dX, dW)
+        ctx.backend, ctx.chunk_tokens = backend, chunk_tokens
         empty = hidden.new_empty(0, dtype=torch.float32)
         u = empty if u is None else u
         w = empty if w is None else w
@@ -738,14 +820,16 @@ class _FusedLinearCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _g_tok, _g_u, _g_w):
+        # dX and dW were formed in forward; scale them by the loss's gradient in place, in fp32, on the device
+        # (no host read of grad_loss, no second [V, d] buffer). A second backward through the same forward
+        # fails on the saved tensors' version counter instead of scaling twice.
         dX, dW = ctx.saved_tensors
-        unit = bool(torch.equal(grad_loss, torch.ones_like(grad_loss)))
-        gx = gw = None
+        g = grad_loss.detach().to(torch.float32)
         if dX is not None:
-            gx = dX if unit else dX * grad_loss.to(dX.dtype)
+            scale_(dX, g, ctx.backend, block_rows=ctx.chunk_tokens)
         if dW is not None:
-            gw = dW if unit else dW * grad_loss.to(dW.dtype)
-        return gx, gw, None, None, None, None, None, None, None, None, None, None
+            scale_(dW, g, ctx.backend, block_rows=ctx.chunk_tokens)
+        return dX, dW, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -784,9 +868,34 @@ def _check_u_method(u_method: str, backend: str) -> None:
                          "backend='torch'); use u_method='gemm' there")
 
 
+def head_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's GEMMs run in: under autocast on ``hidden``'s device the autocast dtype, as
+    ``F.linear`` would (bf16 operands with fp32 accumulation, whatever the weight's dtype); otherwise the hidden
+    states' own dtype (the weight is cast to it)."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
+
+
+def head_input(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The hidden states as megamix's LM-head losses (``Mixer.lm_head_loss``, the Megatron loss) hand them to
+    the kernel: under autocast unchanged (the kernel casts them to the autocast dtype, :func:`head_dtype`),
+    otherwise in the weight's dtype, so a bf16 engine runs a bf16 head and fp32 weights an fp32 head."""
+    if torch.is_autocast_enabled(hidden.device.type) or hidden.dtype == weight.dtype:
+        return hidden
+    return hidden.to(weight.dtype)
+
+
 def _run(hidden2, weight, labels1, ignore_index, reduction, projection, chunk_tokens, backend,
          shard: VocabShard | None, row_weights=None, row_group: int = 1, u_method: str = "fused") -> LinearCEOutput:
-    """Through the autograd.Function when a gradient is needed, else the driver alone."""
+    """Through the autograd.Function when a gradient is needed, else the driver alone. The hidden states are
+    cast to :func:`head_dtype` here, outside the Function, so autograd returns their gradient in their own
+    dtype; the weight enters in its own dtype and its gradient comes back in it (fp32 for fp32 master
+    weights)."""
+    cdt = head_dtype(hidden2)
+    if hidden2.dtype != cdt:
+        hidden2 = hidden2.to(cdt)
     with torch.autocast(device_type=hidden2.device.type, enabled=False):
         if torch.is_grad_enabled() and (hidden2.requires_grad or weight.requires_grad):
             loss, token_loss, u, w = _FusedLinearCEFunction.apply(hidden2, weight, labels1, ignore_index,
@@ -910,7 +1019,7 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
                 VocabShard(vocab_start, group, bool(reduce_dx)), u_method=u_method)
 
 
-__all__ = ["LinearCEOutput", "VocabShard", "U_METHODS", "proj_u_triton", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
+__all__ = ["LinearCEOutput", "VocabShard", "U_METHODS", "proj_u_triton", "head_dtype", "head_input", "scale_", "token_cross_entropy", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
            "vocab_parallel_fused_linear_cross_entropy", "vocab_parallel_cross_entropy_ref",
            "ce_delta_triton", "ce_delta_torch", "ce_shard_stats_triton", "ce_shard_stats_torch",
            "ce_shard_delta_triton", "ce_shard_delta_torch", "ce_vocab_parallel"]

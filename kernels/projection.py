@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megamix.kernels.utils import no_autocast
+
 KINDS = ("rademacher", "gaussian")
 
 
@@ -40,6 +42,8 @@ class Projection:
     kind: str = "rademacher"
     seed: int = 0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: whether P1 and P2 hold exactly ±1/sqrt(k) (set by make_projection from its host draws; None = check once)
+    exact_signs: bool | None = field(default=None, repr=False, compare=False)
 
     @property
     def k1(self) -> int:
@@ -63,10 +67,12 @@ class Projection:
         return self.R.shape[0] if self.R is not None else self.k1 * self.k2
 
     def to(self, device=None, dtype=None) -> "Projection":
-        """A copy on another device / dtype (values are the same draws)."""
+        """A copy on another device / dtype (values are the same draws); the copy to a GPU does not block the
+        host."""
         def mv(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
-        return Projection(mv(self.P1), mv(self.P2), mv(self.R), self.kind, self.seed)
+            return None if t is None else t.to(device=device, dtype=dtype, non_blocking=True)
+        exact = self.exact_signs if dtype in (None, torch.float32) else None
+        return Projection(mv(self.P1), mv(self.P2), mv(self.R), self.kind, self.seed, exact_signs=exact)
 
     def operand(self, which: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:
         """``(Mᵀ contiguous [n, k] in dtype, scale)`` such that ``scale * Mᵀ`` equals ``P1ᵀ``/``P2ᵀ``.
@@ -79,8 +85,12 @@ class Projection:
             P = self.P1 if which == "P1" else self.P2
             k = P.shape[0]
             # A hand-built Projection may carry Gaussian values under the default kind: only take the
-            # signs when every entry really is ±1/sqrt(k).
-            if self.kind == "rademacher" and bool(torch.all(P.float().abs() == P.float().abs().max())):
+            # signs when every entry really is ±1/sqrt(k) (known from make_projection's host draws; else checked
+            # here, once per matrix and dtype).
+            if self.exact_signs is None:
+                self.exact_signs = self.kind == "rademacher" and all(
+                    bool(torch.all(M.float().abs() == M.float().abs().max())) for M in (self.P1, self.P2))
+            if self.kind == "rademacher" and self.exact_signs:
                 scale = 1.0 / math.sqrt(k)
                 M = torch.sign(P.float())
             else:
@@ -102,7 +112,8 @@ class Projection:
             raise ValueError(f"finalize expects rows of k1*k2={self.k1 * self.k2}, got {tuple(g.shape)}")
         if self.R is None:
             return g
-        return g @ self.R.to(g.device, g.dtype).t()
+        with no_autocast(g.device):
+            return g @ self.R.to(g.device, g.dtype).t()
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -110,7 +121,7 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fp32 output (``out_dtype``, fp32 accumulation and no rounding of the result); elsewhere, or where that
     overload is missing, the GEMM in the operand dtype (the BLAS accumulates in fp32 and rounds the
     result once to the operand dtype), then upcast."""
-    if a.dtype == torch.float32:
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         try:
@@ -118,6 +129,21 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, TypeError, NotImplementedError):
             pass
     return (a @ b).float()
+
+
+def accumulate_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, block_rows: int = 4096) -> torch.Tensor:
+    """``out += a @ b`` in place, with ``out`` in its own dtype (e.g. an fp32 gradient of fp32 master weights)
+    and ``a``, ``b`` in the compute dtype (bf16 under autocast).
+
+    Same dtype: one ``addmm_``. Mixed: ``block_rows`` rows of ``out`` at a time, each product formed in fp32
+    (:func:`mm_fp32`) and added, so the temporary is at most ``block_rows × out.shape[1]`` (never a second
+    copy of a ``[V, d]`` gradient). Returns ``out``."""
+    if out.dtype == a.dtype:
+        return out.addmm_(a, b)
+    for r0 in range(0, out.shape[0], block_rows):
+        r1 = min(out.shape[0], r0 + block_rows)
+        out[r0:r1].add_(mm_fp32(a[r0:r1], b))
+    return out
 
 
 def project_u(delta: torch.Tensor, projection: Projection, *, chunk_tokens: int = 4096) -> torch.Tensor:
@@ -133,6 +159,11 @@ def project_u(delta: torch.Tensor, projection: Projection, *, chunk_tokens: int 
                          "(P1 must be [k1, V] with the LM head's output size V)")
     if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    with no_autocast(delta.device):
+        return _project_u(delta, projection, chunk_tokens)
+
+
+def _project_u(delta: torch.Tensor, projection: Projection, chunk_tokens: int) -> torch.Tensor:
     lead = delta.shape[:-1]
     flat = delta.reshape(-1, delta.shape[-1])
     op_dtype = flat.dtype if flat.dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -151,7 +182,8 @@ def project_w(a: torch.Tensor, projection: Projection) -> torch.Tensor:
         raise ValueError(f"LM-head input has size {a.shape[-1]} but P2 is {tuple(projection.P2.shape)} "
                          "(P2 must be [k2, d] with the LM head's input size d)")
     p2t, scale = projection.operand("P2", torch.float32, a.device)
-    w = a.float() @ p2t
+    with no_autocast(a.device):
+        w = a.float() @ p2t
     return w.mul_(scale) if scale != 1.0 else w
 
 
@@ -176,5 +208,5 @@ def make_projection(V: int, d: int, k1: int, k2: int, *, seed: int, kind: str = 
     P1 = _draw(gen, k1, V, kind).div_(math.sqrt(k1))
     P2 = _draw(gen, k2, d, kind).div_(math.sqrt(k2))
     R = _draw(gen, k, k1 * k2, kind).div_(math.sqrt(k)) if k is not None else None
-    proj = Projection(P1, P2, R, kind, int(seed))
+    proj = Projection(P1, P2, R, kind, int(seed), exact_signs=kind == "rademacher")
     return proj.to(device=device, dtype=dtype)

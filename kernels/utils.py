@@ -1,10 +1,12 @@
 """Small helpers shared by the kernel modules (backend selection, padding sizes, Triton import)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
-import torch.distributed as dist
+
+from megamix import comm
 
 try:  # Triton is optional: the torch backends work without it.
     import triton  # noqa: F401
@@ -40,6 +42,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def no_autocast(device: torch.device | str):
+    """Autocast off on ``device``'s type: the statistics (u, w, g_i, their sums) are fp32 by contract, also when
+    they are computed inside a caller's ``torch.autocast`` region. A device type autocast does not know (e.g.
+    ``meta``) needs nothing."""
+    kind = torch.device(device).type
+    if not torch.amp.is_autocast_available(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, enabled=False)
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(n, minimum) (tl.dot needs dims >= 16 on GPUs)."""
     p = minimum
@@ -55,16 +67,13 @@ def cdiv(a: int, b: int) -> int:
 def group_size(group=None) -> int:
     """World size of a torch.distributed process group (None = default group); 1 when torch.distributed
     is unavailable or not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+    return comm.size(group)
 
 
 def all_reduce_(tensor: torch.Tensor, op: str, group=None) -> torch.Tensor:
-    """In-place all-reduce of ``tensor`` (``op``: ``"sum"`` or ``"max"``) over ``group``; a no-op when the
-    group has one rank. Every rank of the group must call it. Returns ``tensor``."""
+    """In-place all-reduce of ``tensor`` (``op``: ``"sum"`` or ``"max"``) over ``group`` through
+    :func:`megamix.comm.all_reduce`; a no-op when the group has one rank. Every rank of the group must call
+    it. Returns ``tensor``."""
     if op not in ("sum", "max"):
         raise ValueError(f"all_reduce_: op must be 'sum' or 'max', got {op!r}")
-    if group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
-    return tensor
+    return comm.all_reduce(tensor, op, group)

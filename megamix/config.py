@@ -225,7 +225,9 @@ class ProjectionConfig(ConfigBase):
     """Random factored projection of per-sample LM-head gradients: g = P1 G P2ᵀ."""
 
     enabled: bool = doc("Compute projected per-sample LM-head gradients during training.", True)
-    k1: int = doc("Vocab-side projection rows (P1 is k1×V).", 32)
+    k1: int = doc("Vocab-side projection rows (P1 is k1×V). At most 512 when a Triton kernel has k1 as a tile "
+                  "dimension (u_method fused or tiled, backend auto/triton): the most that fits the GPU shared memory "
+                  "of an A100, H100/H200 and B200 with fp32 logits (kernels/README.md).", 32)
     k2: int = doc("Hidden-side projection rows (P2 is k2×d).", 16)
     kind: str = doc("rademacher or gaussian.", "rademacher")
     seed: int = doc("Projection seed (identical on every rank).", 20260101)
@@ -251,6 +253,17 @@ class ProjectionConfig(ConfigBase):
         check(not (self.u_method == "tiled" and self.backend == "torch"),
               "projection.u_method=tiled is a Triton kernel but projection.backend=torch: set projection.u_method=gemm "
               "or projection.backend=auto on a CUDA machine")
+        # The Triton kernels with k1 as a tile dimension (u_method fused: the CE pass; tiled: the projection kernel)
+        # fit every supported GPU's shared memory up to megamix.kernels.launch_configs.max_k1(): 512 with fp32 logits,
+        # 1024 with bf16/fp16. This section does not know the logits dtype, so it holds the smaller one. The numbers
+        # (KB needed at the smallest tile, on an A100) are launch_configs.REFUSED["fp32"]; config sits below kernels
+        # in the layering, so they are mirrored here and tests/test_kernels_compile.py checks them against compiles.
+        k1_max, need_kb = 512, {"fused": (264, "fused CE"), "tiled": (260, "tiled projection")}
+        if self.backend != "torch" and self.u_method in need_kb and self.k1 > k1_max:
+            kb, kernel = need_kb[self.u_method]
+            check(False, f"projection.k1={self.k1} needs at least {kb} KB of GPU shared memory per block in the {kernel} "
+                         f"kernel (fp32 logits, its smallest tile), above the A100's 163 KB; the largest k1 that fits "
+                         f"every supported GPU is {k1_max} (projection.u_method=gemm has no such limit)")
         return self
 
 
@@ -413,6 +426,10 @@ class MegamixConfig(ConfigBase):
         if self.mixing.strategy != "static" and not self.projection.enabled:
             raise ConfigError(f"mixing.strategy={self.mixing.strategy} needs gradient statistics: "
                               "set projection.enabled=true")
+        if self.model.compile and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            raise ConfigError("model.compile=true with deepspeed.zero_stage=3: DeepSpeed's ZeRO-3 gathers every "
+                              "parameter through module hooks, which break torch.compile's graph at each layer; set "
+                              "model.compile=false, or use deepspeed.zero_stage 0-2 with model.compile=true")
         keys = set(flat_config(self.to_dict()))
         for key in self.train.resume_allow_changes:
             check(key in keys, f"train.resume_allow_changes: unknown config key {key!r} (use section.field, e.g. "

@@ -37,13 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from megamix import comm
 from megamix.config import MegamixConfig
+from megamix.kernels.fused_linear_ce import head_input
 from megamix.simplex import unchanged
-
-
-
-def _sample_index(batch_size: int, seq_len: int, device) -> torch.Tensor:
-    return torch.arange(batch_size, device=device).repeat_interleave(seq_len)
 
 
 class Mixer:
@@ -55,11 +52,16 @@ class Mixer:
         domains: the domains to train on (default: ``cfg.data.domains`` or every domain in the store).
         rank, world_size: data-parallel position of this process.
         group: the data-parallel process group used for all-reduces (None = default group when
-            torch.distributed is initialised, else no communication).
+            torch.distributed is initialised, else no communication). Its first rank decides the weights.
+        pipeline_group: with pipeline parallelism, the group of this rank's pipeline (one rank per stage, in stage
+            order; Megatron's ``mpu.get_pipeline_model_parallel_group()``). Only its last stage holds the LM head and
+            the statistics: there ``step`` decides as usual and sends the decision to the other stages, which
+            receive it in their own ``step`` (every stage calls it), so every stage's loader draws the same
+            samples. None: no pipeline, every rank decides with its data-parallel group.
     """
 
     def __init__(self, cfg: MegamixConfig, store, domains: list[str] | None = None, *, rank: int = 0,
-                 world_size: int = 1, group: Any = None):
+                 world_size: int = 1, group: Any = None, pipeline_group: Any = None):
         from megamix.loader import MixtureLoader
         from megamix.mixture import initial_weights, prior_max_drift
         from megamix.stats import DomainStats
@@ -68,6 +70,7 @@ class Mixer:
         self.cfg = cfg
         self.store = store
         self.rank, self.world_size, self.group = rank, world_size, group
+        self.pipeline_group = pipeline_group
         self.domains = list(domains or cfg.data.domains or store.domains)
         missing = [d for d in self.domains if d not in store.domains]
         if missing:
@@ -148,9 +151,11 @@ class Mixer:
 
         Args:
             hidden: the LM head's input ``[b, T, d]``.
-            weight: the LM-head matrix ``[V, d]`` (the tied embedding when tied). The head runs in the
-                weight's dtype: fp32 master weights under autocast give an fp32 head, bf16 weights
-                (DeepSpeed bf16) a bf16 head with fp32 statistics.
+            weight: the LM-head matrix ``[V, d]`` (the tied embedding when tied). The head's GEMMs run, as
+                ``F.linear``'s would, in the autocast dtype under autocast (fp32 master weights under bf16
+                autocast: bf16 operands, fp32 accumulation, an fp32 gradient for the weight), else in the
+                weight's dtype (bf16 weights of a DeepSpeed bf16 engine: a bf16 head). The statistics (u, w,
+                the token losses) are fp32 either way.
             labels: next-token targets ``[b, T]`` (already shifted; -100 = ignore).
             domain_ids, sample_ids: ``[b]``; ``domain_ids`` is required when statistics are recorded.
             num_items_in_batch: HF Trainer's token count across gradient accumulation: the loss is then
@@ -165,18 +170,17 @@ class Mixer:
         from megamix.kernels.fused_linear_ce import fused_linear_cross_entropy
 
         b, T, d = hidden.shape
-        labels = labels.to(hidden.device)
+        labels = labels.to(hidden.device, non_blocking=True)
         if labels.shape != (b, T):
             raise ValueError(f"labels must be [{b}, {T}] like the hidden states, got {tuple(labels.shape)}")
         record = self.will_record(domain_ids, record)
-        if hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
+        hidden = head_input(hidden, weight)
         proj = self.projection_for(weight.shape[0], d, hidden.device) if record else None
         # Scale g to the sample's share of the gradient the optimizer applies: the mean over micro-steps
         # and data-parallel ranks (the same convention as the capture path).
         scale = self._grad_scale
-        if num_items_in_batch is not None:
-            scale = 1.0 / (float(num_items_in_batch) * self.world_size)
+        if num_items_in_batch is not None:   # HF Trainer passes a (device) tensor: keep it there, no host read
+            scale = 1.0 / (num_items_in_batch * self.world_size)
         kw = dict(ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum", projection=proj,
                   chunk_tokens=self.cfg.projection.chunk_tokens, backend=self.cfg.projection.backend,
                   u_method=self.cfg.projection.u_method)
@@ -205,8 +209,7 @@ class Mixer:
 
         def row_weights(s, e, u, w):
             i0, i1 = s // T, e // T
-            g = proj.finalize(per_sample_grads(u, w, _sample_index(i1 - i0, T, dev), i1 - i0,
-                                               backend=self.cfg.projection.backend)) * scale
+            g = proj.finalize(per_sample_grads(u, w, tokens_per_sample=T)) * scale
             rows[i0:i1] = g
             omega[i0:i1], valid[i0:i1] = self._sample_factors(g)
             return omega[i0:i1].repeat_interleave(T)
@@ -277,18 +280,19 @@ class Mixer:
         from megamix.kernels.domain_gram import per_sample_grads
 
         b, T = labels.shape
-        g = self.projection.finalize(
-            per_sample_grads(u, w, _sample_index(b, T, u.device), b, backend=self.cfg.projection.backend))
+        g = self.projection.finalize(per_sample_grads(u, w, tokens_per_sample=T))
         self._record_rows(g * (self._grad_scale if scale is None else scale), token_loss, labels, domain_ids,
                           sample_ids)
 
     def _record_rows(self, g: torch.Tensor, token_loss: torch.Tensor, labels: torch.Tensor,
                      domain_ids: torch.Tensor, sample_ids: torch.Tensor | None) -> None:
+        """Everything stays where it was computed (the rows and losses on the device, the loader's ids on the
+        host): no host sync, no copy to the CPU (:class:`~megamix.stats.DomainStats` keeps its accumulators on
+        the rows' device)."""
         b, T = labels.shape
         valid = (labels != -100)
-        loss_sum = (token_loss.detach().reshape(b, T) * valid).sum(1).double().cpu()
-        self.record_rows(g.cpu(), domain_ids.cpu(), None if sample_ids is None else sample_ids.cpu(),
-                         token_loss_sum=loss_sum, token_count=valid.sum(1).double().cpu())
+        loss_sum = (token_loss.detach().reshape(b, T) * valid).sum(1).double()
+        self.record_rows(g, domain_ids, sample_ids, token_loss_sum=loss_sum, token_count=valid.sum(1).double())
 
     def record_rows(self, g: torch.Tensor, domain_ids: torch.Tensor, sample_ids: torch.Tensor | None = None,
                     token_loss_sum: torch.Tensor | None = None, token_count: torch.Tensor | None = None) -> None:
@@ -297,6 +301,7 @@ class Mixer:
         from megamix.stats import sample_keys
 
         keys = None
+        # the loader's sample ids are host tensors: keying them reads nothing from the device
         if sample_ids is not None and self.stats.keep_per_sample and bool((sample_ids >= 0).all()):
             keys = sample_keys(self.cfg.mixing.seed, self.loader.step, sample_ids)
         self.stats.update(g, domain_ids, sample_ids=sample_ids, token_loss_sum=token_loss_sum,
@@ -323,24 +328,27 @@ class Mixer:
             for batch in eval_batches(self.store, d, seq_len=self.cfg.model.seq_len,
                                       batch_size=self.cfg.train.micro_batch_size, max_batches=n):
                 work.append((i, hidden_fn(batch), batch.labels))
-        sums = np.zeros((len(self.domains), self.k))
         counts = np.zeros(len(self.domains))
+        sums = None
         ctx = weight() if callable(weight) else contextlib.nullcontext(weight)
         with ctx as W:
             for i, h, labels in work:
                 b, T, dim = h.shape
-                h = h.to(W.dtype)
+                h = head_input(h, W)
                 proj = self.projection_for(W.shape[0], dim, h.device)
-                out = fused_linear_cross_entropy(h.reshape(b * T, dim), W, labels.reshape(-1).to(h.device),
+                out = fused_linear_cross_entropy(h.reshape(b * T, dim), W,
+                                                 labels.reshape(-1).to(h.device, non_blocking=True),
                                                  ignore_index=-100, reduction="mean", projection=proj,
                                                  chunk_tokens=self.cfg.projection.chunk_tokens,
                                                  backend=self.cfg.projection.backend,
                                                  u_method=self.cfg.projection.u_method)
-                g = proj.finalize(per_sample_grads(out.u, out.w, _sample_index(b, T, h.device), b,
-                                                   backend=self.cfg.projection.backend))
-                sums[i] += g.double().sum(0).cpu().numpy()
+                g = proj.finalize(per_sample_grads(out.u, out.w, tokens_per_sample=T))
+                if sums is None:
+                    sums = torch.zeros(len(self.domains), self.k, dtype=torch.float64, device=g.device)
+                sums[i] += g.double().sum(0)
                 counts[i] += b
-        return sums, counts
+        # one device-to-host copy for all held-out batches
+        return (np.zeros((len(self.domains), self.k)) if sums is None else sums.cpu().numpy()), counts
 
     def step(self, step: int, hidden_fn=None, lm_head_weight=None) -> dict | None:
         """Call once after each optimizer step ``step`` (0-based).
@@ -356,9 +364,20 @@ class Mixer:
         K = self.cfg.mixing.update_every
         if (step + 1) % K != 0:
             return None
-        if self._dist_active():
-            self.stats.all_reduce(self.group)
-        snap = self.stats.snapshot(step + 1, self.domains)
+        stages = comm.size(self.pipeline_group) if self.pipeline_group is not None else 1
+        last_stage = stages - 1
+        if stages > 1 and comm.rank(self.pipeline_group) != last_stage:
+            # an earlier pipeline stage: no LM head, no statistics; the last stage's decision arrives here
+            new = self._broadcast_decision(self.weights, self.pipeline_group, from_rank=last_stage)
+            changed = not unchanged(new, self.weights)
+            if changed:
+                self.loader.set_weights(new)
+            self.stats.reset()
+            return {"snapshot": None, "weights": new, "changed": changed, "log": {}}
+        dist_on = self._dist_active()
+        if dist_on:
+            self.stats.all_reduce(self.group)      # on the statistics' device (megamix.comm: NCCL gets GPU tensors)
+        snap = self.stats.snapshot(step + 1, self.domains)     # the round's one device-to-host copy
         if self.cfg.mixing.eval_grad_batches > 0 and self.collecting:
             if hidden_fn is None or lm_head_weight is None:
                 raise ValueError("mixing.eval_grad_batches > 0: Mixer.step needs hidden_fn and lm_head_weight")
@@ -366,41 +385,46 @@ class Mixer:
             snap.extra["eval_counts"] = eval_counts
         self.strategy.observe(snap)
         new = np.asarray(self.strategy.propose(step + 1), dtype=np.float64)  # drift bound included
-        if self._dist_active():
-            # Rule (see megamix.loader.sampler): rank 0 decides, everyone takes rank 0's weights.
-            from megamix.loader import broadcast_weights
-            new = np.asarray(broadcast_weights(new, self.group), dtype=np.float64)
-            if getattr(self.strategy, "reweights_gradient", False):
-                self._broadcast_clusters()
+        if dist_on:
+            # Rule (see megamix.loader.sampler): the group's first rank decides, everyone takes its weights (and
+            # DoGraph's cluster table), in one broadcast from that rank (megamix.comm: group_src, not global 0).
+            new = self._broadcast_decision(new, self.group)
+        if stages > 1:   # the last stage sends the decision to the earlier stages of its pipeline
+            new = self._broadcast_decision(new, self.pipeline_group, from_rank=last_stage)
         # the loader quantises weights to multiples of 2^-32; smaller differences are no change
         changed = not unchanged(new, self.weights)
         if changed:
-            self.loader.set_weights(new, verify=self.cfg.loader.verify_weights and self._dist_active(),
-                                    group=self.group)
+            self.loader.set_weights(new, verify=self.cfg.loader.verify_weights and dist_on, group=self.group)
         self.stats.reset()
         info = self.strategy.last_info or {}
         log = {k: info[k] for k in ("cluster_weights", "cluster_shares", "cluster_sizes", "fallback") if k in info}
         return {"snapshot": snap, "weights": new, "changed": changed, "log": log}
 
-    def _broadcast_clusters(self) -> None:
-        """Rank 0's DoGraph cluster table (centroids, π, q) on every rank, bit for bit."""
+    def _broadcast_decision(self, new: np.ndarray, group: Any, from_rank: int = 0) -> np.ndarray:
+        """Group rank ``from_rank``'s weights on every rank of ``group``, bit for bit, and for a gradient-reweighting
+        strategy its cluster table (centroids, π, q) too: one buffer, one broadcast."""
         from megamix.loader import broadcast_weights
 
+        D = len(self.domains)
         st = self.strategy
+        if not getattr(st, "reweights_gradient", False):
+            return np.asarray(broadcast_weights(new, group, check=False, from_rank=from_rank), dtype=np.float64)
         m_max, k = st.num_clusters(), self.k
-        buf = np.zeros(1 + m_max * (k + 2))
+        buf = np.zeros(D + 1 + m_max * (k + 2))
+        buf[:D] = new
         if st.centroids is not None:
             m = st.centroids.shape[0]
-            buf[0] = m
-            buf[1:1 + m * (k + 2)] = np.concatenate([st.centroids, st.cluster_weights[:, None],
-                                                     st.cluster_shares[:, None]], axis=1).reshape(-1)
-        buf = broadcast_weights(buf, self.group)
-        m = int(buf[0])
-        t = buf[1:1 + m * (k + 2)].reshape(m, k + 2)
+            buf[D] = m
+            buf[D + 1:D + 1 + m * (k + 2)] = np.concatenate([st.centroids, st.cluster_weights[:, None],
+                                                             st.cluster_shares[:, None]], axis=1).reshape(-1)
+        buf = broadcast_weights(buf, group, check=False, from_rank=from_rank)
+        m = int(buf[D])
+        t = buf[D + 1:D + 1 + m * (k + 2)].reshape(m, k + 2)
         st.set_clusters(*((t[:, :k], t[:, k], t[:, k + 1]) if m else (None, None, None)))
+        return np.asarray(buf[:D], dtype=np.float64)
 
     def _dist_active(self) -> bool:
-        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.world_size > 1 and comm.size(self.group) > 1
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -19,13 +19,21 @@ picks the R smallest of all, and sums one ``[R, k + 4]`` float64 buffer in which
 its surviving rows at their slots (one all-reduce of ``R·(k+4)`` values). The result is the same set of
 rows for any number of ranks and any micro-batch split, so a 2-rank run and a 1-rank run over the same
 global batches hold identical reservoirs.
+
+**Where the accumulators live.** On the device the gradients are computed on (the GPU), for the whole round:
+:meth:`update` never reads a device value on the host, so it adds no host sync to a micro-step (domain ids,
+sample ids and reservoir keys come from the loader and are checked on the host, where they live). State
+restored from a checkpoint (on the CPU) moves to the device of the next :meth:`update`. The collectives go
+through :mod:`megamix.comm`, which hands NCCL device tensors. :meth:`snapshot` is the round's one
+device-to-host copy: every accumulator and per-sample row packed into one buffer.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from megamix import comm
+from megamix.kernels.utils import no_autocast
 from megamix.loader.permutation import derive_key, keyed_hash
 from megamix.snapshot import StatsSnapshot
 
@@ -114,17 +122,32 @@ class DomainStats:
 
     @property
     def num_samples(self) -> int:
+        """Samples recorded this round (reads the counts: a host sync when they live on a GPU)."""
         return int(self.counts.sum().item())
+
+    def to(self, device: torch.device | str) -> "DomainStats":
+        """Move every accumulator and per-sample row to ``device`` (in place; returns self)."""
+        dev = torch.device(device)
+        if self.sums.device == dev:
+            return self
+        self.device = dev
+        self.sums, self.counts, self.loss_sum, self.token_count = (
+            t.to(dev) for t in (self.sums, self.counts, self.loss_sum, self.token_count))
+        for lst in (self._rows, self._row_domains, self._row_ids, self._row_keys, self._row_loss):
+            lst[:] = [t.to(dev) for t in lst]
+        return self
 
     # ------------------------------------------------------------------------------------------
     def update(self, g: torch.Tensor, domain_ids: torch.Tensor, sample_ids: torch.Tensor | None = None,
                token_loss_sum: torch.Tensor | None = None, token_count: torch.Tensor | None = None,
                keys: torch.Tensor | None = None) -> None:
-        """Add one micro-step.
+        """Add one micro-step. No host sync: nothing computed on the device is read on the host.
 
         Args:
-            g: ``[B, k]`` projected per-sample gradients.
-            domain_ids: ``[B]`` domain index of each sample.
+            g: ``[B, k]`` projected per-sample gradients; the accumulators live on ``g``'s device (they move
+                there if they were elsewhere, e.g. restored from a checkpoint on the CPU).
+            domain_ids: ``[B]`` domain index of each sample (checked against ``num_domains`` when it is a host
+                tensor, as the loader's are).
             sample_ids: optional ``[B]`` global sample identities (kept with per-sample rows).
             token_loss_sum: optional ``[B]`` sum of each sample's (unscaled) token losses.
             token_count: optional ``[B]`` number of loss-bearing tokens per sample (required with
@@ -139,47 +162,51 @@ class DomainStats:
         B = g.shape[0]
         if domain_ids.dim() != 1 or domain_ids.shape[0] != B:
             raise ValueError(f"domain_ids must be [{B}], got {tuple(domain_ids.shape)}")
-        if self.sums.device != g.device:
-            if self.num_samples == 0 and not self._rows:
-                self._alloc(g.device)
-            else:
-                g = g.to(self.sums.device)
-        dev = self.sums.device
-        dom = domain_ids.to(dev).long()
-        if B and (int(dom.min()) < 0 or int(dom.max()) >= self.num_domains):
-            raise ValueError(f"domain ids must be in [0, {self.num_domains}), got [{int(dom.min())}, "
-                             f"{int(dom.max())}]")
-        gd = g.detach().to(torch.float64)
-        self.sums.index_add_(0, dom, gd)
-        self.counts.index_add_(0, dom, torch.ones(B, dtype=torch.float64, device=dev))
+        if domain_ids.device.type == "cpu" and B:   # host ids (the loader's): checked for free
+            lo, hi = int(domain_ids.min()), int(domain_ids.max())
+            if lo < 0 or hi >= self.num_domains:
+                raise ValueError(f"domain ids must be in [0, {self.num_domains}), got [{lo}, {hi}]")
         if token_loss_sum is not None:
             if token_count is None:
                 raise ValueError("token_count is required together with token_loss_sum")
             if token_loss_sum.shape != (B,) or token_count.shape != (B,):
                 raise ValueError(f"token_loss_sum and token_count must be [{B}]")
-            self.loss_sum.index_add_(0, dom, token_loss_sum.detach().to(dev, torch.float64))
-            self.token_count.index_add_(0, dom, token_count.detach().to(dev, torch.float64))
+        if sample_ids is not None and sample_ids.shape != (B,):
+            raise ValueError(f"sample_ids must be [{B}], got {tuple(sample_ids.shape)}")
+        if keys is not None and keys.shape != (B,):
+            raise ValueError(f"keys must be [{B}], got {tuple(keys.shape)}")
+        self.to(g.device)
+        dev = g.device
+        dom = domain_ids.to(dev, non_blocking=True).long()
+        gd = g.detach().to(torch.float64)
+        # Per-domain sums as a product with the samples' one-hot domain matrix [D, B]: deterministic on a GPU,
+        # where index_add_ adds with atomics in no fixed order (and float64 sums would differ run to run).
+        onehot = torch.zeros(self.num_domains, B, dtype=torch.float64, device=dev)
+        onehot[dom, torch.arange(B, device=dev)] = 1.0
+        with no_autocast(dev):
+            self.sums.addmm_(onehot, gd)
+            self.counts.add_(onehot.sum(1))
+            if token_loss_sum is not None:
+                self.loss_sum.addmv_(onehot, token_loss_sum.detach().to(dev, torch.float64, non_blocking=True))
+                self.token_count.addmv_(onehot, token_count.detach().to(dev, torch.float64, non_blocking=True))
         if self.keep_per_sample:
             self._rows.append(gd.to(torch.float32))
             self._row_domains.append(dom)
             if sample_ids is not None:
-                if sample_ids.shape != (B,):
-                    raise ValueError(f"sample_ids must be [{B}], got {tuple(sample_ids.shape)}")
-                self._row_ids.append(sample_ids.to(dev).long())
+                self._row_ids.append(sample_ids.to(dev, non_blocking=True).long())
             else:
                 self._row_ids.append(torch.full((B,), -1, dtype=torch.long, device=dev))
             if keys is None:
                 keys = torch.from_numpy((keyed_hash(np.arange(self._counter, self._counter + B),
                                                     derive_key(self.key_seed, 1 << 40)) >> np.uint64(1))
                                         .astype(np.int64))
-            elif keys.shape != (B,):
-                raise ValueError(f"keys must be [{B}], got {tuple(keys.shape)}")
             self._counter += B
-            self._row_keys.append(keys.to(dev).long())
-            lc = torch.full((B, 2), float("nan"), dtype=torch.float64, device=dev)
+            self._row_keys.append(keys.to(dev, non_blocking=True).long())
             if token_loss_sum is not None:
-                lc[:, 0] = token_loss_sum.detach().to(dev, torch.float64)
-                lc[:, 1] = token_count.detach().to(dev, torch.float64)
+                lc = torch.stack([token_loss_sum.detach().to(dev, torch.float64, non_blocking=True),
+                                  token_count.detach().to(dev, torch.float64, non_blocking=True)], dim=1)
+            else:
+                lc = torch.full((B, 2), float("nan"), dtype=torch.float64, device=dev)
             self._row_loss.append(lc)
             if self.max_rows is not None and sum(r.shape[0] for r in self._rows) > self.max_rows:
                 self._shrink()
@@ -209,19 +236,18 @@ class DomainStats:
         """Sum sums/counts/losses over the ranks of ``group`` and merge the per-sample rows (rank order):
         all of them, or with ``max_rows`` the reservoir's R smallest keys over all ranks (module docstring).
 
-        A no-op (except marking the round reduced) when torch.distributed is not initialised or the
-        group has one rank. Every rank must call it, with the same ``keep_per_sample``."""
+        The collectives (:mod:`megamix.comm`) run on the group's device: for NCCL the accumulators' own GPU. A
+        no-op (except marking the round reduced) when torch.distributed is not initialised or the group has one
+        rank. Every rank must call it, with the same ``keep_per_sample``."""
         if self.reduced:
             raise RuntimeError("DomainStats.all_reduce called twice in one round")
         self.reduced = True
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size(group)
+        world = comm.size(group)
         if world == 1:
             return
         D, k = self.num_domains, self.k
         flat = torch.cat([self.sums.reshape(-1), self.counts, self.loss_sum, self.token_count])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        comm.all_reduce(flat, "sum", group)
         o = 0
         self.sums = flat[o:o + D * k].reshape(D, k).clone(); o += D * k
         self.counts = flat[o:o + D].clone(); o += D
@@ -231,74 +257,92 @@ class DomainStats:
             return
         rows, doms, ids, keys, loss = self._local_rows()
         dev = rows.device
-        if self.max_rows is None:   # every row of every rank, in rank order
-            n = torch.tensor([rows.shape[0]], dtype=torch.long, device=dev)
-            ns = [torch.zeros_like(n) for _ in range(world)]
-            dist.all_gather(ns, n, group=group)
-            ns = [int(x.item()) for x in ns]
+        if self.max_rows is None:   # every row of every rank, in rank order (the row counts are read on the host)
+            ns = [int(x) for x in torch.cat(comm.all_gather(
+                torch.tensor([rows.shape[0]], dtype=torch.long, device=dev), group)).tolist()]
             m = max(ns)
             packed = torch.zeros(m, k + 4, dtype=torch.float64, device=dev)
             packed[:rows.shape[0]] = _pack(rows, doms, ids, loss)
-            outs = [torch.zeros_like(packed) for _ in range(world)]
-            dist.all_gather(outs, packed, group=group)
+            outs = comm.all_gather(packed, group)
             kpad = torch.full((m,), _NO_KEY, dtype=torch.long, device=dev)
             kpad[:keys.shape[0]] = keys
-            kouts = [torch.empty_like(kpad) for _ in range(world)]
-            dist.all_gather(kouts, kpad, group=group)
+            kouts = comm.all_gather(kpad, group)
             r_, d_, i_, l_ = _unpack(torch.cat([o_[:c] for o_, c in zip(outs, ns)]), k)
             self._set_rows(r_, d_, i_, torch.cat([o_[:c] for o_, c in zip(kouts, ns)]), l_)
             return
-        # the reservoir: the R smallest keys over all ranks, rows summed into their slots
+        # The reservoir: the R smallest keys over all ranks, each row summed into its slot by the one rank that
+        # holds it. Fixed shapes throughout (no host read): fewer than R rows in all leave empty slots, whose key
+        # is _NO_KEY; snapshot() drops them on the host.
         R = self.max_rows
         kpad = torch.full((R,), _NO_KEY, dtype=torch.long, device=dev)
         kpad[:keys.shape[0]] = keys
-        kouts = [torch.empty_like(kpad) for _ in range(world)]
-        dist.all_gather(kouts, kpad, group=group)
-        allk = torch.stack(kouts)                                     # [world, R], rank-major
-        flat = allk.reshape(-1)
-        chosen = torch.sort(flat, stable=True).indices[:R]
-        chosen = chosen[flat[chosen] != _NO_KEY].sort().values        # rank order, arrival order in a rank
-        me = dist.get_rank(group)
-        mine = (chosen // R) == me
-        packed = torch.zeros(chosen.shape[0], k + 4, dtype=torch.float64, device=dev)
-        packed[mine] = _pack(rows, doms, ids, loss)[chosen[mine] % R]
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        flat = torch.stack(comm.all_gather(kpad, group)).reshape(-1)   # [world * R], rank-major, arrival order
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen[torch.sort(flat, stable=True).indices[:R]] = True
+        chosen &= flat != _NO_KEY
+        slot = torch.where(chosen, torch.cumsum(chosen, 0) - 1, torch.full_like(flat, R))  # R = no slot
+        me = comm.rank(group)
+        mine = slot[me * R:me * R + keys.shape[0]]
+        packed = torch.zeros(R + 1, k + 4, dtype=torch.float64, device=dev)
+        packed.index_copy_(0, mine, _pack(rows, doms, ids, loss))       # dropped rows land in the spare row R
+        packed = comm.all_reduce(packed[:R].contiguous(), "sum", group)  # one rank holds each slot
+        sel = torch.full((R + 1,), _NO_KEY, dtype=torch.long, device=dev).scatter_(0, slot, flat)[:R]
         r_, d_, i_, l_ = _unpack(packed, k)
-        self._set_rows(r_, d_, i_, flat[chosen], l_)
+        self._set_rows(r_, d_, i_, sel, l_)
 
     # ------------------------------------------------------------------------------------------
+    def _to_host(self) -> tuple[np.ndarray, ...]:
+        """Every accumulator and per-sample row in one device-to-host copy: ``(sums [D,k], counts [D], loss_sum [D],
+        token_count [D], rows [n,k] fp32, domains [n], ids [n], keys [n], loss [n,2])`` as numpy, the reservoir's
+        empty slots (key ``_NO_KEY``) dropped. The float64 parts travel as their int64 bit patterns next to the
+        int64 keys, so every value arrives exactly."""
+        D, k = self.num_domains, self.k
+        parts = [self.sums.reshape(-1), self.counts, self.loss_sum, self.token_count]
+        rows, doms, ids, keys, loss = self._local_rows()
+        n = rows.shape[0]
+        parts.append(_pack(rows, doms, ids, loss).reshape(-1))
+        flat = torch.cat([torch.cat(parts).view(torch.int64), keys.reshape(-1)]).cpu().numpy()
+        f = flat[:flat.size - n].view(np.float64)
+        host_keys = flat[flat.size - n:]
+        o = 0
+        sums = f[o:o + D * k].reshape(D, k); o += D * k
+        counts, loss_sum, tok = f[o:o + D], f[o + D:o + 2 * D], f[o + 2 * D:o + 3 * D]; o += 3 * D
+        p = f[o:].reshape(n, k + 4)
+        real = host_keys != _NO_KEY
+        p, host_keys = p[real], host_keys[real]
+        return (sums, counts, loss_sum, tok, p[:, :k].astype(np.float32), p[:, k].astype(np.int64),
+                p[:, k + 1].astype(np.int64), host_keys, p[:, k + 2:k + 4].copy())
+
     def snapshot(self, step: int, domain_names: list[str]) -> StatsSnapshot:
-        """Numpy snapshot of the round (call after :meth:`all_reduce` for global statistics)."""
+        """Numpy snapshot of the round (call after :meth:`all_reduce` for global statistics): the round's one
+        device-to-host copy."""
         if len(domain_names) != self.num_domains:
             raise ValueError(f"{len(domain_names)} domain names for {self.num_domains} domains")
-        sums = self.sums.cpu().numpy()
-        tok = self.token_count.cpu().numpy()
+        sums, counts, loss_sum, tok, rows, doms, ids, keys, lc = self._to_host()
         with np.errstate(invalid="ignore", divide="ignore"):
-            loss = np.where(tok > 0, self.loss_sum.cpu().numpy() / np.maximum(tok, 1.0), np.nan)
+            loss = np.where(tok > 0, loss_sum / np.maximum(tok, 1.0), np.nan)
         per_sample = per_dom = None
         extra: dict = {"reduced": self.reduced}
         if self.keep_per_sample:
-            rows, doms, ids, keys, lc = self._local_rows()
-            per_sample = rows.cpu().numpy()
-            per_dom = doms.cpu().numpy()
-            extra["per_sample_ids"] = ids.cpu().numpy()
-            extra["per_sample_keys"] = keys.cpu().numpy()
-            lc = lc.cpu().numpy()
+            per_sample, per_dom = rows, doms
+            extra["per_sample_ids"] = ids
+            extra["per_sample_keys"] = keys
             with np.errstate(invalid="ignore", divide="ignore"):
                 extra["per_sample_loss"] = np.where(lc[:, 1] > 0, lc[:, 0] / lc[:, 1], np.nan)
         return StatsSnapshot(step=int(step), domain_names=list(domain_names),
-                             counts=self.counts.cpu().numpy().round().astype(np.int64), sums=sums,
+                             counts=counts.round().astype(np.int64), sums=sums,
                              gram=sums @ sums.T, domain_loss=loss, per_sample=per_sample,
                              per_sample_domain=per_dom, extra=extra)
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """CPU tensors + config; restores the round in progress exactly."""
-        rows, doms, ids, keys, loss = self._local_rows()
+        """CPU tensors + config; restores the round in progress exactly (one device-to-host copy)."""
+        sums, counts, loss_sum, tok, rows, doms, ids, keys, loss = self._to_host()
+        t = torch.from_numpy
         return {"num_domains": self.num_domains, "k": self.k, "keep_per_sample": self.keep_per_sample,
-                "sums": self.sums.cpu(), "counts": self.counts.cpu(), "loss_sum": self.loss_sum.cpu(),
-                "token_count": self.token_count.cpu(), "rows": rows.cpu(), "row_domains": doms.cpu(),
-                "row_ids": ids.cpu(), "row_keys": keys.cpu(), "row_loss": loss.cpu(), "counter": self._counter,
+                "sums": t(sums.copy()), "counts": t(counts.copy()), "loss_sum": t(loss_sum.copy()),
+                "token_count": t(tok.copy()), "rows": t(rows), "row_domains": t(doms), "row_ids": t(ids),
+                "row_keys": t(keys.copy()), "row_loss": t(loss), "counter": self._counter,
                 "max_rows": self.max_rows, "reduced": self.reduced}
 
     def load_state_dict(self, sd: dict) -> None:

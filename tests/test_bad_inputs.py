@@ -126,10 +126,12 @@ def _manifest(mutate: Callable[[dict], object] | str, rel: str = "manifest.json"
 
 
 def _enospc(tmp: Path, data: Path) -> None:
-    run = tmp / "run"
-    run.mkdir()
-    for name in ("config.yaml", "metrics.jsonl"):   # the run's first writes hit a full device
-        os.symlink("/dev/full", run / name)
+    # The run's files are written atomically (a temporary file, then os.replace), which replaces a symlink
+    # instead of writing through it; the checkpoint's model file goes through a fixed temporary name, so that
+    # name pointing at /dev/full makes the end-of-run checkpoint (step 2) hit a full device.
+    ckpt = tmp / "run" / "checkpoints" / "step_0000002"
+    ckpt.mkdir(parents=True)
+    os.symlink("/dev/full", ckpt / "model.pt.tmp")
 
 
 def T(id: str, sets: list[str], names: tuple[str, ...], **kw) -> Case:
@@ -283,13 +285,15 @@ CASES: list[Case] = [
     T("deepspeed_nccl_without_gpu", ["deepspeed.enabled=true", "deepspeed.backend=nccl"], ("deepspeed.backend",)),
     T("deepspeed_offload_zero0", ["deepspeed.enabled=true", "deepspeed.zero_stage=0",
                                   "deepspeed.offload_optimizer=true"], ("deepspeed.offload_optimizer",)),
+    T("compile_with_zero3", ["deepspeed.enabled=true", "deepspeed.zero_stage=3", "model.compile=true"],
+      ("model.compile", "deepspeed.zero_stage")),
     T("world_size_env_not_a_number", [], ("WORLD_SIZE",), env={"WORLD_SIZE": "two", "RANK": "0"}),
     T("rank_env_beyond_world_size", [], ("RANK", "WORLD_SIZE"), env={"WORLD_SIZE": "2", "RANK": "2"}),
     T("global_batch_not_divisible_by_ranks", ["deepspeed.enabled=true", "train.global_batch_size=6",
                                               "train.micro_batch_size=1"],
       ("train.global_batch_size",), env={"WORLD_SIZE": "4", "RANK": "0"}, real=False),
     # --- the disk fills up ---------------------------------------------------------------------------------
-    T("disk_full", [], ("{tmp}/run", "space"), setup=_enospc, dry=False),
+    T("disk_full", ["train.resume=false"], ("{tmp}/run", "space"), setup=_enospc, dry=False),
     # --- megamix data --------------------------------------------------------------------------------------
     C("import_empty_parquet", ["data", "import", "--data-dir", "{tmp}/d", "--domain", "web", "--from",
                                "{tmp}/empty.parquet"], ("{tmp}/empty.parquet",), setup=_w("empty.parquet", b"")),
@@ -503,7 +507,9 @@ def test_bad_input_is_one_clear_line(variant, store_root, tmp_path):
     o = run_in_process(argv, env, tmp_path)
     why = problems(o, names)
     assert not why, f"{argv}: {why}\n--- stderr ---\n{o.stderr[-3000:]}"
-    if case.is_train and not dry:
+    if case.id == "disk_full":   # it trains, then its first checkpoint hits the full device: none is published
+        assert not (tmp_path / "run" / "checkpoints" / "latest").exists(), "a failed checkpoint must not be latest"
+    elif case.is_train and not dry:
         assert not (tmp_path / "run" / "checkpoints").exists(), "a refused run must not train"
 
 

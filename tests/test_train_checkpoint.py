@@ -243,3 +243,63 @@ def test_resume_with_a_changed_config_is_a_clear_error(tiny_store, tmp_path, cap
         _cfg(data, out, "train.resume_allow_changes=[model.n_layer]")
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         _cfg(data, out, "train.resume_allow_changes=[train.lrr]")
+
+
+class _FakeCuda:
+    """torch.cuda's random-state functions as a GPU machine has them: one generator per device (a byte tensor)."""
+
+    def __init__(self, monkeypatch, device: int):
+        self.device = device
+        self.states = {device: torch.tensor([device, 7, 7], dtype=torch.uint8)}
+        self.restored: list = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.device)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda dev="cuda": self.states[torch.device(dev).index
+                                                                                        or self.device].clone())
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, dev="cuda": self.restored.append(
+            (torch.device(dev).index, st.clone())))
+
+
+def test_each_rank_saves_and_restores_its_own_cuda_rng(tiny_store, tmp_path, monkeypatch, caplog):
+    """The side file of every rank holds that rank's CUDA generator (for DeepSpeed, which saved the CPU one only,
+    and DDP, which restored rank 0's everywhere); a resume restores each rank's own. Two ranks of one checkpoint
+    are written and read in one process here (their collectives are no-ops without a process group)."""
+    from megamix.data.store import TokenStore
+    from megamix.mixer import Mixer
+    from megamix.train.backend import PlainBackend
+    from megamix.train.checkpoint import SIDE_FILE, Checkpoints
+
+    cfg = _cfg(tiny_store.parent, tmp_path / "run", "train.steps=2", "train.device=cpu")
+
+    class Rank(PlainBackend):
+        def save(self, root, tag):
+            if self.rank == 0:
+                super().save(root, tag)
+
+    def backend(rank, world=2):
+        b = Rank(rank, world)
+        model = torch.nn.Linear(4, 4)
+        b.setup(model, torch.optim.AdamW(model.parameters()), lambda s: 1e-3, cfg)
+        return b
+
+    mixer = Mixer(cfg, TokenStore(tiny_store))
+    fakes = {}
+    for rank in (1, 0):            # rank 0 publishes `latest` last
+        fakes[rank] = _FakeCuda(monkeypatch, device=rank)
+        Checkpoints(tmp_path / "run").save(2, backend(rank), mixer, cfg)
+        side = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002" / SIDE_FILE.format(rank=rank),
+                          weights_only=False)
+        assert side["cuda_rng"].tolist() == [rank, 7, 7]
+    assert "cuda_rng" not in torch.load(tmp_path / "run" / "checkpoints" / "step_0000002" / "model.pt",
+                                        weights_only=False)
+    for rank in (0, 1):
+        fake = _FakeCuda(monkeypatch, device=rank)
+        assert Checkpoints(tmp_path / "run").load(backend(rank), mixer, cfg) == 2
+        assert [(d, s.tolist()) for d, s in fake.restored] == [(rank, [rank, 7, 7])]
+    # a checkpoint written without CUDA, resumed with it: said in one line, nothing restored
+    monkeypatch.undo()
+    Checkpoints(tmp_path / "cpu").save(2, backend(0, 1), mixer, cfg)
+    fake = _FakeCuda(monkeypatch, device=0)
+    with caplog.at_level("WARNING", logger="megamix"):
+        assert Checkpoints(tmp_path / "cpu").load(backend(0, 1), mixer, cfg) == 2
+    assert fake.restored == [] and "holds no CUDA random state" in caplog.text

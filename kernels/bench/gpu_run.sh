@@ -10,6 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-kernels/bench/results/gpu_$(date -u +%Y%m%dT%H%M)}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)      # absolute: the commands below run from the laid-out copy
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
 if ls .whl/*.whl >/dev/null 2>&1; then   # Liger-Kernel and cut-cross-entropy baselines (pure-python wheels)
@@ -17,10 +18,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then   # Liger-Kernel and cut-cross-entropy ba
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 # kernels/ installs as megamix.kernels (setup.py package_dir). No pip here (the machine may lack wheel/network):
-# lay the checkout out as the installed package would be, in /tmp, and put that first on the path.
+# lay the checkout out as the installed package would be, in /tmp, and run from there: `python -m` puts the
+# current directory first on sys.path, so from the checkout's root its megamix/ (which has no kernels/) would win.
 SRC=/tmp/megamix_src
-rm -rf "$SRC" && mkdir -p "$SRC" && cp -r megamix "$SRC/" && cp -r kernels "$SRC/megamix/kernels"
-export PYTHONPATH="$SRC:$PYTHONPATH"
+rm -rf "$SRC" && mkdir -p "$SRC" && cp -r megamix "$SRC/" && cp -r kernels "$SRC/megamix/kernels" \
+  && cp -r tests configs pytest.ini "$SRC/"
+export PYTHONPATH="$SRC:${PYTHONPATH#.:}"
+cd "$SRC"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -54,6 +53,7 @@ from megamix.configbase import ConfigError
 from megamix.integrations.deepspeed import gathered_parameter, gradient_accumulation_steps
 from megamix.integrations.hf import apply_megamix, body_hidden_states, patched
 from megamix.integrations.hook import attach, unwrap
+from megamix.kernels.fused_linear_ce import token_cross_entropy
 
 #: The key under which :meth:`MegamixFeed.inputs` passes the loader batch to the model call.
 BATCH_KEY = "megamix_batch"
@@ -172,10 +172,9 @@ class MegamixFeed:
         labels, logits = kwargs.get("shift_labels"), getattr(output, "logits", None)
         if labels is None or logits is None or not torch.is_grad_enabled() or self.hook.capture.context is None:
             return
-        with torch.no_grad():
-            tok = F.cross_entropy(logits.detach().float().flatten(0, 1), labels.to(logits.device).flatten(),
-                                  ignore_index=-100, reduction="none").view(labels.shape)
-        self.hook.record_loss(tok, labels.to(tok.device))
+        labels = labels.to(logits.device, non_blocking=True)
+        tok = token_cross_entropy(logits.detach().flatten(0, 1), labels.flatten()).view(labels.shape)  # no fp32 copy
+        self.hook.record_loss(tok, labels)
 
     # ------------------------------------------------------------------ per optimizer step
     def step(self, step: int) -> dict | None:

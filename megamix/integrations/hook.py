@@ -172,23 +172,25 @@ class LMHeadGradCapture:
         return grad * (w[None, :, None] if self.seq_first else w[:, None, None])
 
     def compute(self, delta: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``g [B, k]`` from the logits gradient ``delta`` and the head input ``a`` (layout per ``seq_first``)."""
+        """``g [B, k]`` from the logits gradient ``delta`` and the head input ``a`` (layout per ``seq_first``).
+
+        ``u = δ P1ᵀ`` is formed in δ's own layout (a view of it, never a copy of the ``[.., .., V]`` gradient), and
+        only the small ``u [.., .., k1]`` and ``w`` are put in batch-first order; no host sync."""
         with torch.no_grad():
             delta = delta.detach()
             if delta.dim() == 2:
                 delta, a = delta.unsqueeze(1 if self.seq_first else 0), a.unsqueeze(1 if self.seq_first else 0)
-            if self.seq_first:  # Megatron's [T, B, ...] layout
-                delta, a = delta.transpose(0, 1), a.transpose(0, 1)
             if delta.shape[:2] != a.shape[:2]:
                 raise RuntimeError(f"LMHeadGradCapture: logits grad {tuple(delta.shape)} does not match the "
                                    f"stored LM-head input {tuple(a.shape)}")
-            B, T = delta.shape[:2]
             u = project_u(delta, self.projection, chunk_tokens=self.chunk_tokens)
             if self.u_transform is not None:
                 u = self.u_transform(u)
             w = project_w(a, self.projection)
-            index = torch.arange(B, device=u.device).repeat_interleave(T)
-            g = per_sample_grads(u.reshape(B * T, -1), w.reshape(B * T, -1), index, B, backend=self.backend)
+            if self.seq_first:  # Megatron's [T, B, ...] layout: reorder the projections, not δ
+                u, w = u.transpose(0, 1), w.transpose(0, 1)
+            B, T = u.shape[:2]
+            g = per_sample_grads(u.reshape(B * T, -1), w.reshape(B * T, -1), tokens_per_sample=T)
             return self.projection.finalize(g)
 
 

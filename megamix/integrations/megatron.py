@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megamix.kernels.fused_linear_ce import vocab_parallel_fused_linear_cross_entropy
+from megamix.kernels.fused_linear_ce import head_input, vocab_parallel_fused_linear_cross_entropy
 from megamix.kernels.projection import Projection
 from megamix.kernels.utils import all_reduce_, group_size
 from megamix.integrations.hook import GradCallback, LMHeadGradCapture, MixerHook, attach, find_lm_head
@@ -215,9 +215,8 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
     if record and getattr(mixer.strategy, "reweights_gradient", False):
         raise ValueError("mixing.strategy=dograph weights each sample's gradient, which the vocab-parallel fused "
                          "loss does not do; use the capture path (attach_megatron) or mixing.strategy=dograph-sample")
-    if hidden.dtype != weight_shard.dtype:
-        hidden = hidden.to(weight_shard.dtype)
-    labels = labels.to(hidden.device)
+    hidden = head_input(hidden, weight_shard)
+    labels = labels.to(hidden.device, non_blocking=True)
     token_labels = labels.t() if seq_first else labels       # the token order of hidden.reshape(-1, d)
     p = mixer.cfg.projection
     out = vocab_parallel_fused_linear_cross_entropy(

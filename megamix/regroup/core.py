@@ -37,9 +37,9 @@ from typing import Iterator, Sequence
 import hashlib
 
 import numpy as np
-import torch.distributed as dist
 from tqdm import tqdm
 
+from megamix import comm
 from megamix.data.corpus import atomic_write_json
 
 __all__ = ["DocRef", "collect_refs", "iter_texts", "embed_to_memmap", "fit_minibatch_kmeans",
@@ -343,24 +343,16 @@ def write_regrouped(data_dir: str | Path, out_dir: str | Path, refs: Sequence[Do
 
 
 def _gather(obj, world_size: int, group):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj, group=group)
-    return out
+    return [obj] if world_size == 1 else comm.all_gather_object(obj, group)
 
 
 def _broadcast(obj, world_size: int, group):
-    if world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
+    return obj if world_size == 1 else comm.broadcast_object(obj, group)
 
 
-def _barrier(world_size: int, group) -> None:
-    if world_size > 1:
-        dist.barrier(group=group)
+def _group(world_size: int, group):
+    """The group for :func:`megamix.comm.together`: this process alone in a one-rank regroup."""
+    return comm.LOCAL if world_size == 1 else group
 
 
 def _refs_digest(refs: Sequence[DocRef]) -> str:
@@ -428,9 +420,10 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
             "embedder": str(getattr(emb_model, "key", type(emb_model).__name__)), "max_tokens": int(max_tokens),
             "embed_batch": int(embed_batch), "world_size": int(world_size)}
     rg = out / "regroup"
-    err = None
-    if rank == 0:
-        try:
+    grp = _group(world_size, group)
+    # rank 0's work ends in an agreement (megamix.comm.together): if it fails, every rank stops with its error
+    with comm.together(f"preparing the regroup output {out}", grp):
+        if rank == 0:
             finished = [out / d for d in ("corpus", "tokens") if (out / d).exists()] + \
                 ([rg / "report.json"] if (rg / "report.json").exists() else [])
             if finished and not overwrite:
@@ -442,11 +435,6 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
                         shutil.rmtree(p)
                 rg.mkdir(parents=True)
                 atomic_write_json(rg / "plan.json", plan)
-        except (FileExistsError, OSError) as e:
-            err = e
-    err = _broadcast(err, world_size, group)
-    if err is not None:
-        raise err
     # --- embed this rank's shard (resumable)
     lo, hi = shard_rows(len(refs), embed_batch, rank, world_size)
     shard_path = rg / "shards" / f"rank{rank:05d}-of-{world_size:05d}.npy"
@@ -463,43 +451,47 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
     parts = _gather((in_mine, None if emb is None else np.asarray(emb[in_mine - lo], np.float32)),
                     world_size, group)
     fitted = None
-    if rank == 0:
-        rows = np.concatenate([r for r, _ in parts])
-        xs = np.concatenate([x for r, x in parts if x is not None])
-        order = np.argsort(rows, kind="stable")
-        xs = xs[order]
-        try:
+    with comm.together("fitting the regroup k-means", grp):
+        if rank == 0:
+            rows = np.concatenate([r for r, _ in parts])
+            xs = np.concatenate([x for r, x in parts if x is not None])
+            order = np.argsort(rows, kind="stable")
+            xs = xs[order]
             report, models = sweep_k(xs, np.arange(len(xs)), ks, seed=seed, batch_size=kmeans_batch,
                                      epochs=epochs, silhouette_sample=silhouette_sample, progress=progress)
             fitted = (report, np.asarray(models[report["best_k"]].cluster_centers_, np.float32))
-        except ValueError as e:
-            fitted = e
-    fitted = _broadcast(fitted, world_size, group)
-    if isinstance(fitted, Exception):
-        raise fitted
-    report, centroids = fitted
+    report, centroids = _broadcast(fitted, world_size, group)
     k = report["best_k"]
     # --- assign every document of the shard, batch by (global) batch
     labels = np.empty(hi - lo, dtype=np.int64)
     for s in range(0, hi - lo, embed_batch):
         labels[s:s + embed_batch] = nearest_centroid(emb[s:s + embed_batch], centroids)
     all_labels = np.concatenate(_gather(labels, world_size, group))
-    if rank == 0:
-        np.save(rg / "centroids.npy", centroids)
-        written = write_regrouped(data_dir, out, refs, all_labels, k, progress=progress)
-        report.update(written)
-        report.update({"data_dir": str(data_dir), "out_dir": str(out),
-                       "embedder": plan["embedder"], "documents": len(refs), "world_size": world_size,
-                       "fit_documents": int(len(sample)), "seed": seed,
-                       "domains": sorted({r.domain for r in refs}),
-                       "clusters": [cluster_name(c) for c in range(k)]})
-        if tokenize:
-            from megamix.data.tokenize import recorded_tokenizer, tokenize_corpus
-            tokenize_corpus(out, [cluster_name(c) for c in range(k)], force=True, progress=progress,
-                            tokenizer=recorded_tokenizer(Path(data_dir) / "tokens"))  # the source store's tokenizer
-        if plot:
-            from megamix.regroup.plots import plot_regroup
-            report["plot"] = str(plot_regroup(report, rg / "regroup.png"))
-        atomic_write_json(rg / "report.json", report)
+    with comm.together(f"writing the regrouped corpus to {out}", grp):
+        if rank == 0:
+            _write_outputs(data_dir, out, rg, refs, all_labels, centroids, report, plan, sample, seed, k,
+                           tokenize=tokenize, plot=plot, progress=progress, world_size=world_size)
     report = _broadcast(report, world_size, group)
     return report
+
+
+def _write_outputs(data_dir, out, rg, refs, all_labels, centroids, report, plan, sample, seed, k, *, tokenize, plot,
+                   progress, world_size) -> None:
+    """Rank 0's part of :func:`regroup`: the centroids, the regrouped corpus, its token store, the plot and the
+    report (``report`` is completed in place)."""
+    np.save(rg / "centroids.npy", centroids)
+    written = write_regrouped(data_dir, out, refs, all_labels, k, progress=progress)
+    report.update(written)
+    report.update({"data_dir": str(data_dir), "out_dir": str(out),
+                   "embedder": plan["embedder"], "documents": len(refs), "world_size": world_size,
+                   "fit_documents": int(len(sample)), "seed": seed,
+                   "domains": sorted({r.domain for r in refs}),
+                   "clusters": [cluster_name(c) for c in range(k)]})
+    if tokenize:
+        from megamix.data.tokenize import recorded_tokenizer, tokenize_corpus
+        tokenize_corpus(out, [cluster_name(c) for c in range(k)], force=True, progress=progress,
+                        tokenizer=recorded_tokenizer(Path(data_dir) / "tokens"))  # the source store's tokenizer
+    if plot:
+        from megamix.regroup.plots import plot_regroup
+        report["plot"] = str(plot_regroup(report, rg / "regroup.png"))
+    atomic_write_json(rg / "report.json", report)

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from megamix import simplex
+from megamix.kernels.utils import no_autocast
 from megamix.simplex import project, softmax
 from megamix.snapshot import StatsSnapshot
 from megamix.strategies.base import MixingStrategy, no_signal
@@ -418,15 +419,17 @@ class DoGraphStrategy(_DoGraphBase):
             raise ValueError(f"g must be [B, {self.centroids.shape[1]}], got {tuple(g.shape)}")
         dev = g.device
         if self._device_cache is None or self._device_cache[0] != dev:
-            C = torch.as_tensor(self.centroids, dtype=torch.float32, device=dev)
-            self._device_cache = (dev, C, (C * C).sum(1), torch.as_tensor(self.factors, dtype=torch.float32,
-                                                                          device=dev))
+            # once per cluster table: a non-blocking copy of the (host) table to the rows' device
+            C = torch.from_numpy(np.asarray(self.centroids, np.float32)).to(dev, non_blocking=True)
+            fac = torch.from_numpy(np.asarray(self.factors, np.float32)).to(dev, non_blocking=True)
+            self._device_cache = (dev, C, (C * C).sum(1), fac)
         _, C, csq, fac = self._device_cache
         x = g.detach().float()
         if self.cfg.dograph_cosine:
             nrm = x.norm(dim=1, keepdim=True)
             x = torch.where(nrm > 0, x / nrm.clamp_min(1e-30), torch.zeros_like(x))
-        return fac[(csq[None, :] - 2.0 * (x @ C.t())).argmin(dim=1)]
+        with no_autocast(dev):   # the nearest centroid in fp32, also under a caller's autocast
+            return fac[(csq[None, :] - 2.0 * (x @ C.t())).argmin(dim=1)]
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

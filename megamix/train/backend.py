@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from megamix import comm
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
 from megamix.data.corpus import atomic_write_json
@@ -53,6 +54,7 @@ class Backend:
 
     name = "base"
     lr_at: Callable[[int], float] | None = None
+    reported_grad_norm: float | None = None     # the gradient norm read by step_report (plain/DDP backends)
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = int(rank), int(world_size)
@@ -89,49 +91,79 @@ class Backend:
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:
         raise NotImplementedError
 
-    def grads_finite(self) -> bool:
+    def grads_finite(self) -> bool | torch.Tensor:
         """Whether the accumulated gradients are finite, checked before :meth:`optimizer_step` (the loop's
-        non-finite guard). Default True: engines that check their own gradients (DeepSpeed's overflow check)
-        keep it."""
+        non-finite guard): a bool, or a 0-d bool tensor on the device that the loop reads together with the loss
+        (:meth:`step_report`), so the check adds no host sync of its own. Default True: engines that check their
+        own gradients (DeepSpeed's overflow check) keep it."""
         return True
 
-    def optimizer_step(self, skip: bool = False) -> float:
+    def optimizer_step(self, skip: bool = False) -> float | torch.Tensor:
         """Apply the accumulated gradients, or with ``skip`` drop them (no parameter or optimizer-state change);
-        return the gradient norm (NaN if unknown)."""
+        return the gradient norm (NaN if unknown; a 0-d device tensor is read only when it is logged)."""
         raise NotImplementedError
 
     def gathered(self, param: torch.Tensor):
         """Context yielding the full ``param`` (a ZeRO-3 gather on engines that partition it)."""
         return contextlib.nullcontext(param)
 
-    # collectives ----------------------------------------------------------------------------------------
+    # collectives (through megamix.comm: device from the group's backend) ------------------------------------
+    @property
+    def group(self) -> Any:
+        """The process group of this backend's ranks for :mod:`megamix.comm`: the default group when it runs several
+        ranks, :data:`megamix.comm.LOCAL` (no communication) when it runs one."""
+        return None if self.world_size > 1 else comm.LOCAL
+
     def barrier(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        if self.world_size > 1:
+            comm.barrier()
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any data-parallel rank (collective)."""
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            return bool(t.item())
+        if self.world_size > 1 and comm.size() > 1:
+            t = torch.full((1,), 1 if flag else 0, dtype=torch.int32, device=comm.device_for(prefer=self.device))
+            return bool(comm.all_reduce(t, "max").item())
         return bool(flag)
+
+    def step_report(self, loss_sum: torch.Tensor, grads_ok: bool | torch.Tensor, stop: bool
+                    ) -> tuple[float, bool, bool]:
+        """The one host read of an optimizer step: ``(loss averaged over the data-parallel ranks, gradients finite
+        on every rank, a stop requested on any rank)`` from one 3-value all-reduce on the device. ``loss_sum`` is
+        this rank's mean micro-step loss, a device scalar accumulated without host reads."""
+        dev = loss_sum.device
+        ok = grads_ok if isinstance(grads_ok, torch.Tensor) else torch.full((), bool(grads_ok), device=dev)
+        norm = getattr(self, "_norm", None)       # the gradient norm grads_finite() computed, if any: same read
+        v = torch.stack([loss_sum.detach().reshape(()).to(torch.float64),
+                         (~ok.reshape(()).to(dev, torch.bool)).to(torch.float64),
+                         torch.full((), 1.0 if stop else 0.0, dtype=torch.float64, device=dev),
+                         norm.detach().reshape(()).to(dev, torch.float64) if isinstance(norm, torch.Tensor)
+                         else torch.full((), math.nan, dtype=torch.float64, device=dev)])
+        world = self.world_size if (self.world_size > 1 and comm.size() > 1) else 1
+        if world > 1:
+            comm.all_reduce(v, "sum")
+        loss, bad, stops, gnorm = v.tolist()
+        self.reported_grad_norm = gnorm / world
+        return loss / world, bad == 0, stops > 0
 
     def local_parameters(self):
         """The parameter tensors this rank holds (its shards, on engines that partition them)."""
         return [p.detach() for p in self.model.parameters()]
 
     def params_finite(self) -> bool:
-        """Whether every parameter is finite on every rank (collective; checked before each checkpoint)."""
-        ok = all(bool(torch.isfinite(p).all()) for p in self.local_parameters() if p.numel())
+        """Whether every parameter is finite on every rank (collective; checked before each checkpoint): one flag
+        per device the parameters are on (a GPU, the CPU for offloaded shards), read once each."""
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for p in self.local_parameters():
+            if p.numel():
+                flags.setdefault(p.device, []).append(torch.isfinite(p).all())
+        ok = all(bool(torch.stack(fs).all()) for fs in flags.values())
         return not self.any(not ok)
 
     def mean(self, x: float) -> float:
         """Mean of a Python float over the data-parallel ranks."""
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            t = torch.tensor([x], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(t)
-            return float(t.item()) / self.world_size
+        if self.world_size > 1 and comm.size() > 1:
+            t = torch.full((1,), float(x), dtype=torch.float64, device=comm.device_for(prefer=self.device))
+            return float(comm.all_reduce(t, "sum").item()) / self.world_size
         return x
 
     # state ----------------------------------------------------------------------------------------------
@@ -203,12 +235,12 @@ class PlainBackend(Backend):
     def backward(self, loss, n_micro):
         (loss / n_micro).backward()
 
-    def grads_finite(self) -> bool:
+    def grads_finite(self) -> bool | torch.Tensor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         self._norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        return self._norm is None or bool(torch.isfinite(self._norm))
+        return True if self._norm is None else torch.isfinite(self._norm)   # read with the loss (step_report)
 
-    def optimizer_step(self, skip: bool = False) -> float:
+    def optimizer_step(self, skip: bool = False) -> float | torch.Tensor:
         norm, self._norm = self._norm, None   # from grads_finite() of this step, if it ran
         if not skip:
             if self.grad_clip > 0:
@@ -218,13 +250,16 @@ class PlainBackend(Backend):
                     torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm) if norm is not None else math.nan
+        reported, self.reported_grad_norm = self.reported_grad_norm, None
+        if reported is not None:          # read in step_report with the loss: no host read of its own
+            return reported
+        return norm.detach() if norm is not None else math.nan     # a device tensor: read when it is logged
 
     def save(self, ckpt_root, tag):
         path = Path(ckpt_root) / tag / MODEL_FILE
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}, tmp)
+        # the random states (CPU and this rank's GPU) are in each rank's side file (megamix.train.checkpoint)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, tmp)
         tmp.replace(path)
 
     def read(self, ckpt_root, tag):
@@ -244,15 +279,13 @@ class PlainBackend(Backend):
     def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
 
 class DDPBackend(PlainBackend):
     """torch ``DistributedDataParallel``: one process per rank, each with a full model and AdamW.
 
     Process group: ``gloo`` on CPU; on CUDA (device ``cuda:<local_rank>``) ``nccl`` for CUDA tensors plus ``gloo``
-    for the CPU tensors of megamix's statistics (``cpu:gloo,cuda:nccl``), initialised here from
+    for CPU tensors (``cpu:gloo,cuda:nccl``), initialised here from
     the rank and world size the entry point passes (the rendezvous address comes from the launcher's
     ``MASTER_ADDR``/``MASTER_PORT`` through torch's ``env://`` init); an already initialised default group
     of the same rank/size is reused. The loader gives each rank its own slice of every global batch.
@@ -319,8 +352,8 @@ class DDPBackend(PlainBackend):
                 raise RuntimeError(f"torch.distributed is already initialised as rank {dist.get_rank()}/"
                                    f"{dist.get_world_size()}, not {self.rank}/{self.world_size}")
             return
-        # on GPUs the group has both: nccl for CUDA tensors (gradients), gloo for the CPU tensors of megamix's
-        # statistics all-reduce and weight broadcast
+        # on GPUs the group has both: nccl for CUDA tensors (gradients, megamix's statistics on the GPU), gloo for
+        # CPU tensors (megamix.comm puts each collective on a device the group serves)
         dist.init_process_group("cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo", rank=self.rank,
                                 world_size=self.world_size,
                                 timeout=datetime.timedelta(minutes=self.timeout_minutes))
@@ -365,7 +398,7 @@ class DDPBackend(PlainBackend):
     def close(self) -> None:
         self._sync_off.close()
         if self._owns_group and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            comm.barrier()
             torch.distributed.destroy_process_group()
         self._owns_group = False
 
@@ -414,8 +447,9 @@ class DeepSpeedBackend(Backend):
         # the torch optimizer under the engine (ours, or the one DeepSpeed built from the ds_config)
         self._skip = ds_glue.skippable(optimizer if optimizer is not None else self.engine.basic_optimizer)
         self._bind(self.engine)
-        if self.rank == 0 and cfg.deepspeed.config:  # the merged config this run used, next to its config.yaml
-            atomic_write_json(Path(cfg.train.out_dir) / "ds_config.json", ds_config)
+        with comm.together("writing ds_config.json", self.group):
+            if self.rank == 0 and cfg.deepspeed.config:  # the merged config this run used, next to its config.yaml
+                atomic_write_json(Path(cfg.train.out_dir) / "ds_config.json", ds_config)
 
     _skip = None
 

@@ -52,7 +52,8 @@ import torch
 
 from megamix.config import flat_config, resume_change_kind
 from megamix.configbase import ConfigError
-from megamix.data.corpus import atomic_write_json
+from megamix import comm
+from megamix.data.corpus import atomic_write_json, atomic_write_text
 from megamix.train.guard import NonFiniteError
 
 log = logging.getLogger("megamix")
@@ -80,10 +81,32 @@ def _step_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's random-number state: the CPU generator and, when CUDA is present, the generator of this
+    rank's own GPU (``device``, else the current one); ``cuda_rng`` is None on a machine without CUDA, which a
+    resume then notes. Each rank saves its own (dropout and any sampling on the GPU draw from it)."""
+    cuda = None
+    if torch.cuda.is_available():
+        dev = device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        cuda = torch.cuda.get_rng_state(dev)
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def restore_rng(side: dict, device: torch.device | None = None, *, where: Any = "", main: bool = True) -> None:
+    """Restore what :func:`rng_state` saved, on this rank's own GPU; say in one line (rank 0) when the CUDA state
+    cannot be restored exactly (saved without CUDA and resumed with it, or the other way round)."""
+    torch.set_rng_state(side["torch_rng"])
+    saved = side.get("cuda_rng")
+    if torch.cuda.is_available():
+        if saved is not None:
+            dev = device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_rng_state(saved, dev)
+        elif main:
+            log.warning("megamix: checkpoint %s holds no CUDA random state (written without CUDA); the GPU's generator "
+                        "starts from train.seed, so dropout on the GPU will differ from an uninterrupted run", where)
+    elif saved is not None and main:
+        log.warning("megamix: checkpoint %s holds CUDA random states but this run has no CUDA device; they are not "
+                    "restored", where)
 
 
 class _Unreadable(Exception):
@@ -321,7 +344,7 @@ class Checkpoints:
                 check_resume_config(side.get("config"), cfg, root / chosen, main=main)
             backend.load(root, chosen, state)
         mixer.load_state_dict(side["mixer"])
-        torch.set_rng_state(side["torch_rng"])
+        restore_rng(side, getattr(backend, "device", None), where=root / chosen, main=main)
         self.loaded = root / chosen
         return int(side["step"])
 
@@ -359,31 +382,37 @@ class Checkpoints:
             raise NonFiniteError(f"step {step}: the model parameters are not finite; checkpoint {d} was not "
                                  f"written (the last one is {self.last_checkpoint() or 'none'}). Lower train.lr")
         rank = backend.rank
-        d.mkdir(parents=True, exist_ok=True)
+        group = backend.group
         done = d / DONE_FILE.format(rank=rank)
-        done.unlink(missing_ok=True)  # this tag becomes complete again only through this save's markers
-        backend.barrier()
-        backend.save(self.root, tag)
-        backend.barrier()
+        # Each block below ends with every rank agreeing on its outcome (megamix.comm.together, which is also the
+        # barrier): a rank that fails to write (a full disk on rank 0) stops every rank with the same one-line
+        # error at once, instead of the others waiting in the next collective until the timeout.
+        with comm.together(f"preparing checkpoint {d}", group):
+            d.mkdir(parents=True, exist_ok=True)
+            done.unlink(missing_ok=True)  # this tag becomes complete again only through this save's markers
+        with comm.together(f"writing the model files of checkpoint {d}", group):
+            backend.save(self.root, tag)
         self._phase("model_saved", step, rank)
-        side = {"format": FORMAT, "step": int(step), "mixer": mixer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "world_size": backend.world_size, "backend": backend.name, "config": cfg.to_dict()}
-        path = d / SIDE_FILE.format(rank=rank)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(side, tmp)
-        os.replace(tmp, path)
-        if rank == 0:
-            _atomic_text(d / CONFIG_COPY, cfg.to_yaml())
-        self._phase("side_saved", step, rank)
-        atomic_write_json(done, {"format": FORMAT, "step": int(step), "rank": rank, "world_size": backend.world_size,
-                                 "backend": backend.name, "files": self._files_of(d, rank)})
-        self._phase("marker_saved", step, rank)
-        backend.barrier()
-        if rank == 0:
-            _atomic_text(self.root / LATEST, tag)
-            self._phase("latest_saved", step, rank)
-            self._prune(step, int(getattr(cfg.train, "keep_checkpoints", 0)))
-        backend.barrier()
+        with comm.together(f"writing megamix's files of checkpoint {d}", group):
+            side = {"format": FORMAT, "step": int(step), "mixer": mixer.state_dict(),
+                    **rng_state(getattr(backend, "device", None)),
+                    "world_size": backend.world_size, "backend": backend.name, "config": cfg.to_dict()}
+            path = d / SIDE_FILE.format(rank=rank)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(side, tmp)
+            os.replace(tmp, path)
+            if rank == 0:
+                atomic_write_text(d / CONFIG_COPY, cfg.to_yaml())
+            self._phase("side_saved", step, rank)
+            atomic_write_json(done, {"format": FORMAT, "step": int(step), "rank": rank,
+                                     "world_size": backend.world_size, "backend": backend.name,
+                                     "files": self._files_of(d, rank)})
+            self._phase("marker_saved", step, rank)
+        with comm.together(f"publishing checkpoint {d}", group):
+            if rank == 0:
+                atomic_write_text(self.root / LATEST, tag)
+                self._phase("latest_saved", step, rank)
+                self._prune(step, int(getattr(cfg.train, "keep_checkpoints", 0)))
         self.saved = d
         return d
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megamix import comm
 from megamix.config import MegamixConfig
 from megamix.integrations.hf import apply_megamix, body_hidden_states, check_supported
 from megamix.integrations.hook import attach
@@ -112,8 +113,8 @@ class LMHead:
         return model_inputs(batch, self.backend.model, self.doc_masking, self.backend.device)
 
     def loss(self, batch) -> torch.Tensor:
-        """Mean token cross-entropy of a micro-batch (statistics recorded on the way)."""
-        kw, labels = self.inputs(batch), batch.labels.to(self.backend.device)
+        """Mean token cross-entropy of a micro-batch (statistics recorded on the way); no host sync."""
+        kw, labels = self.inputs(batch), batch.labels.to(self.backend.device, non_blocking=True)
         with self.backend.autocast():
             if self.patch is not None:
                 self.patch.set_batch(batch)
@@ -128,16 +129,16 @@ class LMHead:
         return token_loss.sum() / (labels != -100).sum().clamp(min=1)
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch) -> tuple[float, int]:
-        """(summed token loss, number of target tokens) of a validation batch, no statistics."""
-        kw, labels = self.inputs(batch), batch.labels.to(self.backend.device)
-        n = int((labels != -100).sum())
+    def eval_loss_sum(self, batch) -> tuple[torch.Tensor, int]:
+        """(summed token loss as a device scalar, number of target tokens) of a validation batch, no statistics."""
+        n = int((batch.labels != -100).sum())          # the loader's host labels: no device read
+        kw, labels = self.inputs(batch), batch.labels.to(self.backend.device, non_blocking=True)
         with self.backend.autocast():
             if self.patch is not None:
-                return float(self.backend.model(**kw, shift_labels=labels, use_cache=False).loss) * n, n
+                return self.backend.model(**kw, shift_labels=labels, use_cache=False).loss.detach().double() * n, n
             logits = self.backend.model(**kw, use_cache=False).logits
-        return float(F.cross_entropy(logits.float().reshape(-1, self.vocab_size), labels.reshape(-1),
-                                     ignore_index=-100, reduction="sum")), n
+        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), labels.reshape(-1), ignore_index=-100,
+                               reduction="sum").double(), n
 
     def hidden_states(self, batch) -> torch.Tensor:
         """The LM head's input for a held-out batch (eval mode, no gradients)."""
@@ -164,19 +165,21 @@ def evaluate(head: LMHead, store, domains: list[str], cfg: MegamixConfig) -> dic
     model = head.backend.model
     was_training = model.training
     model.eval()
-    out = {}
+    totals, counts = [], []
     try:
         for d in domains:
-            tot, n = 0.0, 0
+            tot, n = torch.zeros((), dtype=torch.float64, device=head.backend.device), 0
             for batch in eval_batches(store, d, seq_len=cfg.model.seq_len, batch_size=cfg.train.micro_batch_size,
                                       max_batches=cfg.train.eval_batches):
                 s, c = head.eval_loss_sum(batch)
-                tot += s
+                tot = tot + s
                 n += c
-            out[d] = tot / n if n else float("nan")
+            totals.append(tot)
+            counts.append(n)
     finally:
         model.train(was_training)
-    return out
+    sums = torch.stack(totals).tolist() if totals else []     # one host read per evaluation
+    return {d: (t / n if n else float("nan")) for d, t, n in zip(domains, sums, counts)}
 
 
 def _avg(d: dict[str, float]) -> float:
@@ -244,7 +247,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         checkpoint_hook: ``f(phase, step, rank)`` called inside each checkpoint save (tests: kill points).
     """
     from megamix.data.backings import open_store
-    from megamix.data.corpus import atomic_write_json
+    from megamix.data.corpus import atomic_write_json, atomic_write_text
     from megamix.data.store import TokenStore
     from megamix.mixer import Mixer
     from megamix.train.plots import plot_run_files
@@ -259,10 +262,11 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     backend.init(cfg)
     main = rank == 0
     out_dir = Path(t.out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for note in notes:
-            log.info("megamix: %s", note)
+    with comm.together(f"creating train.out_dir={out_dir}"):   # a failure on rank 0 stops every rank at once
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for note in notes:
+                log.info("megamix: %s", note)
     store = store or open_store(cfg.data)
     store.check_vocab(cfg.model.vocab_size)  # a DataError (one line, exit 2) names the mismatch and the fix
     torch.manual_seed(t.seed)
@@ -278,15 +282,16 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     ckpt = Checkpoints(out_dir, on_phase=checkpoint_hook)
     start = ckpt.load(backend, mixer, cfg) if t.resume else 0
     metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        if start:
-            _truncate_metrics(metrics_path, start)
-            if log_to_stdout:
-                print(f"resumed from {ckpt.loaded} at step {start}")
-        elif metrics_path.exists():
-            metrics_path.unlink()  # a fresh run: drop records of an earlier, unfinished one
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
-        atomic_write_json(out_dir / "data_manifest.json", store.manifest)  # what was trained on (sources, splits)
+    with comm.together(f"writing the run's files in {out_dir}"):
+        if main:
+            if start:
+                _truncate_metrics(metrics_path, start)
+                if log_to_stdout:
+                    print(f"resumed from {ckpt.loaded} at step {start}")
+            elif metrics_path.exists():
+                metrics_path.unlink()  # a fresh run: drop records of an earlier, unfinished one
+            atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+            atomic_write_json(out_dir / "data_manifest.json", store.manifest)  # what was trained on (sources, splits)
     logger = MetricsLogger(out_dir, enabled=main, resume_step=start, logging=cfg.logging, run_config=cfg.to_dict())
     guard = NonFiniteGuard(t.on_nonfinite, logger, main, ckpt.last_checkpoint)
     if start == 0:
@@ -319,13 +324,16 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
         for step in bar:
             ts = time.perf_counter()
             backend.before_step(step)
-            loss_acc = 0.0
-            for batch in mixer.next_step():
+            loss_acc = torch.zeros((), dtype=torch.float64, device=backend.device)
+            for batch in mixer.next_step():          # no host sync inside a micro-step
                 loss = head.loss(batch)
                 backend.backward(loss, n_micro)
-                loss_acc += float(loss.detach()) / n_micro
-            last_loss = backend.mean(loss_acc)  # before the step: a NaN on any rank reaches every rank
-            skip = guard.check(step + 1, last_loss, backend.grads_finite())  # raises under on_nonfinite=stop
+                loss_acc += loss.detach().double() / n_micro
+            # The step's one host read: the loss averaged over ranks (a NaN on any rank reaches every rank), the
+            # gradients' finiteness and a stop request on any rank, from one small all-reduce.
+            last_loss, grads_ok, stop_any = backend.step_report(
+                loss_acc, backend.grads_finite(), bool(stop_requested()) if stop_requested is not None else False)
+            skip = guard.check(step + 1, last_loss, grads_ok)  # raises under on_nonfinite=stop
             gnorm = backend.optimizer_step(skip=skip)
             if skip:
                 mixer.discard_step()  # the skipped step's statistics never reach the strategy
@@ -344,6 +352,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
             if done % t.log_every == 0 or done == end:
                 med = float(np.median(step_times[-t.log_every:]))
                 lr_now = backend.current_lr(step)
+                gnorm = float(gnorm)     # a device scalar on the plain/DDP backends: read only when logged
                 logger.log("train", done, loss=last_loss, lr=lr_now, grad_norm=gnorm, step_seconds=med,
                            tokens_per_second=tokens_per_step / med, **mixture_fields(mixer.loader.telemetry()))
                 bar.log(done, loss=last_loss, tokens_per_second=tokens_per_step / med, lr=lr_now,
@@ -356,7 +365,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
                               " ".join(f"{k}={v:.2f}" for k, v in vl.items()))
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == end:
                 ckpt.save(done, backend, mixer, cfg)
-            check_stop(stop_requested, done, backend, ckpt, mixer, cfg, last=done == end)
+            check_stop(stop_any, done, backend, ckpt, mixer, cfg, last=done == end)
     except BaseException as e:  # leave no open logger, hook or process group behind
         bar.close()
         logger.close()

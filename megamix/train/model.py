@@ -286,7 +286,7 @@ def attention_mask_for(segment_ids: torch.Tensor, model: nn.Module, doc_masking:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager") or not bool((segment_ids != segment_ids[:, :1]).any()):
         return None
-    mask = document_mask(segment_ids.to(device))
+    mask = document_mask(segment_ids.to(device, non_blocking=True))
     if impl == "eager":
         dtype = next(model.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
@@ -296,7 +296,10 @@ def attention_mask_for(segment_ids: torch.Tensor, model: nn.Module, doc_masking:
 def model_inputs(batch: Any, model: nn.Module, doc_masking: bool, device: torch.device | str) -> dict:
     """The forward's keyword arguments for a loader batch on ``device``: ``input_ids``, ``position_ids`` and
     the ``attention_mask`` of :func:`attention_mask_for` when there is one."""
-    kw = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device)}
+    # the loader's host tensors go to the device without blocking the host (a blocking copy waits for the
+    # device's queue: a host sync per micro-step)
+    kw = {"input_ids": batch.input_ids.to(device, non_blocking=True),
+          "position_ids": batch.position_ids.to(device, non_blocking=True)}
     mask = attention_mask_for(batch.segment_ids, model, doc_masking, device)
     if mask is not None:
         kw["attention_mask"] = mask
