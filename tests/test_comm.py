@@ -157,6 +157,16 @@ def _paths(data_dir: str, root: str) -> dict:
         loss, ok, stop = b.step_report(torch.tensor(float("nan")), True, False)
         assert loss != loss and ok and not stop
 
+    def deepspeed_backend():
+        """The DeepSpeed backend's own collectives (its engine's are DeepSpeed's): the step report, the
+        finiteness check before a checkpoint."""
+        from megamix.train.backend import DeepSpeedBackend
+
+        b = DeepSpeedBackend(comm.rank(), WORLD)
+        b.model = torch.nn.Linear(4, 4)
+        loss, ok, stop = b.step_report(torch.tensor(1.0), True, False)
+        assert b.params_finite() and loss == 1.0
+
     def checkpoints():
         b = _bare_backend(comm.rank(), WORLD)
         cfg = _mixer_cfg_for_backend()
@@ -185,7 +195,8 @@ def _paths(data_dir: str, root: str) -> dict:
                 world_size=WORLD)
 
     return {"mixer_step_rnb": mixer_step_rnb, "dograph_reservoir_and_clusters": dograph_reservoir_and_clusters,
-            "held_out_gradient": held_out_gradient, "nonfinite_guard": nonfinite_guard, "checkpoints": checkpoints,
+            "held_out_gradient": held_out_gradient, "nonfinite_guard": nonfinite_guard,
+            "deepspeed_backend": deepspeed_backend, "checkpoints": checkpoints,
             "hf_trainer_accelerate_feed": hf_feed, "regroup": regroup_two_ranks}
 
 
@@ -282,7 +293,7 @@ def _recorder_worker(rank: int, port: int, data_dir: str, root: str) -> None:
               "train.steps=3"), rank=rank, world_size=WORLD, progress=False, log_to_stdout=False)
     # the feed of the HF Trainer / Accelerate, the checkpoints and guard on their own, regroup
     paths = _paths(data_dir, root)
-    for name in ("hf_trainer_accelerate_feed", "checkpoints", "nonfinite_guard", "regroup"):
+    for name in ("hf_trainer_accelerate_feed", "checkpoints", "nonfinite_guard", "deepspeed_backend", "regroup"):
         paths[name]()
     Path(root, f"records_rank{rank}.json").write_text(json.dumps(records))
 

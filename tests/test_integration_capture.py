@@ -318,3 +318,28 @@ def test_attach_refuses_a_vocab_parallel_output_layer(tiny_store):
                                                    "train.global_batch_size=4", "train.micro_batch_size=4"])
     with pytest.raises(ValueError, match="attach_megatron"):
         attach(model, Mixer(cfg.validate(), TokenStore(tiny_store)))
+
+
+@pytest.mark.parametrize("seq_first", [True, False], ids=["megatron-[s,b,V]", "hf-[b,s,V]"])
+def test_capture_projects_delta_in_its_own_layout_without_a_copy(seq_first):
+    """The capture's u = δ P1ᵀ is formed in δ's own layout (Megatron's [s, b, V/tp] included): no transposed copy of
+    the δ shard; only the small u and w are reordered. Same rows as projecting the batch-first δ."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from devicesim import peak_allocated
+
+    S, B, Vb = 64, 4, 4096
+    g = torch.Generator().manual_seed(0)
+    proj = _proj(v=Vb)
+    cap = LMHeadGradCapture(None, proj, lambda g_: None, seq_first=seq_first)
+    delta_bf = torch.randn(B, S, Vb, generator=g)
+    a_bf = torch.randn(B, S, D, generator=g)
+    delta = delta_bf.transpose(0, 1).contiguous() if seq_first else delta_bf
+    a = a_bf.transpose(0, 1).contiguous() if seq_first else a_bf
+    proj.operand("P1", torch.float32, delta.device)
+    proj.operand("P2", torch.float32, delta.device)
+    peak, rows = peak_allocated(lambda: cap.compute(delta, a))
+    assert peak < delta.numel() * delta.element_size() // 8, f"{peak} bytes: a copy of the {delta.numel() * 4}-byte δ"
+    assert_close(rows, project_per_sample(delta_bf, a_bf, proj), "proj", torch.float32, "cpu", "capture rows")

@@ -200,3 +200,32 @@ def test_state_files_refuse_a_wrong_checkpoint(tiny_store, store, tmp_path):
     again = Mixer(cfg, store, rank=1, world_size=2)
     assert load_state(again, tmp_path / "ckpt") == 1 and again.loader.step == 1
 
+
+
+def test_capture_feed_reads_the_losses_of_bf16_logits_without_an_fp32_copy(tiny_store, store):
+    """The Trainer/Accelerate capture path reads each sample's train loss from the model's logits; bf16 logits are
+    read a block of rows at a time in fp32, never as a second fp32 copy of the whole [b, T, V] tensor."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from devicesim import peak_allocated
+
+    mixer = Mixer(_cfg(tiny_store), store)
+    feed = MegamixFeed(_model(store.vocab_size), mixer)
+    batch = mixer.next_step()[0]
+    feed.hook.set_batch(batch)
+    logits = torch.randn(*batch.labels.shape, store.vocab_size).to(torch.bfloat16)
+
+    class Out:
+        pass
+
+    out = Out()
+    out.logits = logits
+    peak, _ = peak_allocated(lambda: feed._record_loss(None, (), {"shift_labels": batch.labels}, out))
+    assert peak < logits.numel() * 4 // 2, f"{peak} bytes: an fp32 copy of the logits is {logits.numel() * 4}"
+    ref = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100,
+                                            reduction="none").view(batch.labels.shape)
+    ctx = feed.hook.capture.context
+    valid = batch.labels != -100
+    assert torch.allclose(ctx["loss_sum"], (ref * valid).sum(1).double(), rtol=1e-6)
+    feed.remove()
