@@ -227,9 +227,12 @@ if HAS_TRITON:
     def _ce_delta_proj_kernel(logits_ptr, stride_l, labels_ptr, loss_ptr, p1t_ptr, stride_p, u_ptr, stride_u,
                               C, V, K1, scale_ptr, p1_scale, ignore_index,
                               HAS_PROJ: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-                              BK1: tl.constexpr, DOT_IEEE: tl.constexpr):
+                              BK1: tl.constexpr, DOT_IEEE: tl.constexpr, BV_STATS: tl.constexpr):
         """One program owns BM rows of the chunk and sweeps all of V twice (no atomics). The loss scale
         ``s`` is read from ``scale_ptr`` (an fp32 scalar on the device: 1/n_valid needs no host read).
+        The first sweep (max / sum-exp) walks V in tiles of ``BV_STATS``, the projection-off tile, also when a
+        large k1 makes the second sweep use narrower ``BV`` tiles: the log-sum-exp, hence δ and the training
+        gradients, stay bit-identical with the projection on or off (the δ of the second sweep is elementwise).
 
         Pass 1: online max / sum-exp -> lse; the target logit is read directly.
         Pass 2: δ = s (exp(z - lse) - onehot) stored over z; if HAS_PROJ, u += δ_tile @ P1ᵀ_tile."""
@@ -243,7 +246,7 @@ if HAS_TRITON:
         row_base = logits_ptr + rows64 * stride_l
 
         zy = tl.load(row_base + y, mask=valid, other=0.0).to(tl.float32)
-        m, s = _row_max_sumexp(row_base, rmask, V, BM, BV)
+        m, s = _row_max_sumexp(row_base, rmask, V, BM, BV_STATS)
         lse = tl.where(rmask, m + tl.log(tl.maximum(s, 1e-30)), 0.0)
         tl.store(loss_ptr + rows, tl.where(valid, lse - zy, 0.0), mask=rmask)
 
@@ -406,10 +409,12 @@ def ce_delta_triton(logits: torch.Tensor, labels: torch.Tensor, scale: float | t
     C, V = logits.shape
     loss = torch.empty(C, device=logits.device, dtype=torch.float32)
     u, args = _ce_launch(logits, p1t, loss, block_m, block_v, num_warps)
+    # the max / sum-exp sweep keeps the projection-off tile (see the kernel), unless a sweep overrides the tile
+    bv_stats = block_v or launch_configs.ce_pass(C, logits.dtype, None, interpret=interpreting()).block_v
     if C > 0:
         _ce_delta_proj_kernel[(cdiv(C, args["BM"]),)](
             logits, logits.stride(0), labels, loss, C=C, V=V, scale_ptr=scale_tensor(scale, logits.device),
-            p1_scale=float(p1_scale), ignore_index=int(ignore_index), **args)
+            p1_scale=float(p1_scale), ignore_index=int(ignore_index), BV_STATS=bv_stats, **args)
     return loss, u
 
 

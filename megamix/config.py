@@ -261,9 +261,9 @@ class ProjectionConfig(ConfigBase):
         k1_max, need_kb = 512, {"fused": (264, "fused CE"), "tiled": (260, "tiled projection")}
         if self.backend != "torch" and self.u_method in need_kb and self.k1 > k1_max:
             kb, kernel = need_kb[self.u_method]
-            check(False, f"projection.k1={self.k1} needs at least {kb} KB of GPU shared memory per block in the {kernel} "
-                         f"kernel (fp32 logits, its smallest tile), above the A100's 163 KB; the largest k1 that fits "
-                         f"every supported GPU is {k1_max} (projection.u_method=gemm has no such limit)")
+            check(False, f"projection.k1={self.k1} needs at least {kb} KB of GPU shared memory per block in the "
+                         f"{kernel} kernel (fp32 logits, its smallest tile), above the A100's 163 KB; the largest k1 "
+                         f"that fits every supported GPU is {k1_max} (projection.u_method=gemm has no such limit)")
         return self
 
 

@@ -491,3 +491,31 @@ def test_token_cross_entropy_reads_bf16_logits_without_an_fp32_copy():
     ref = F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="none")
     assert_close(tok, ref, "loss", torch.float32, "cpu", "token CE")
     assert peak < logits.numel() * 4 // 2, f"{peak} bytes: an fp32 copy of the logits ({logits.numel() * 4})"
+
+
+@pytest.mark.parametrize("dtype,k1", [(torch.float32, 512), (torch.float32, 64), (torch.bfloat16, 1024)])
+def test_the_stats_sweep_keeps_the_projection_off_tile_at_every_k1(monkeypatch, dtype, k1):
+    """On a GPU a large k1 makes the CE pass's δ sweep use a narrower vocab tile (P1ᵀ must fit shared memory); its
+    max / sum-exp sweep still runs at the projection-off tile, so δ stays bit-identical with the projection on or
+    off. Checked on the launch arguments the launcher would pass on a GPU."""
+    from megamix.kernels import fused_linear_ce as flce
+    from megamix.kernels import launch_configs
+
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(kwargs)
+            return launch
+
+    monkeypatch.setattr(flce, "interpreting", lambda: False)
+    monkeypatch.setattr(flce, "_ce_delta_proj_kernel", Recorder())
+    logits = torch.zeros(32, 1000, dtype=dtype)
+    p1t = torch.zeros(1000, k1, dtype=dtype)
+    flce.ce_delta_triton(logits, torch.zeros(32, dtype=torch.long), 1.0, -100, p1t)
+    off = launch_configs.ce_pass(32, dtype, None, interpret=False)
+    on = launch_configs.ce_pass(32, dtype, k1, interpret=False)
+    assert seen["BV_STATS"] == off.block_v and seen["BV"] == on.block_v
+    if k1 >= 512:
+        assert on.block_v < off.block_v      # the case this protects: a narrower δ sweep
