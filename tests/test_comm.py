@@ -19,6 +19,7 @@ checked without a GPU:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -200,14 +201,10 @@ def _paths(data_dir: str, root: str) -> dict:
             "hf_trainer_accelerate_feed": hf_feed, "regroup": regroup_two_ranks}
 
 
-def _fake_corpus(root: Path, per: int = 20) -> None:
-    words = {"alpha": "aaa abba cab baa", "zulu": "zzz yzy xyz zyx", "mike": "mmm nmn omo mon"}
-    for dom, w in words.items():
-        for split, n in (("train", per), ("valid", 3)):
-            p = root / "corpus" / dom / f"{split}.jsonl"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text("".join(json.dumps({"text": f"{w} {i} {w}", "source": f"{dom}-{i}"}) + "\n"
-                                 for i in range(n)))
+def _fake_corpus(root: Path) -> None:
+    from test_regroup_kmeans import _fake_corpus as three_domains   # the regroup tests' toy corpus
+
+    three_domains(root, per=20)
 
 
 # ------------------------------------------------------------------------------------------ cuda:gloo = NCCL's rule
@@ -319,6 +316,23 @@ def test_every_collective_megamix_issues_goes_through_comm_on_a_served_device(ti
 
 
 # ------------------------------------------------------------------------------------------ failures reach every rank
+@contextlib.contextmanager
+def _full_disk_on_rank0(module, name: str, filename: str, rank: int):
+    """``module.name(path, text)`` (an atomic writer) raises ENOSPC on rank 0 for a file called ``filename``."""
+    real = getattr(module, name)
+
+    def broken(path, text):
+        if rank == 0 and Path(path).name == filename:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text)
+
+    setattr(module, name, broken)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
+
+
 def _failure_worker(rank: int, port: int, data_dir: str, root: str) -> None:
     _setup_rank(rank, port)
     import datetime
@@ -348,19 +362,9 @@ def _failure_worker(rank: int, port: int, data_dir: str, root: str) -> None:
 
     # 2. a checkpoint whose `latest` cannot be written on rank 0
     def checkpoint():
-        real = ck_mod.atomic_write_text
-
-        def broken(path, text):
-            if rank == 0 and Path(path).name == "latest":
-                raise OSError(28, "No space left on device", str(path))
-            return real(path, text)
-
-        ck_mod.atomic_write_text = broken
-        try:
+        with _full_disk_on_rank0(ck_mod, "atomic_write_text", "latest", rank):
             b = _bare_backend(rank, WORLD)
             ck_mod.Checkpoints(Path(root) / "ckpt").save(1, b, _mixer(data_dir, "rnb"), _mixer_cfg_for_backend())
-        finally:
-            ck_mod.atomic_write_text = real
     attempt("checkpoint", checkpoint)
 
     # 3. regroup: rank 0 fails while writing the regrouped corpus
@@ -386,23 +390,13 @@ def _failure_worker(rank: int, port: int, data_dir: str, root: str) -> None:
         from megamix.config import MegamixConfig
         from megamix.train.loop import train
 
-        real = corpus.atomic_write_text
-
-        def broken(path, text):
-            if rank == 0 and Path(path).name == "config.yaml":
-                raise OSError(28, "No space left on device", str(path))
-            return real(path, text)
-
-        corpus.atomic_write_text = broken
-        try:
+        with _full_disk_on_rank0(corpus, "atomic_write_text", "config.yaml", rank):
             cfg = MegamixConfig.from_yaml(None, overrides=[
                 f"data.data_dir={data_dir}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                 "model.seq_len=16", "train.steps=1", "train.global_batch_size=8", "train.micro_batch_size=2",
                 f"train.out_dir={root}/run", "train.threads=1", "projection.k1=8", "projection.k2=4",
                 "logging.tensorboard=false"]).validate()
             train(cfg, rank=rank, world_size=WORLD, progress=False, log_to_stdout=False)
-        finally:
-            corpus.atomic_write_text = real
     attempt("startup", startup)
     dist.barrier()
     Path(root, f"failures_rank{rank}.json").write_text(json.dumps(out))

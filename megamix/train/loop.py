@@ -262,7 +262,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     backend.init(cfg)
     main = rank == 0
     out_dir = Path(t.out_dir)
-    with comm.together(f"creating train.out_dir={out_dir}"):   # a failure on rank 0 stops every rank at once
+    with comm.together(f"creating train.out_dir={out_dir}", backend.group):   # rank 0 failing stops every rank
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
             for note in notes:
@@ -282,7 +282,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
     ckpt = Checkpoints(out_dir, on_phase=checkpoint_hook)
     start = ckpt.load(backend, mixer, cfg) if t.resume else 0
     metrics_path = out_dir / "metrics.jsonl"
-    with comm.together(f"writing the run's files in {out_dir}"):
+    with comm.together(f"writing the run's files in {out_dir}", backend.group):
         if main:
             if start:
                 _truncate_metrics(metrics_path, start)
