@@ -86,7 +86,7 @@ class Projection:
             k = P.shape[0]
             # A hand-built Projection may carry Gaussian values under the default kind: only take the
             # signs when every entry really is ±1/sqrt(k) (known from make_projection's host draws; else checked
-            # here, once per matrix and dtype).
+            # here, once for both matrices).
             if self.exact_signs is None:
                 self.exact_signs = self.kind == "rademacher" and all(
                     bool(torch.all(M.float().abs() == M.float().abs().max())) for M in (self.P1, self.P2))

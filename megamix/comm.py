@@ -237,8 +237,7 @@ def together(what: str, group: Any = None) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
-        agree(e, what, group)
-        raise   # one rank: agree re-raised it already; kept for clarity
+        agree(e, what, group)   # raises: the RankFailure, or with one rank the error itself
     agree(None, what, group)
 
 

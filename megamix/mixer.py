@@ -367,13 +367,23 @@ class Mixer:
         stages = comm.size(self.pipeline_group) if self.pipeline_group is not None else 1
         last_stage = stages - 1
         if stages > 1 and comm.rank(self.pipeline_group) != last_stage:
-            # an earlier pipeline stage: no LM head, no statistics; the last stage's decision arrives here
-            new = self._broadcast_decision(self.weights, self.pipeline_group, from_rank=last_stage)
-            changed = not unchanged(new, self.weights)
-            if changed:
-                self.loader.set_weights(new)
-            self.stats.reset()
-            return {"snapshot": None, "weights": new, "changed": changed, "log": {}}
+            # an earlier pipeline stage: no LM head, no statistics; the last stage's decision arrives below
+            snap, new, log, verify = None, self.weights, {}, False
+        else:
+            snap, new, log = self._decide(step, hidden_fn, lm_head_weight)
+            verify = self.cfg.loader.verify_weights and self._dist_active()
+        if stages > 1:   # the last stage sends the decision to the earlier stages of its pipeline
+            new = self._broadcast_decision(new, self.pipeline_group, from_rank=last_stage)
+        # the loader quantises weights to multiples of 2^-32; smaller differences are no change
+        changed = not unchanged(new, self.weights)
+        if changed:
+            self.loader.set_weights(new, verify=verify, group=self.group)
+        self.stats.reset()
+        return {"snapshot": snap, "weights": new, "changed": changed, "log": log}
+
+    def _decide(self, step: int, hidden_fn, lm_head_weight) -> tuple[Any, np.ndarray, dict]:
+        """``(snapshot, new weights, log)`` of a round where the statistics are: all-reduce them over the
+        data-parallel group, let the strategy observe and propose, take the deciding rank's proposal."""
         dist_on = self._dist_active()
         if dist_on:
             self.stats.all_reduce(self.group)      # on the statistics' device (megamix.comm: NCCL gets GPU tensors)
@@ -389,16 +399,9 @@ class Mixer:
             # Rule (see megamix.loader.sampler): the group's first rank decides, everyone takes its weights (and
             # DoGraph's cluster table), in one broadcast from that rank (megamix.comm: group_src, not global 0).
             new = self._broadcast_decision(new, self.group)
-        if stages > 1:   # the last stage sends the decision to the earlier stages of its pipeline
-            new = self._broadcast_decision(new, self.pipeline_group, from_rank=last_stage)
-        # the loader quantises weights to multiples of 2^-32; smaller differences are no change
-        changed = not unchanged(new, self.weights)
-        if changed:
-            self.loader.set_weights(new, verify=self.cfg.loader.verify_weights and dist_on, group=self.group)
-        self.stats.reset()
         info = self.strategy.last_info or {}
         log = {k: info[k] for k in ("cluster_weights", "cluster_shares", "cluster_sizes", "fallback") if k in info}
-        return {"snapshot": snap, "weights": new, "changed": changed, "log": log}
+        return snap, new, log
 
     def _broadcast_decision(self, new: np.ndarray, group: Any, from_rank: int = 0) -> np.ndarray:
         """Group rank ``from_rank``'s weights on every rank of ``group``, bit for bit, and for a gradient-reweighting

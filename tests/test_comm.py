@@ -155,8 +155,8 @@ def _paths(data_dir: str, root: str) -> dict:
 
     def nonfinite_guard():
         b = _bare_backend(comm.rank(), WORLD)
-        loss, ok, stop = b.step_report(torch.tensor(float("nan")), True, False)
-        assert loss != loss and ok and not stop
+        r = b.step_report(torch.tensor(float("nan")), torch.tensor(float("inf")), False)
+        assert r.loss != r.loss and not r.grads_finite and not r.stop
 
     def deepspeed_backend():
         """The DeepSpeed backend's own collectives (its engine's are DeepSpeed's): the step report, the
@@ -165,8 +165,8 @@ def _paths(data_dir: str, root: str) -> dict:
 
         b = DeepSpeedBackend(comm.rank(), WORLD)
         b.model = torch.nn.Linear(4, 4)
-        loss, ok, stop = b.step_report(torch.tensor(1.0), True, False)
-        assert b.params_finite() and loss == 1.0
+        r = b.step_report(torch.tensor(1.0), None, False)
+        assert b.params_finite() and r.loss == 1.0 and r.grads_finite and r.grad_norm is None
 
     def checkpoints():
         b = _bare_backend(comm.rank(), WORLD)

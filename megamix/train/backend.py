@@ -16,7 +16,7 @@ import contextlib
 import datetime
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +30,15 @@ from megamix.train import optim
 from megamix.train.model import check_attn_implementation, resolve_hf_config
 
 MODEL_FILE = "model.pt"
+
+
+class StepReport(NamedTuple):
+    """What the loop reads from the device once per optimizer step (:meth:`Backend.step_report`)."""
+
+    loss: float                 # the step's mean training loss, averaged over the data-parallel ranks
+    grads_finite: bool          # the gradients are finite on every rank (True when the backend checks its own)
+    stop: bool                  # a stop was requested on some rank
+    grad_norm: float | None     # the gradient norm before clipping (None when the backend computes none)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,7 +63,6 @@ class Backend:
 
     name = "base"
     lr_at: Callable[[int], float] | None = None
-    reported_grad_norm: float | None = None     # the gradient norm read by step_report (plain/DDP backends)
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         self.rank, self.world_size = int(rank), int(world_size)
@@ -91,12 +99,11 @@ class Backend:
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:
         raise NotImplementedError
 
-    def grads_finite(self) -> bool | torch.Tensor:
-        """Whether the accumulated gradients are finite, checked before :meth:`optimizer_step` (the loop's
-        non-finite guard): a bool, or a 0-d bool tensor on the device that the loop reads together with the loss
-        (:meth:`step_report`), so the check adds no host sync of its own. Default True: engines that check their
-        own gradients (DeepSpeed's overflow check) keep it."""
-        return True
+    def grad_norm(self) -> torch.Tensor | None:
+        """The accumulated gradients' total norm as a device scalar, computed before :meth:`optimizer_step` (which
+        clips with it); the loop reads it, and from it the gradients' finiteness, in the step's one host read
+        (:meth:`step_report`). None: the engine checks its own gradients (DeepSpeed's overflow check)."""
+        return None
 
     def optimizer_step(self, skip: bool = False) -> float | torch.Tensor:
         """Apply the accumulated gradients, or with ``skip`` drop them (no parameter or optimizer-state change);
@@ -125,25 +132,22 @@ class Backend:
             return bool(comm.all_reduce(t, "max").item())
         return bool(flag)
 
-    def step_report(self, loss_sum: torch.Tensor, grads_ok: bool | torch.Tensor, stop: bool
-                    ) -> tuple[float, bool, bool]:
-        """The one host read of an optimizer step: ``(loss averaged over the data-parallel ranks, gradients finite
-        on every rank, a stop requested on any rank)`` from one 3-value all-reduce on the device. ``loss_sum`` is
-        this rank's mean micro-step loss, a device scalar accumulated without host reads."""
+    def step_report(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor | None, stop: bool) -> StepReport:
+        """The one host read of an optimizer step, from one 4-value all-reduce on the device: the loss averaged over
+        the data-parallel ranks, whether the gradients are finite on every rank, whether a stop was requested on any
+        rank, and the gradient norm (None when the backend computes none). ``loss_sum`` is this rank's mean
+        micro-step loss, a device scalar accumulated without host reads; ``grad_norm`` is :meth:`grad_norm`'s."""
         dev = loss_sum.device
-        ok = grads_ok if isinstance(grads_ok, torch.Tensor) else torch.full((), bool(grads_ok), device=dev)
-        norm = getattr(self, "_norm", None)       # the gradient norm grads_finite() computed, if any: same read
+        nan = torch.full((), math.nan, dtype=torch.float64, device=dev)
+        norm = nan if grad_norm is None else grad_norm.detach().reshape(()).to(dev, torch.float64)
         v = torch.stack([loss_sum.detach().reshape(()).to(torch.float64),
-                         (~ok.reshape(()).to(dev, torch.bool)).to(torch.float64),
-                         torch.full((), 1.0 if stop else 0.0, dtype=torch.float64, device=dev),
-                         norm.detach().reshape(()).to(dev, torch.float64) if isinstance(norm, torch.Tensor)
-                         else torch.full((), math.nan, dtype=torch.float64, device=dev)])
+                         (~torch.isfinite(norm)).to(torch.float64) if grad_norm is not None else torch.zeros_like(nan),
+                         torch.full((), 1.0 if stop else 0.0, dtype=torch.float64, device=dev), norm])
         world = self.world_size if (self.world_size > 1 and comm.size() > 1) else 1
         if world > 1:
             comm.all_reduce(v, "sum")
         loss, bad, stops, gnorm = v.tolist()
-        self.reported_grad_norm = gnorm / world
-        return loss / world, bad == 0, stops > 0
+        return StepReport(loss / world, bad == 0, stops > 0, None if grad_norm is None else gnorm / world)
 
     def local_parameters(self):
         """The parameter tensors this rank holds (its shards, on engines that partition them)."""
@@ -235,13 +239,13 @@ class PlainBackend(Backend):
     def backward(self, loss, n_micro):
         (loss / n_micro).backward()
 
-    def grads_finite(self) -> bool | torch.Tensor:
+    def grad_norm(self) -> torch.Tensor | None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         self._norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        return True if self._norm is None else torch.isfinite(self._norm)   # read with the loss (step_report)
+        return self._norm
 
     def optimizer_step(self, skip: bool = False) -> float | torch.Tensor:
-        norm, self._norm = self._norm, None   # from grads_finite() of this step, if it ran
+        norm, self._norm = self._norm, None   # from grad_norm() of this step, if it ran
         if not skip:
             if self.grad_clip > 0:
                 if norm is None:
@@ -250,10 +254,7 @@ class PlainBackend(Backend):
                     torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reported, self.reported_grad_norm = self.reported_grad_norm, None
-        if reported is not None:          # read in step_report with the loss: no host read of its own
-            return reported
-        return norm.detach() if norm is not None else math.nan     # a device tensor: read when it is logged
+        return norm.detach() if norm is not None else math.nan     # a device tensor: read only if it is logged
 
     def save(self, ckpt_root, tag):
         path = Path(ckpt_root) / tag / MODEL_FILE
@@ -516,5 +517,5 @@ def make_backend(cfg: MegamixConfig, rank: int = 0, world_size: int = 1, local_r
     return PlainBackend(rank, world_size)
 
 
-__all__ = ["Backend", "PlainBackend", "DDPBackend", "DeepSpeedBackend", "make_backend", "resolve_device",
+__all__ = ["Backend", "StepReport", "PlainBackend", "DDPBackend", "DeepSpeedBackend", "make_backend", "resolve_device",
            "MODEL_FILE"]

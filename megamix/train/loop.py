@@ -331,10 +331,13 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
                 loss_acc += loss.detach().double() / n_micro
             # The step's one host read: the loss averaged over ranks (a NaN on any rank reaches every rank), the
             # gradients' finiteness and a stop request on any rank, from one small all-reduce.
-            last_loss, grads_ok, stop_any = backend.step_report(
-                loss_acc, backend.grads_finite(), bool(stop_requested()) if stop_requested is not None else False)
-            skip = guard.check(step + 1, last_loss, grads_ok)  # raises under on_nonfinite=stop
+            report = backend.step_report(loss_acc, backend.grad_norm(),
+                                         bool(stop_requested()) if stop_requested is not None else False)
+            last_loss = report.loss
+            skip = guard.check(step + 1, last_loss, report.grads_finite)  # raises under on_nonfinite=stop
             gnorm = backend.optimizer_step(skip=skip)
+            if report.grad_norm is not None:   # read with the loss already; else the engine's own (DeepSpeed)
+                gnorm = report.grad_norm
             if skip:
                 mixer.discard_step()  # the skipped step's statistics never reach the strategy
             update = None if skip else mixer.step(step, **step_kwargs)
@@ -352,7 +355,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
             if done % t.log_every == 0 or done == end:
                 med = float(np.median(step_times[-t.log_every:]))
                 lr_now = backend.current_lr(step)
-                gnorm = float(gnorm)     # a device scalar on the plain/DDP backends: read only when logged
+                gnorm = float(gnorm)
                 logger.log("train", done, loss=last_loss, lr=lr_now, grad_norm=gnorm, step_seconds=med,
                            tokens_per_second=tokens_per_step / med, **mixture_fields(mixer.loader.telemetry()))
                 bar.log(done, loss=last_loss, tokens_per_second=tokens_per_step / med, lr=lr_now,
@@ -365,7 +368,7 @@ def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Ba
                               " ".join(f"{k}={v:.2f}" for k, v in vl.items()))
             if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == end:
                 ckpt.save(done, backend, mixer, cfg)
-            check_stop(stop_any, done, backend, ckpt, mixer, cfg, last=done == end)
+            check_stop(report.stop, done, backend, ckpt, mixer, cfg, last=done == end)
     except BaseException as e:  # leave no open logger, hook or process group behind
         bar.close()
         logger.close()
