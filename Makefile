@@ -35,8 +35,10 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# the kernel microbenchmark on CPU, into a new run folder under runs/bench/ (OUT=DIR names another one;
+# OUT=kernels/bench/results refreshes the committed results)
 bench-cpu: setup
-	$(BIN)/python kernels/bench/bench_fused_lce.py --cpu
+	$(BIN)/megamix bench kernels --cpu $(if $(OUT),--out $(OUT))
 
 clean-data:
 	rm -rf $(DATA)

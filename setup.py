@@ -14,8 +14,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ stays at the top of the repository but installs as megamix.kernels: a top-level `kernels`
-    # package would shadow Hugging Face's `kernels` (transformers.utils.is_kernels_available).
-    packages=find_packages(include=["megamix", "megamix.*"]) + ["megamix.kernels", "megamix.kernels.bench"],
+    # package would shadow Hugging Face's `kernels` (transformers.utils.is_kernels_available). In a checkout
+    # the committed symlink megamix/kernels -> ../kernels gives the same import without an install (a plain
+    # checkout on PYTHONPATH, a git worktree); packages are taken from kernels/ itself, not through the link.
+    packages=find_packages(include=["megamix", "megamix.*"], exclude=["megamix.kernels", "megamix.kernels.*"])
+    + ["megamix.kernels", "megamix.kernels.bench"],
     package_dir={"megamix.kernels": "kernels"},
     install_requires=core,
     extras_require={

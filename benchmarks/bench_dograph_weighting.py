@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             if it >= args.warmup:
                 times[v].append(dt)
             if weighted:
-                w = mixer.last_sample_weights
+                w = mixer.head.last_sample_weights
                 mean_w[v] = float(w[w > 0].mean()) if w is not None else None
     med = {v: float(np.median(times[v])) for v in VARIANTS}
     report = {

@@ -1,6 +1,8 @@
 """Re-run the committed Domain2Vec pipeline on the current corpus and write its report.
 
-    python benchmarks/d2v_rerun.py [--data-dir data] [--out benchmarks/results/d2v] [--report-only]
+    python benchmarks/d2v_rerun.py [--data-dir data] [--out DIR]          # DIR: default runs/bench/d2v-<UTC time>
+    python benchmarks/d2v_rerun.py --out benchmarks/results/d2v           # refresh the committed results, on purpose
+    python benchmarks/d2v_rerun.py --out benchmarks/results/d2v --report-only   # only regenerate results.md
 
 Every stage is a `megamix d2v` command (each shows its own progress bar), run in this one process so
 the libraries load once. The stage arguments are the budget: 60 reference passages per domain for
@@ -9,7 +11,10 @@ the vocabulary (k=24), 24 sampled passages per domain for the vectors, and 22 pr
 (the Dirichlet draws) ``regmix`` reuses from the shared proxy cache. It was sized for ~20 min of
 wall time on 2 CPU cores shared with about eight other jobs. Per-stage wall and CPU seconds, the
 machine, library versions, date and budgets go to ``<out>/conditions.json``; ``<out>/results.md`` is
-generated from the outputs (``--report-only`` regenerates it without running anything).
+generated from the outputs (``--report-only`` regenerates it without running anything). The proxy config
+(``--proxy-config``, default the committed ``benchmarks/results/d2v/proxy.yaml``) is copied to ``<out>/proxy.yaml``
+when the folder has none. The proxy runs' cache ``<out>/proxies/proxies.jsonl`` is not committed; a rerun into a
+folder that has it reuses the finished proxies.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -157,7 +163,8 @@ def report(out: str) -> Path:
           f"(vocab {mod['vocab_size']}) trained {px['steps']} steps × {px['global_batch_size']} × {px['seq_len']} "
           f"= {px['tokens']:,} tokens (lr {px['lr']}, seed {px['seed']}, loss path {px['loss_impl']}), then scored on "
           f"the {json.loads((o / 'vectors.json').read_text())['valid']['docs']['n']} validation documents "
-          f"(first {px['seq_len'] + 1} tokens each). Config: `proxy.yaml`; cache: `proxies/proxies.jsonl`.", ""]
+          f"(first {px['seq_len'] + 1} tokens each). Config: `proxy.yaml`; cache: `proxies/proxies.jsonl` (not "
+          "committed; a rerun into this folder reuses it when present).", ""]
     L += ["## Classifier", "",
           f"{clf['n_classes']} meta-domains; held-out accuracy {clf['report']['heldout_acc']:.3f} "
           f"(chance {clf['report']['chance_acc']:.3f}; the paper reports 0.747 for 260 classes).", ""]
@@ -229,13 +236,25 @@ def report(out: str) -> Path:
 def cli(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", help="The corpus (built by `megamix data build`).")
-    p.add_argument("--out", default="benchmarks/results/d2v")
-    p.add_argument("--report-only", action="store_true", help="Only regenerate results.md.")
+    p.add_argument("--out", default=None,
+                   help="Output folder (default: a new run folder runs/bench/d2v-<UTC time>/); the committed results "
+                        "are refreshed only when named on purpose: --out benchmarks/results/d2v.")
+    p.add_argument("--proxy-config", default="benchmarks/results/d2v/proxy.yaml",
+                   help="Config of the proxy runs, copied to <out>/proxy.yaml when that file does not exist.")
+    p.add_argument("--report-only", action="store_true", help="Only regenerate <out>/results.md (needs --out).")
     a = p.parse_args(argv)
+    if a.report_only and a.out is None:
+        p.error("--report-only regenerates the report of an existing folder: name it, e.g. --out benchmarks/results/d2v")
     os.chdir(REPO)
+    from megamix.kernels.bench.output import default_out_dir
+    out = a.out or default_out_dir("d2v")
     if not a.report_only:
-        run(a.data_dir, a.out)
-    print(report(a.out))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if not (Path(out) / "proxy.yaml").exists():
+            shutil.copyfile(a.proxy_config, Path(out) / "proxy.yaml")
+        print(f"d2v rerun: writing to {out}/", flush=True)
+        run(a.data_dir, out)
+    print(report(out))
     return 0
 
 

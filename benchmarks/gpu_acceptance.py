@@ -19,7 +19,7 @@ already on the machine (no network), in ``<work-dir>/data``; an existing one the
 ``--data-dir`` names another. ``--prepare-only`` just builds it (so it can be built on a CPU machine and
 carried to the GPU machine).
 
-Results: one JSON file (``--out``, default ``benchmarks/results/gpu_acceptance.json``), rewritten after every
+Results: one JSON file (``--out``, default ``runs/gpu_acceptance/gpu_acceptance.json``), rewritten after every
 item, with per item its name, command(s), status (pass/fail/skipped), seconds, budget, details, and the last
 40 lines of its output on failure; plus the machine (GPU, CUDA, driver, package versions, git commit, host,
 UTC date). Exit code 0 only when every selected item passed.
@@ -54,7 +54,7 @@ CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 KERNEL_TESTS = ROOT / "tests" / "test_kernels_gpu.py"
 HF_DRIVER = ROOT / "benchmarks" / "gpu_acceptance_hf.py"
 DIST_DRIVER = ROOT / "benchmarks" / "gpu_acceptance_dist.py"
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_acceptance.json"
+DEFAULT_OUT = ROOT / "runs" / "gpu_acceptance" / "gpu_acceptance.json"  # git-ignored: never the committed results
 DEFAULT_WORK = ROOT / "runs" / "gpu_acceptance"
 
 ITEMS = ("gpu_kernel_tests", "plain_bf16", "deepspeed_zero1_nccl", "deepspeed_zero3_nccl", "hf_trainer_bf16",
@@ -521,8 +521,8 @@ def resolve_import(ctx: Ctx, force_copy: bool = False) -> dict:
     src = ctx.work / "src"
     shutil.rmtree(src, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(ROOT / "megamix", src / "megamix", ignore=ignore)
-    shutil.copytree(ROOT / "kernels", src / "megamix" / "kernels", ignore=ignore)
+    shutil.copytree(ROOT / "megamix", src / "megamix", ignore=ignore)   # follows a megamix/kernels link, if any
+    shutil.copytree(ROOT / "kernels", src / "megamix" / "kernels", ignore=ignore, dirs_exist_ok=True)
     ctx.env["PYTHONPATH"] = str(src) + (os.pathsep + ctx.env["PYTHONPATH"] if ctx.env.get("PYTHONPATH") else "")
     ok, where = probe()
     return {"mode": "checkout copied to an installed layout", "src": str(src), "megamix": where if ok else None,

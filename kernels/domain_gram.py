@@ -1,13 +1,12 @@
-"""Segmented per-sample reduction ``g_i = Σ_{t∈i} u_t w_tᵀ`` and per-domain sums / Gram / counts.
+"""Segmented per-sample reduction ``g_i = Σ_{t∈i} u_t w_tᵀ`` of the factored projections ``u [N,k1]``, ``w [N,k2]``.
 
 Samples are given either as a per-token ``sample_index [N]`` (tokens with index < 0 are skipped,
-e.g. padding) or, for packed documents, as ``offsets [B+1]`` (sample ``i`` owns tokens
-``offsets[i]:offsets[i+1]``). The Triton kernel runs one program per segment and accumulates
-``tl.dot(U_segᵀ, W_seg)`` tiles in fp32 with no atomics (deterministic). The same kernel gives the
-*fused* per-domain path: tokens are grouped by the domain of their sample and each domain is one
-segment, so ``S_d = Σ_{t∈d} u_t w_tᵀ`` without per-sample storage.
+e.g. padding), for packed documents as ``offsets [B+1]`` (sample ``i`` owns tokens
+``offsets[i]:offsets[i+1]``), or as ``tokens_per_sample`` for ``B`` equal-length samples (training's form: one
+batched GEMM). The Triton kernel runs one program per segment and accumulates ``tl.dot(U_segᵀ, W_seg)`` tiles
+in fp32 with no atomics (deterministic).
 
-Layout: references → Triton kernel → launchers → public functions.
+Layout: reference → Triton kernel → launchers → public function.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from megamix.kernels.utils import HAS_TRITON, interpreting, next_pow2, no_autoca
 
 
 # ----------------------------------------------------------------------------------------------
-# References
+# Reference
 # ----------------------------------------------------------------------------------------------
 def per_sample_grads_ref(u: torch.Tensor, w: torch.Tensor, sample_index: torch.Tensor,
                          num_samples: int) -> torch.Tensor:
@@ -29,16 +28,6 @@ def per_sample_grads_ref(u: torch.Tensor, w: torch.Tensor, sample_index: torch.T
     g = torch.zeros(num_samples, u.shape[1] * w.shape[1], dtype=torch.float64, device=u.device)
     g.index_add_(0, sample_index[keep].long(), outer)
     return g.to(u.dtype)
-
-
-def domain_stats_ref(g: torch.Tensor, domain_ids: torch.Tensor, num_domains: int):
-    """Reference ``(sums [D,k], gram [D,D], counts [D])`` with explicit Python loops (fp64)."""
-    sums = torch.zeros(num_domains, g.shape[1], dtype=torch.float64, device=g.device)
-    counts = torch.zeros(num_domains, dtype=torch.int64, device=g.device)
-    for i in range(g.shape[0]):
-        sums[int(domain_ids[i])] += g[i].double()
-        counts[int(domain_ids[i])] += 1
-    return sums.to(g.dtype), (sums @ sums.t()).to(g.dtype), counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +145,7 @@ def segment_outer_torch(u: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Public functions
+# Public function
 # ----------------------------------------------------------------------------------------------
 def _segment_outer(u, w, offsets, order, backend):
     be = resolve_backend(backend, u.device)
@@ -202,51 +191,5 @@ def per_sample_grads(u: torch.Tensor, w: torch.Tensor, sample_index: torch.Tenso
     return _segment_outer(u, w, offs, order, backend)
 
 
-def _check_domains(domain_ids: torch.Tensor, n: int, num_domains: int) -> torch.Tensor:
-    if domain_ids.dim() != 1 or domain_ids.shape[0] != n:
-        raise ValueError(f"domain_ids must be [{n}], got {tuple(domain_ids.shape)}")
-    if num_domains < 1:
-        raise ValueError(f"num_domains must be >= 1, got {num_domains}")
-    domain_ids = domain_ids.long()
-    if n and (int(domain_ids.min()) < 0 or int(domain_ids.max()) >= num_domains):
-        raise ValueError(f"domain ids must be in [0, {num_domains}), got range "
-                         f"[{int(domain_ids.min())}, {int(domain_ids.max())}]")
-    return domain_ids
-
-
-def domain_stats(g: torch.Tensor, domain_ids: torch.Tensor, num_domains: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-domain ``sums [D,k]`` (= Σ_{i∈d} g_i), ``gram [D,D]`` (= sums sumsᵀ) and ``counts [D]`` (int64).
-
-    Empty domains get zero rows and a zero count."""
-    if g.dim() != 2:
-        raise ValueError(f"g must be [B, k], got {tuple(g.shape)}")
-    dom = _check_domains(domain_ids.to(g.device), g.shape[0], num_domains)
-    sums = torch.zeros(num_domains, g.shape[1], device=g.device, dtype=g.dtype)
-    sums.index_add_(0, dom, g)
-    counts = torch.bincount(dom, minlength=num_domains)
-    return sums, sums @ sums.t(), counts
-
-
-def fused_domain_stats(u: torch.Tensor, w: torch.Tensor, sample_index: torch.Tensor, domain_ids: torch.Tensor,
-                       num_domains: int, *, backend: str = "auto"
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``domain_stats(per_sample_grads(u, w, sample_index, B), domain_ids, D)`` without per-sample rows:
-    tokens are grouped by their sample's domain and each domain is one segment of the kernel."""
-    _check_uw(u, w)
-    B = domain_ids.shape[0]
-    dom = _check_domains(domain_ids.to(u.device), B, num_domains)
-    sample_index = sample_index.to(u.device).long()
-    if sample_index.shape[0] != u.shape[0]:
-        raise ValueError(f"sample_index has {sample_index.shape[0]} entries but u has {u.shape[0]} rows")
-    if sample_index.numel() and int(sample_index.max()) >= B:
-        raise ValueError(f"sample_index refers to sample {int(sample_index.max())} but only {B} domain ids given")
-    tok_dom = torch.where(sample_index >= 0, dom[sample_index.clamp(min=0)], torch.full_like(sample_index, -1))
-    order, offs = segments_from_index(tok_dom, num_domains)
-    sums = _segment_outer(u, w, offs, order, backend)
-    counts = torch.bincount(dom, minlength=num_domains)
-    return sums, sums @ sums.t(), counts
-
-
-__all__ = ["per_sample_grads", "per_sample_grads_ref", "domain_stats", "domain_stats_ref", "fused_domain_stats",
-           "segment_outer_triton", "segment_outer_torch", "segments_from_index"]
+__all__ = ["per_sample_grads", "per_sample_grads_ref", "segment_outer_triton", "segment_outer_torch",
+           "segments_from_index"]

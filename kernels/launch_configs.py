@@ -65,7 +65,7 @@ SPILL_BUDGET = 128
 #: and no projection at all): held to DEFAULT_SPILL_BUDGET.
 DEFAULT_K1 = (32, 64)
 DEFAULT_K2 = (16, 32, 64)
-#: segment_outer's range (the per-sample / per-domain reduction, not on the training path): k2 ≤ MAX_K2 and
+#: segment_outer's range (the per-sample reduction, not on the training path): k2 ≤ MAX_K2 and
 #: BK1·BK2 ≤ MAX_K1K2 fp32 accumulators (more would spill kilobytes per thread even with 16 warps).
 MAX_K2 = 512
 MAX_K1K2 = 32768
@@ -243,7 +243,7 @@ def proj_u_splits(C: int, V: int, block_m: int, block_v: int, *, interpret: bool
 
 
 def segment_outer(k1: int, k2: int, *, interpret: bool) -> LaunchConfig:
-    """``_segment_outer_kernel`` (per-sample / per-domain reduction): ``block_m`` tokens per tile; more warps (and
+    """``_segment_outer_kernel`` (the per-sample reduction): ``block_m`` tokens per tile; more warps (and
     smaller tiles) as the ``BK1 × BK2`` fp32 accumulator grows (the table). Supported: k1 ≤ the largest
     :func:`max_k1`, k2 ≤ :data:`MAX_K2`, BK1·BK2 ≤ :data:`MAX_K1K2`."""
     if interpret:

@@ -1,4 +1,5 @@
-"""The one tolerance table used by every kernel / stats test (CPU interpreter and GPU).
+"""The one tolerance table used by every kernel / stats test (CPU interpreter and GPU), and the per-domain
+reference the statistics tests compare with (:func:`domain_stats_ref`).
 
 A comparison passes when ``max|actual - expected| <= atol + rtol * max|expected|`` (a max-norm
 relative test, robust to individual tiny entries). Keys are ``(quantity, dtype, device type)``.
@@ -68,3 +69,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, quantity: str, dt
     if err > bound:
         raise AssertionError(f"{what}: max abs error {err:.3e} > {bound:.3e} (atol {atol:g} + rtol {rtol:g} "
                              f"x max|expected| {scale:.3e}) [{quantity}, {dtype}, {device}]")
+
+
+def domain_stats_ref(g: torch.Tensor, domain_ids: torch.Tensor, num_domains: int):
+    """Per-domain ``(sums [D,k], gram [D,D], counts [D])`` of per-sample rows ``g [B,k]`` with explicit Python loops
+    (fp64): ``sums[d] = Σ_{i∈d} g_i``, ``gram = sums sumsᵀ``, ``counts[d]`` the samples of domain ``d`` (int64)."""
+    sums = torch.zeros(num_domains, g.shape[1], dtype=torch.float64, device=g.device)
+    counts = torch.zeros(num_domains, dtype=torch.int64, device=g.device)
+    for i in range(g.shape[0]):
+        sums[int(domain_ids[i])] += g[i].double()
+        counts[int(domain_ids[i])] += 1
+    return sums.to(g.dtype), (sums @ sums.t()).to(g.dtype), counts

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import logging
 import os
 import sys
 
 # module name under megamix.commands -> registered lazily so `megamix --help` stays fast
 COMMAND_MODULES = ["config", "data", "train", "mix", "regroup", "d2v", "bench", "report", "eval"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Online data mixing for LLM pretraining (R&B, DoGraph, Domain2Vec) with fused "
                     "Triton gradient-projection kernels.")
     parser.add_argument("--version", action="version", version=_version())
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                       help="Which of megamix's log messages reach stderr (default: info; in multi-rank runs only "
+                            "rank 0 prints info, every rank prints warnings). Give it before the command: "
+                            "`megamix --log-level warning train ...`.")
+    noise.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                       help="Same as --log-level debug.")
+    noise.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning",
+                       help="Same as --log-level warning: only warnings and errors.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -80,17 +92,70 @@ def fail(message: str) -> int:
     return 2
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record arrives (so it follows a redirection
+    made after setup, as the interpreter's last-resort handler does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _env_rank() -> int:
+    """This process's rank as the launcher sets it (torchrun/deepspeed: RANK, srun: SLURM_PROCID); 0 when unset
+    or unreadable (``megamix train`` reports a bad value itself)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            try:
+                return int(os.environ[name])
+            except ValueError:
+                return 0
+    return 0
+
+
+@contextlib.contextmanager
+def log_to_stderr(level: str = "info"):
+    """For one command: the ``megamix`` logger (and its children) prints records at ``level`` and above on stderr,
+    each as its plain message (they carry their own ``megamix:`` prefix). In a multi-rank run only rank 0 prints
+    info/debug; warnings and errors print on every rank. Restores the logger afterwards, so calling
+    :func:`main` in-process leaves no handler behind. Library code never configures logging; this is the one
+    place that does."""
+    logger = logging.getLogger("megamix")
+    threshold = getattr(logging, level.upper())
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(threshold if _env_rank() == 0 else max(threshold, logging.WARNING))
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(threshold)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from megamix.configbase import ConfigError
+    with log_to_stderr(args.log_level):
+        return _run(args)
+
+
+def _run(args) -> int:
+    """Run the chosen command; every error the user can fix becomes one line on stderr and exit code 2."""
+    from megamix.configbase import MegamixError
     debug = os.environ.get("MEGAMIX_TRACEBACK", "") not in ("", "0")  # developers: keep the traceback
     try:
         rc = args.func(args)
-    except ConfigError as e:
+    except MegamixError as e:   # ConfigError / DataError (inputs), RunError (non-finite loss, domain exhausted)
         if debug:
             raise
         return fail(str(e))

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from megamix.configbase import ConfigError
+from megamix.configbase import ConfigError, MegamixError
 
 log = logging.getLogger("megamix")
 
@@ -199,7 +199,7 @@ def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
 # ------------------------------------------------------------------------------------------ failures
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
-    if isinstance(e, ConfigError):
+    if isinstance(e, MegamixError):
         return text
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -213,7 +213,7 @@ def agree(error: BaseException | None, what: str, group: Any = None) -> None:
             raise error
         return
     mine = None if error is None else _one_line(error)
-    if error is not None and not isinstance(error, (ConfigError, OSError)):
+    if error is not None and not isinstance(error, (MegamixError, OSError)):
         # an unexpected error: keep its traceback in this rank's log; the others get the one line
         log.error("megamix: rank %d failed %s", rank(group), what, exc_info=error)
     reports = all_gather_object(mine, group)

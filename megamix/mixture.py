@@ -7,6 +7,18 @@ baselines (natural, uniform, temperature-scaled, explicit) and reads/writes mixt
 
 Weights are always returned as a float64 ``np.ndarray`` aligned with the ``domain_names`` passed in.
 Normalising and validating weight vectors is :mod:`megamix.simplex` (``normalize``, ``validate``).
+
+This module is the one owner of the file format: building and validating a document (:func:`mixture_dict`),
+writing one atomically (:func:`save_mixture` for a distribution, :func:`write_mixture` for a solver's output:
+Domain2Vec writes ``"method": "da2"`` or ``"d2v_regmix"`` with its search details in ``meta``) and reading one
+(:func:`load_mixture`, which validates it against the run's domains).
+
+``meta.max_drift`` (optional, float in (0, 1] or null): the largest per-domain deviation
+``|w_online_i - w_prior_i|`` that an online strategy starting from this prior should allow. For runs that start
+from this prior (``mixture.kind=file``) the Mixer reads it (:func:`prior_max_drift`) and hands it to the
+strategy, whose last guard projects every update onto
+``{x : max(0, prior - max_drift) <= x <= prior + max_drift, Σx = 1}`` (:func:`megamix.simplex.bound_drift`).
+Null (or absent) means unbounded.
 """
 from __future__ import annotations
 
@@ -18,10 +30,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from megamix.io import atomic_write_json
 from megamix.simplex import check_max_drift, normalize, validate
 
 __all__ = ["natural_weights", "uniform_weights", "temperature_weights", "explicit_weights",
-           "load_mixture", "save_mixture", "initial_weights", "prior_max_drift", "weights_to_dict"]
+           "load_mixture", "save_mixture", "write_mixture", "mixture_dict", "initial_weights", "prior_max_drift",
+           "weights_to_dict"]
 
 
 def _sizes_array(sizes: Mapping[str, float] | Sequence[float] | np.ndarray,
@@ -93,20 +107,62 @@ def weights_to_dict(domain_names: Sequence[str], w: Sequence[float] | np.ndarray
     return {d: float(x) for d, x in zip(domain_names, arr)}
 
 
+def _mixture_names(domains: Sequence[str]) -> list[str]:
+    names = list(domains)
+    if not names:
+        raise ValueError("a mixture needs at least one domain")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate domain names in {names}")
+    return names
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    return o
+
+
+def _document(names: list[str], w: np.ndarray, method: str, meta: dict | None) -> dict:
+    return {"domains": names, "weights": weights_to_dict(names, w), "method": str(method),
+            "meta": _jsonable(dict(meta or {}))}
+
+
+def mixture_dict(domains: Sequence[str], weights, method: str, meta: dict | None = None,
+                 max_drift: float | None = None) -> dict:
+    """A validated mixture document from a solver's weights: entries in ``[-1e-9, 0)`` (round-off) become 0 and
+    the weights are renormalised to sum to 1; ``meta`` is made JSON-safe (numpy values to Python) and
+    ``meta.max_drift`` is always recorded (null: unbounded)."""
+    names = _mixture_names(domains)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (len(names),):
+        raise ValueError(f"{len(names)} domains but weights have shape {w.shape}")
+    w = normalize(np.where((w < 0) & (w >= -1e-9), 0.0, w), names=names)  # solver round-off -> 0
+    doc = _document(names, w, method, meta)
+    doc["meta"]["max_drift"] = check_max_drift(max_drift)
+    return doc
+
+
 def save_mixture(path: str | os.PathLike, domain_names: Sequence[str], weights, method: str,
                  meta: dict | None = None) -> Path:
     """Write a mixture JSON atomically and return its path. ``weights`` must be a distribution."""
-    w = validate(weights, len(domain_names), domain_names)
-    if len(set(domain_names)) != len(domain_names):
-        raise ValueError(f"duplicate domain names in {list(domain_names)}")
-    doc = {"domains": list(domain_names), "weights": weights_to_dict(domain_names, w),
-           "method": str(method), "meta": dict(meta or {})}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False))
-    os.replace(tmp, p)
-    return p
+    names = _mixture_names(domain_names)
+    w = validate(weights, len(names), names)
+    return atomic_write_json(path, _document(names, w, method, meta), indent=2)
+
+
+def write_mixture(path: str | os.PathLike, domains: Sequence[str], weights, method: str, meta: dict | None = None,
+                  max_drift: float | None = None) -> dict:
+    """Write a solver's mixture (:func:`mixture_dict`: round-off tolerated, ``meta.max_drift`` recorded)
+    atomically and return the document. Domain2Vec's writer."""
+    doc = mixture_dict(domains, weights, method, meta, max_drift)
+    atomic_write_json(path, doc, indent=2)
+    return doc
 
 
 def load_mixture(path: str | os.PathLike, domain_names: Sequence[str] | None = None,

@@ -10,8 +10,8 @@ that names the offending domains when the input is malformed.
 - :func:`project` (onto ``Δ``) and :func:`project_capped` (onto ``Δ ∩ [lower, upper]``) are exact
   Euclidean projections.
 - :func:`drift_box` and :func:`bound_drift` keep weights within ``prior ± max_drift``.
-- :func:`unchanged` says whether two weight vectors are the same for the loader (which quantises to
-  multiples of 2^-32).
+- Whether two weight vectors are the same mixture is the sampler's rule, not this module's
+  (:meth:`megamix.loader.sampler.MixtureSampler.changes`: weights quantised to multiples of 2^-32).
 
 Sums are taken with ``math.fsum`` (correctly rounded), so results are identical on every platform
 and rank. This module imports nothing from megamix: the loader, the mixtures, the strategies and
@@ -25,13 +25,11 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["normalize", "validate", "softmax", "ema", "floor", "project", "project_capped",
-           "check_max_drift", "drift_box", "bound_drift", "unchanged", "NORMALIZED_TOL", "UNCHANGED_ATOL"]
+           "check_max_drift", "drift_box", "bound_drift", "NORMALIZED_TOL"]
 
 #: a vector whose fsum is within this of 1 counts as normalised: :func:`normalize` returns it as is.
 #: ``x / fsum(x)`` always sums to within about 2^-52 of 1, so this makes :func:`normalize` idempotent.
 NORMALIZED_TOL = 2.0 ** -50
-#: weights closer than this in every domain are the same mixture (the loader quantises to 2^-32 ≈ 2.3e-10).
-UNCHANGED_ATOL = 1e-9
 
 
 def _vector(w, num_domains: int | None = None, names: Sequence[str] | None = None) -> np.ndarray:
@@ -249,8 +247,3 @@ def bound_drift(w, prior, max_drift: float, min_weight: float = 0.0) -> np.ndarr
         return x
     return normalize(project_capped(x, upper=hi, lower=lb))
 
-
-def unchanged(new, old, atol: float = UNCHANGED_ATOL) -> bool:
-    """True when ``|new_i - old_i| <= atol`` in every domain: the same mixture for the loader, whose
-    weights are multiples of 2^-32, so smaller moves are no change."""
-    return bool(np.allclose(np.asarray(new, np.float64), np.asarray(old, np.float64), rtol=0.0, atol=atol))

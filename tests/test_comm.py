@@ -318,19 +318,27 @@ def test_every_collective_megamix_issues_goes_through_comm_on_a_served_device(ti
 # ------------------------------------------------------------------------------------------ failures reach every rank
 @contextlib.contextmanager
 def _full_disk_on_rank0(module, name: str, filename: str, rank: int):
-    """``module.name(path, text)`` (an atomic writer) raises ENOSPC on rank 0 for a file called ``filename``."""
+    """``module.name(path, text)`` (an atomic writer) raises ENOSPC on rank 0 for a file called ``filename``, and so
+    does every loaded megamix module's binding of the same function (``megamix.io`` owns it; others import it), so
+    the failure does not depend on which module the writing code imported it from."""
+    import sys
+
     real = getattr(module, name)
 
-    def broken(path, text):
+    def broken(path, text, **kw):
         if rank == 0 and Path(path).name == filename:
             raise OSError(28, "No space left on device", str(path))
-        return real(path, text)
+        return real(path, text, **kw)
 
-    setattr(module, name, broken)
+    holders = [m for m in list(sys.modules.values())
+               if getattr(m, "__name__", "").startswith("megamix") and getattr(m, name, None) is real]
+    for m in holders:
+        setattr(m, name, broken)
     try:
         yield
     finally:
-        setattr(module, name, real)
+        for m in holders:
+            setattr(m, name, real)
 
 
 def _failure_worker(rank: int, port: int, data_dir: str, root: str) -> None:
@@ -339,7 +347,7 @@ def _failure_worker(rank: int, port: int, data_dir: str, root: str) -> None:
 
     import torch.distributed as dist
 
-    from megamix.data import corpus
+    import megamix.io
     from megamix.train import checkpoint as ck_mod
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
@@ -390,7 +398,7 @@ def _failure_worker(rank: int, port: int, data_dir: str, root: str) -> None:
         from megamix.config import MegamixConfig
         from megamix.train.loop import train
 
-        with _full_disk_on_rank0(corpus, "atomic_write_text", "config.yaml", rank):
+        with _full_disk_on_rank0(megamix.io, "atomic_write_text", "config.yaml", rank):
             cfg = MegamixConfig.from_yaml(None, overrides=[
                 f"data.data_dir={data_dir}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                 "model.seq_len=16", "train.steps=1", "train.global_batch_size=8", "train.micro_batch_size=2",

@@ -11,7 +11,7 @@ import pytest
 from megamix.domain2vec.classifier import EmbeddingLogRegClassifier, load_classifier, train_classifier
 from megamix.domain2vec.corpus import Passage
 from megamix.domain2vec.da2 import da2_objective, dirichlet_alpha, dirichlet_search, solve_exact
-from megamix.domain2vec.mixture_io import mixture_dict, write_mixture
+from megamix.mixture import mixture_dict, write_mixture
 from megamix.domain2vec.plots import plot_vectors
 from megamix.domain2vec.vectorize import domain_vector, load_vectors, vectorize_corpus
 from megamix.domain2vec.vocab import MetaDomainVocab, build_vocab, collect_reference

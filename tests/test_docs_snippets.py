@@ -6,7 +6,9 @@
   classes, fields and methods all exist in that module;
 - in a ```bash block, every ``megamix ...`` command (also as ``torchrun ... -m megamix ...``) parses with the
   real CLI parser (subcommands and flags exist), every ``make`` target exists, and every script or file a
-  command runs exists.
+  command runs exists;
+- every relative link ``[text](path#anchor)`` points to a file or folder that exists, and an anchor into a
+  ``.md`` page (or into the same page) names one of its headings, slugged as GitHub does.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_EXAMPLES = ["examples/plain_loop.py", "examples/hf_fused_loop.py", "examples/deepspeed_loop.py",
-                "examples/hf_trainer_loop.py", "examples/accelerate_loop.py"]
+                "examples/hf_trainer_loop.py", "examples/accelerate_loop.py", "examples/add_strategy.py",
+                "examples/add_backend.py", "examples/add_kernel.py"]
+#: the test files that run the examples
+EXAMPLE_TESTS = ["tests/test_integration_examples.py", "tests/test_contributing.py"]
 
 
 def _blocks(lang: str) -> list[tuple[str, int, str]]:
@@ -46,9 +51,9 @@ def _is_subsequence(needles: list[str], hay: list[str]) -> bool:
 
 
 def test_examples_are_run_by_the_suite():
-    tests = (ROOT / "tests" / "test_integration_examples.py").read_text()
+    tests = "".join((ROOT / t).read_text() for t in EXAMPLE_TESTS)
     for rel in RUN_EXAMPLES:
-        assert Path(rel).name in tests, f"{rel} is not run by tests/test_integration_examples.py"
+        assert Path(rel).name in tests or Path(rel).stem in tests, f"{rel} is not run by any of {EXAMPLE_TESTS}"
 
 
 def _check_interface_listing(doc: str, line: int, code: str) -> None:
@@ -122,3 +127,82 @@ def test_bash_snippet_commands_exist(doc, line, code):
             assert paths, f"{where}: no script in the command"
             for p in paths:
                 assert (ROOT / p).exists(), f"{where}: {p} does not exist"
+
+
+# ------------------------------------------------------------------------------------------------ links
+_FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[^\n]*$", flags=re.S | re.M)
+_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks, line count kept, inline code spans emptied."""
+    text = _FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    return re.sub(r"`[^`\n]*`", lambda m: "`" + "x" * (len(m.group(0)) - 2) + "`", text)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading (github-slugger): the rendered text, lower-cased, punctuation and symbols
+    dropped (``-`` and ``_`` kept), spaces turned into hyphens."""
+    import unicodedata
+
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)     # links and images: their text
+    text = re.sub(r"<[^>]+>", "", text).replace("`", "").replace("*", "").strip().lower()
+    keep = []
+    for ch in text:
+        if ch in " -_" or (ch.isascii() and ch.isalnum()):
+            keep.append(ch)
+        elif not ch.isascii() and (unicodedata.category(ch)[0] in "LM" or unicodedata.category(ch) in ("Nd", "Nl")):
+            keep.append(ch)
+    return "".join(keep).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for line in _FENCE.sub("", path.read_text()).splitlines():
+        m = re.match(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        base = _slug(m.group(2))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def _links() -> list[tuple[str, int, str]]:
+    out = []
+    for doc in DOCS:
+        text = _prose(doc.read_text())
+        for m in _LINK.finditer(text):
+            out.append((str(doc.relative_to(ROOT)), text[:m.start()].count("\n") + 1, m.group(1)))
+    return out
+
+
+def test_slug_follows_github():
+    assert _slug("Communication (`megamix/comm.py`)") == "communication-megamixcommpy"
+    assert _slug("3. Megatron-DeepSpeed / Megatron-LM `pretrain_gpt.py`") == "3-megatron-deepspeed--megatron-lm-pretrain_gptpy"
+    assert _slug("Logs, snapshots, Weights & Biases") == "logs-snapshots-weights--biases"
+    assert _slug("Our figures next to the papers'") == "our-figures-next-to-the-papers"
+    assert _slug("DA² and the α search") == "da-and-the-α-search"
+
+
+def test_docs_have_links_to_check():
+    assert len(_links()) > 50, "the link check found almost no links: its pattern is broken"
+
+
+@pytest.mark.parametrize("doc,line,target", _links(), ids=lambda v: str(v)[:40])
+def test_relative_link_resolves(doc, line, target):
+    if re.match(r"^[a-z][a-z0-9+.-]*:", target, flags=re.I):      # http:, https:, mailto:
+        return
+    path, _, anchor = target.partition("#")
+    source = ROOT / doc
+    dest = (source.parent / path).resolve() if path else source
+    where = f"{doc}:{line}: ({target})"
+    assert dest.exists(), f"{where}: {path} does not exist"
+    assert ROOT in dest.parents or dest == ROOT, f"{where}: points outside the repository"
+    if anchor and dest.suffix == ".md":
+        anchors = _anchors(dest)
+        assert anchor in anchors, (f"{where}: {dest.relative_to(ROOT)} has no heading with the anchor #{anchor}; "
+                                   f"it has: {', '.join(sorted(anchors))}")
+

@@ -299,9 +299,9 @@ def test_attach_recognises_megatron_seq_first_layout(tiny_store):
 
     G = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(
         model.output_layer.weight.detach(), hid, labels)
-    proj = mixer.projection
+    proj = mixer.head.projection
     exact = torch.einsum("kv,bvd,ld->bkl", proj.P1.double(), G.double(), proj.P2.double()).reshape(b, -1)
-    assert_close(torch.as_tensor(rows), exact * mixer._grad_scale, "proj", torch.float32, "cpu", "per-sample rows")
+    assert_close(torch.as_tensor(rows), exact * mixer.head.grad_scale, "proj", torch.float32, "cpu", "per-sample rows")
 
 
 def test_attach_refuses_a_vocab_parallel_output_layer(tiny_store):

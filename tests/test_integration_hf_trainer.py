@@ -128,7 +128,7 @@ def test_trainer_equals_hand_loop_on_the_same_pieces(tiny_store, store, tmp_path
     trainer = MegamixTrainer(mixer=mixer, model=_model(store.vocab_size), args=_args(tmp_path / "t", steps))
     assert trainer.megamix.path == "capture"
     trainer.train()
-    assert trainer.megamix.hook.micro_steps == steps * N_MICRO
+    assert trainer.megamix.binding.hook.micro_steps == steps * N_MICRO
 
     mixer_h = Mixer(cfg, store)
     stream_h = _record_stream(mixer_h)
@@ -213,7 +213,7 @@ def test_capture_feed_reads_the_losses_of_bf16_logits_without_an_fp32_copy(tiny_
     mixer = Mixer(_cfg(tiny_store), store)
     feed = MegamixFeed(_model(store.vocab_size), mixer)
     batch = mixer.next_step()[0]
-    feed.hook.set_batch(batch)
+    feed.binding.hook.set_batch(batch)
     logits = torch.randn(*batch.labels.shape, store.vocab_size).to(torch.bfloat16)
 
     class Out:
@@ -225,7 +225,7 @@ def test_capture_feed_reads_the_losses_of_bf16_logits_without_an_fp32_copy(tiny_
     assert peak < logits.numel() * 4 // 2, f"{peak} bytes: an fp32 copy of the logits is {logits.numel() * 4}"
     ref = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100,
                                             reduction="none").view(batch.labels.shape)
-    ctx = feed.hook.capture.context
+    ctx = feed.binding.hook.capture.context
     valid = batch.labels != -100
     assert torch.allclose(ctx["loss_sum"], (ref * valid).sum(1).double(), rtol=1e-6)
     feed.remove()

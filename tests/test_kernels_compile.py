@@ -1,6 +1,6 @@
-"""The compile gate (kernels/compile_gate.py) in the default suite: every Triton kernel, at every launch
-configuration the launchers can choose, compiled ahead of time for sm_80 (A100), sm_90 (H100/H200) and sm_100
-(B200) on this CPU machine, and held to the shared-memory limits and the spill budget.
+"""The compile gate (kernels/compile_gate.py; what it compiles: kernels/compile_jobs.py) in the default suite:
+every Triton kernel, at every launch configuration the launchers can choose, compiled ahead of time for sm_80 (A100),
+sm_90 (H100/H200) and sm_100 (B200) on this CPU machine, and held to the shared-memory limits and the spill budget.
 
 The gate runs once per module, in a subprocess without TRITON_INTERPRET (conftest.py sets it for the rest of the
 suite, and ``triton.compile`` cannot take interpreter objects), on every CPU.
@@ -16,6 +16,7 @@ import torch
 from megamix.config import MegamixConfig, ProjectionConfig
 from megamix.configbase import ConfigError
 from megamix.kernels import compile_gate as cg
+from megamix.kernels import compile_jobs as cj
 from megamix.kernels import launch_configs as lc
 from megamix.kernels.utils import HAS_TRITON, next_pow2
 
@@ -169,7 +170,7 @@ def test_fp32_k1_64_fits_an_a100_now(gate):
     for dt in TORCH_DTYPES:
         buckets = {r["bk1"] for r in _launch(gate) if r["kernel"] == "_ce_delta_proj_kernel" and r["dtype"] == dt
                    and r["has_proj"] and r["cap"] == cg.FULL_TARGET}
-        assert buckets == set(cg._pow2_buckets(lc.max_k1(dt))), (dt, buckets)
+        assert buckets == set(cj._pow2_buckets(lc.max_k1(dt))), (dt, buckets)
 
 
 def test_first_k1_above_the_limit_does_not_fit(gate):

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from megamix.kernels.domain_gram import per_sample_grads
-from megamix.kernels.fused_linear_ce import (U_METHODS, fused_linear_cross_entropy, fused_linear_cross_entropy_ref,
-                                             proj_u_triton)
+from megamix.kernels.fused_linear_ce import U_METHODS, fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from megamix.kernels.proj_u import proj_u_ref, proj_u_torch, proj_u_triton
 from megamix.kernels.projection import make_projection
 from megamix.kernels.testing import assert_close
 
@@ -146,12 +146,12 @@ def test_fused_lce_rejects_bad_input(kwargs, exc):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocab_padding_path_matches(backend, monkeypatch):
     """The CUDA-only zero-padding of W to a multiple of 16 rows (aligned GEMMs) changes nothing."""
-    import megamix.kernels.fused_linear_ce as flce
+    import megamix.kernels.lce_chunk as chunk
     h, W, y = _data(30, 12, 101, seed=7)
     P = make_projection(101, 12, 8, 4, seed=1, device=DEV)
     res = []
     for pad in (False, True):
-        monkeypatch.setattr(flce, "_PAD_V_ON_CPU", pad)
+        monkeypatch.setattr(chunk, "_PAD_V_ON_CPU", pad)
         h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
         out = fused_linear_cross_entropy(h1, W1, y, projection=P, chunk_tokens=16, backend=backend)
         out.loss.backward()
@@ -238,8 +238,8 @@ def test_u_methods_match_the_reference_and_change_no_training_bit(backend, u_met
     the projection-off run (δ is written by the same CE pass), and so is dX except under ``augmented``,
     whose wider dX GEMM may round differently (then within the tolerance table). ``pad`` runs the CUDA
     zero-padding of W (V=197 -> 208 rows), where W_aug gets zero rows of P1ᵀ too."""
-    import megamix.kernels.fused_linear_ce as flce
-    monkeypatch.setattr(flce, "_PAD_V_ON_CPU", pad)
+    import megamix.kernels.lce_chunk as chunk
+    monkeypatch.setattr(chunk, "_PAD_V_ON_CPU", pad)
     N, d, V = 45, 24, 197
     h, W, y = _data(N, d, V, seed=12)
     P = make_projection(V, d, 19, 7, seed=3, device=DEV)
@@ -301,7 +301,8 @@ def test_proj_u_triton_matches_a_gemm(C, V, k1, split_v, block_m):
     delta = wide[:, :V]
     p1t = torch.randn(V, k1, generator=g).to(DEV)
     u = proj_u_triton(delta, p1t, 0.5, split_v=split_v, block_m=block_m)
-    assert_close(u, 0.5 * (delta @ p1t), "proj", F32, DEV, "tiled u")
+    assert_close(u, proj_u_ref(delta, p1t, 0.5), "proj", F32, DEV, "tiled u")
+    assert_close(proj_u_torch(delta, p1t, 0.5), proj_u_ref(delta, p1t, 0.5), "proj", F32, DEV, "gemm u")
 
 
 def test_u_method_bad_input_is_named():
@@ -498,7 +499,7 @@ def test_the_stats_sweep_keeps_the_projection_off_tile_at_every_k1(monkeypatch, 
     """On a GPU a large k1 makes the CE pass's δ sweep use a narrower vocab tile (P1ᵀ must fit shared memory); its
     max / sum-exp sweep still runs at the projection-off tile, so δ stays bit-identical with the projection on or
     off. Checked on the launch arguments the launcher would pass on a GPU."""
-    from megamix.kernels import fused_linear_ce as flce
+    from megamix.kernels import ce_pass
     from megamix.kernels import launch_configs
 
     seen = {}
@@ -509,13 +510,26 @@ def test_the_stats_sweep_keeps_the_projection_off_tile_at_every_k1(monkeypatch, 
                 seen.update(kwargs)
             return launch
 
-    monkeypatch.setattr(flce, "interpreting", lambda: False)
-    monkeypatch.setattr(flce, "_ce_delta_proj_kernel", Recorder())
+    monkeypatch.setattr(ce_pass, "interpreting", lambda: False)
+    monkeypatch.setattr(ce_pass, "_ce_delta_proj_kernel", Recorder())
     logits = torch.zeros(32, 1000, dtype=dtype)
     p1t = torch.zeros(1000, k1, dtype=dtype)
-    flce.ce_delta_triton(logits, torch.zeros(32, dtype=torch.long), 1.0, -100, p1t)
+    ce_pass.ce_delta_triton(logits, torch.zeros(32, dtype=torch.long), 1.0, -100, p1t)
     off = launch_configs.ce_pass(32, dtype, None, interpret=False)
     on = launch_configs.ce_pass(32, dtype, k1, interpret=False)
     assert seen["BV_STATS"] == off.block_v and seen["BV"] == on.block_v
     if k1 >= 512:
         assert on.block_v < off.block_v      # the case this protects: a narrower δ sweep
+
+
+def test_the_split_modules_names_stay_importable_from_fused_linear_ce():
+    """kernels/fused_linear_ce.py was split by job (ce_pass, proj_u, vocab_parallel, lce_chunk); the names other
+    modules import from it are the split modules' own objects."""
+    from megamix.kernels import ce_pass, fused_linear_ce, proj_u, vocab_parallel
+    for mod, names in ((ce_pass, ["ce_delta_triton", "ce_delta_torch"]), (proj_u, ["proj_u_triton"]),
+                       (vocab_parallel, ["VocabShard", "vocab_parallel_cross_entropy_ref", "ce_shard_stats_triton",
+                                         "ce_shard_stats_torch", "ce_shard_delta_triton", "ce_shard_delta_torch",
+                                         "ce_vocab_parallel"])):
+        for name in names:
+            assert getattr(fused_linear_ce, name) is getattr(mod, name), name
+            assert name in fused_linear_ce.__all__, name

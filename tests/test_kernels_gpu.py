@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from megamix.kernels.domain_gram import fused_domain_stats, per_sample_grads, per_sample_grads_ref
-from megamix.kernels.fused_linear_ce import (U_METHODS, fused_linear_cross_entropy, fused_linear_cross_entropy_ref,
-                                             proj_u_triton)
+from megamix.kernels.domain_gram import per_sample_grads, per_sample_grads_ref
+from megamix.kernels.fused_linear_ce import U_METHODS, fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from megamix.kernels.proj_u import proj_u_ref, proj_u_triton
 from megamix.kernels.projection import make_projection
 from megamix.kernels.testing import assert_close
 
@@ -67,11 +67,6 @@ def test_gpu_segment_reduction_and_sum_identity():
     g = per_sample_grads(out.u, out.w, si, B, backend="triton")
     assert_close(g, per_sample_grads_ref(out.u, out.w, si, B), "proj", torch.float32, "cuda", "g_i")
     assert_close(g.sum(0), P.project_dense(W1.grad), "proj", torch.float32, "cuda", "Σ g_i = P1 dW P2ᵀ")
-    dom = torch.tensor([0, 1, 0, 2, 2, 0, 1, 0], device="cuda")
-    sums, gram, counts = fused_domain_stats(out.u, out.w, si, dom, 4, backend="triton")
-    ref_s = torch.zeros_like(sums).index_add_(0, dom, g)
-    assert_close(sums, ref_s, "proj", torch.float32, "cuda", "fused domain sums")
-    assert counts.tolist() == [4, 2, 2, 0]
 
 
 @pytest.mark.parametrize("u_method", U_METHODS)
@@ -108,4 +103,4 @@ def test_gpu_proj_u_tiled_kernel(dt):
     delta = (torch.randn(4096, 32000, generator=g) * 1e-3).cuda().to(DT[dt])
     p1t = torch.randint(0, 2, (32000, 64), generator=g).float().mul(2).sub(1).cuda().to(DT[dt])
     u = proj_u_triton(delta, p1t, 0.125)
-    assert_close(u, 0.125 * (delta.float() @ p1t.float()), "proj", DT[dt], "cuda", f"tiled u {dt}")
+    assert_close(u, proj_u_ref(delta, p1t, 0.125), "proj", DT[dt], "cuda", f"tiled u {dt}")

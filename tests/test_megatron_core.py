@@ -212,9 +212,9 @@ def _tp1_attach_exact(store_dir: str) -> dict:
     delta.scatter_add_(-1, labels[..., None], -torch.ones_like(labels[..., None], dtype=delta.dtype))
     delta *= (loss_mask / loss_mask.sum())[..., None]
     G = torch.einsum("bsv,bsd->bvd", delta.double(), a.double())           # exact per-sample LM-head gradients
-    proj = mixer.projection
+    proj = mixer.head.projection
     exact = proj.finalize(torch.einsum("kv,bvd,ld->bkl", proj.P1.double(), G, proj.P2.double()).reshape(MICRO, -1))
-    return {"rows": _stats(mixer)["per_sample"], "exact": exact * mixer._grad_scale,
+    return {"rows": _stats(mixer)["per_sample"], "exact": exact * mixer.head.grad_scale,
             "seq_first": hook.seq_first, "is_output_layer": hook.lm_head is model.output_layer}
 
 

@@ -98,11 +98,11 @@ def _first_round(model, mixer, step_fn):
     """Round 1: plain training (no clusters yet; the gradient is the plain one), then the refresh."""
     batch = mixer.next_step()[0]
     loss, got = step_fn(batch)
-    assert not mixer.reweighting and mixer.last_sample_weights is None
+    assert not mixer.head.reweighting and mixer.head.last_sample_weights is None
     _, plain = _reference(model, batch, torch.ones(len(batch)))
     for n in plain:
         assert_close(got[n], plain[n], "grad", torch.float32, "cpu", f"round 1 {n}")
-    assert mixer.step(0) is not None and mixer.reweighting
+    assert mixer.step(0) is not None and mixer.head.reweighting
     st = mixer.strategy
     assert st.centroids.shape[0] >= 2 and abs(st.cluster_weights.sum() - 1) < 1e-12
 
@@ -110,7 +110,7 @@ def _first_round(model, mixer, step_fn):
 def _check_weighted(model, mixer, step_fn):
     batch = mixer.next_step()[0]
     loss, got = step_fn(batch)
-    w = mixer.last_sample_weights
+    w = mixer.head.last_sample_weights
     _, labels = _fold(batch)
     valid = (labels != -100).any(1)
     assert w.shape == (len(batch),) and w[~valid].abs().max() == 0
@@ -171,7 +171,7 @@ def test_fused_and_capture_give_the_same_weights_and_rows(tiny_store):
     _, gf = _fused_step(model, fused, bf)
     _, gc = _capture_step(model, hook, bc)
     hook.remove()
-    torch.testing.assert_close(fused.last_sample_weights, capt.last_sample_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.head.last_sample_weights, capt.head.last_sample_weights, rtol=1e-5, atol=1e-6)
     for n in gf:
         assert_close(gf[n], gc[n], "grad", torch.float32, "cpu", n)
     rf, rc = (m.stats.snapshot(2, m.domains) for m in (fused, capt))
@@ -202,7 +202,7 @@ def test_cross_domain_clusters_change_the_update(tiny_store):
     q = (nc / nc.sum()).numpy()
     mixer.strategy.set_clusters(cen.numpy(), [0.09, 0.91], q)
     _, got = _fused_step(model, mixer, batch)      # the same micro-batch again, now weighted
-    w = mixer.last_sample_weights
+    w = mixer.head.last_sample_weights
     expect = torch.where(lab == 0, 0.09 / float(q[0]), 0.91 / float(q[1])) * valid
     torch.testing.assert_close(w, expect.float(), rtol=1e-6, atol=1e-7)
     # the weighted micro-batch update is Σ_c π_c ḡ_c in the space of the recorded rows

@@ -53,7 +53,7 @@ def _train(mixer, model, sim, steps, micro):
         for batch in mixer.next_step():
             with sim.region("micro"):
                 micro(batch)
-            reweighted += int(mixer.reweighting)
+            reweighted += int(mixer.head.reweighting)
         with sim.region("round"):
             mixer.step(step)
     return reweighted

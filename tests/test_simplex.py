@@ -120,7 +120,3 @@ def test_bound_drift_when_floor_and_box_conflict():
     x = simplex.bound_drift([0.2, 0.4, 0.4], [0.01, 0.49, 0.5], 0.02, 0.1)
     assert x[0] == pytest.approx(0.03) and abs(x.sum() - 1) < 1e-12
 
-
-def test_unchanged():
-    assert simplex.unchanged([0.5, 0.5], [0.5 + 5e-10, 0.5 - 5e-10])
-    assert not simplex.unchanged([0.5, 0.5], [0.5 + 5e-9, 0.5 - 5e-9])

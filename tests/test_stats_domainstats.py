@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megamix.kernels.domain_gram import domain_stats_ref
+from megamix.kernels.testing import domain_stats_ref
 from megamix.stats import DomainStats
 
 D, K = 4, 6

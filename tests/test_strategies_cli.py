@@ -8,7 +8,8 @@ from megamix.config import MixingConfig
 from megamix.strategies import build_strategy
 from megamix.strategies.exact import snapshot_from_per_sample
 from megamix.strategies.plots import plot_cluster_sizes, plot_gram, plot_strategy, plot_weights
-from megamix.strategies.snapshot_io import save_snapshot_npz
+from megamix.snapshot import save_snapshot_npz
+from strategy_driver import propose
 
 NAMES = ["a", "b", "c"]
 
@@ -53,7 +54,7 @@ def test_plots(tmp_path):
     history = []
     for r in range(3):
         s.observe(_snap(r))
-        history.append((10 * (r + 1), s.propose(10 * (r + 1)).tolist()))
+        history.append((10 * (r + 1), propose(s, 10 * (r + 1)).tolist()))
     paths = plot_strategy(s, tmp_path, history=history)
     assert {p.name for p in paths} == {"mix_weights.png", "mix_gram.png"}
     assert all(_is_png(p) for p in paths)

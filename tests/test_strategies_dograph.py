@@ -24,6 +24,8 @@ from megamix.strategies import DoGraphSampleStrategy, DoGraphStrategy, build_str
 from megamix.strategies.dograph import (PAPER_CLUSTERS, alignment_weights, clusters_to_domains, robust_weights,
                                         uncertainty_weights, variance_weights)
 from megamix.strategies.exact import exact_lm_head_grads, snapshot_from_per_sample
+from megamix.strategies.base import GradientReweighter
+from strategy_driver import propose
 
 
 def _cfg(**kw):
@@ -63,7 +65,7 @@ def test_uncertainty_hand_computed_end_to_end():
     rows = np.array([[10, 1, 0], [10, -1, 0], [2, 0, 10], [-2, 0, 10]], dtype=float)
     s = build_strategy(_cfg(dograph_objective="uncertainty", dograph_clusters=2), ["a", "b"], [0.5, 0.5])
     s.observe(snapshot_from_per_sample(rows, np.array([0, 1, 0, 1]), ["a", "b"]))
-    np.testing.assert_allclose(s.propose(1), [0.5, 0.5])   # domain weights never change
+    np.testing.assert_allclose(propose(s, 1), [0.5, 0.5])   # domain weights never change
     f = s.sample_factors(torch.tensor(rows, dtype=torch.float32))
     torch.testing.assert_close(f, torch.tensor([1.6, 1.6, 0.4, 0.4]))
 
@@ -87,7 +89,7 @@ def test_robust_uses_each_clusters_own_loss():
     rows, dom, lab, loss = _cross_domain_rows()
     s = build_strategy(_cfg(dograph_objective="robust", dograph_clusters=2), ["a", "b"], [0.5, 0.5])
     s.observe(snapshot_from_per_sample(rows, dom, ["a", "b"], per_sample_loss=loss))
-    s.propose(1)
+    propose(s, 1)
     c_of_e2 = int(np.argmax(s.centroids[:, 1]))
     pi = s.cluster_weights[[1 - c_of_e2, c_of_e2]]
     np.testing.assert_allclose(pi, np.exp([1.0, 3.0]) / np.exp([1.0, 3.0]).sum(), atol=1e-9)
@@ -95,7 +97,7 @@ def test_robust_uses_each_clusters_own_loss():
     samp = build_strategy(_cfg(strategy="dograph-sample", dograph_objective="robust", dograph_clusters=2),
                           ["a", "b"], [0.5, 0.5])
     samp.observe(snapshot_from_per_sample(rows, dom, ["a", "b"], per_sample_loss=loss))
-    np.testing.assert_allclose(samp.propose(1), [0.5, 0.5], atol=1e-12)
+    np.testing.assert_allclose(propose(samp, 1), [0.5, 0.5], atol=1e-12)
     # ... whereas the reweighting gives the e2 cluster (0.88 of π) 0.88 of the update
     f = s.sample_factors(torch.tensor(rows, dtype=torch.float32)).double().numpy()
     w = f / f.mean()
@@ -120,10 +122,10 @@ def test_sampling_variant_is_the_domain_mass_of_the_reweighting(objective):
     s = build_strategy(_cfg(strategy="dograph-sample", dograph_objective=objective), names, np.full(3, 1 / 3))
     r.observe(snap)
     s.observe(snap)
-    r.propose(1)
+    propose(r, 1)
     om = r.sample_factors(torch.tensor(rows, dtype=torch.float32)).double().numpy()
     mass = np.bincount(dom, weights=om, minlength=3)
-    np.testing.assert_allclose(s.propose(1), mass / mass.sum(), atol=1e-6)
+    np.testing.assert_allclose(propose(s, 1), mass / mass.sum(), atol=1e-6)
 
 
 def test_default_clusters_objective_and_registry():
@@ -136,10 +138,11 @@ def test_default_clusters_objective_and_registry():
     rng = np.random.default_rng(0)
     dom = np.repeat(np.arange(20), 5)
     s.observe(snapshot_from_per_sample(rng.normal(size=(100, 16)), dom, many))
-    s.propose(1)
+    propose(s, 1)
     assert s.last_info["clusters"] == 11 and s.centroids.shape == (11, 16)
     assert isinstance(build_strategy(_cfg(strategy="dograph-sample"), ["a"], [1.0]), DoGraphSampleStrategy)
-    assert isinstance(s, DoGraphStrategy) and s.reweights_gradient
+    assert isinstance(s, DoGraphStrategy) and isinstance(s, GradientReweighter) and s.ready
+    assert not isinstance(build_strategy(_cfg(strategy="dograph-sample"), ["a"], [1.0]), GradientReweighter)
 
 
 # ---------------------------------------------------------------------------------------- the cluster table
@@ -160,7 +163,7 @@ def test_state_dict_keeps_clusters_and_fallback_keeps_them():
     rows, dom, _, loss = _cross_domain_rows(1)
     a = build_strategy(_cfg(dograph_clusters=2), ["a", "b"], [0.5, 0.5])
     a.observe(snapshot_from_per_sample(rows, dom, ["a", "b"], per_sample_loss=loss))
-    a.propose(1)
+    propose(a, 1)
     sd = json.loads(json.dumps(a.state_dict()))
     b = build_strategy(_cfg(dograph_clusters=2), ["a", "b"], [0.5, 0.5])
     b.load_state_dict(sd)
@@ -172,7 +175,7 @@ def test_state_dict_keeps_clusters_and_fallback_keeps_them():
     bad.per_sample[:] = np.nan
     before = a.centroids.copy()
     a.observe(bad)
-    a.propose(2)
+    propose(a, 2)
     assert "no (finite) per-sample" in a.last_info["fallback"]
     np.testing.assert_array_equal(a.centroids, before)
 
@@ -188,7 +191,7 @@ def test_rows_are_clustered_in_key_order():
         snap.extra["per_sample_keys"] = keys[order]
         s = build_strategy(_cfg(dograph_clusters=3, dograph_objective="variance"), ["a", "b"], [0.5, 0.5])
         s.observe(snap)
-        s.propose(1)
+        propose(s, 1)
         out.append((s.centroids, s.cluster_weights, s.cluster_shares))
     for x, y in zip(*out):
         np.testing.assert_array_equal(x, y)
@@ -222,7 +225,7 @@ def _update_mass(objective, rows, dom, loss):
     """Per-domain share of the reweighted update, Σ_{i∈d} w_i / Σ_i w_i, after a refresh on ``rows``."""
     s = build_strategy(_cfg(dograph_objective=objective), NAMES, np.full(3, 1 / 3))
     s.observe(snapshot_from_per_sample(rows, dom, NAMES, per_sample_loss=loss))
-    s.propose(1)
+    propose(s, 1)
     om = s.sample_factors(torch.as_tensor(rows, dtype=torch.float32)).double().numpy()
     m = np.bincount(dom, weights=om, minlength=3)
     return m / m.sum()

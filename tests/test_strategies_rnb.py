@@ -7,11 +7,12 @@ import pytest
 from megamix import simplex
 from megamix.config import MixingConfig
 from megamix.configbase import ConfigError
+from megamix.snapshot import load_snapshot_npz, merge_snapshots, save_snapshot_npz
 from megamix.strategies import DoGraphSampleStrategy, DoGraphStrategy, RnBStrategy, StaticStrategy, build_strategy
-from megamix.strategies.base import keep_inactive, merge_snapshots
+from megamix.strategies.base import keep_inactive
 from megamix.strategies.exact import snapshot_from_per_sample
 from megamix.strategies.rnb import rnb_balance
-from megamix.strategies.snapshot_io import load_snapshot_npz, save_snapshot_npz
+from strategy_driver import in_force, propose
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -34,13 +35,13 @@ def test_rnb_matches_formula():
     p0 = np.array([0.1, 0.2, 0.3, 0.4])
     s = build_strategy(_cfg(strategy="rnb", rnb_lambda=2.0), NAMES, p0)
     s.observe(snap)
-    w = s.propose(10)
+    w = propose(s, 10)
     m = snap.sums / snap.counts[:, None]
     gp = (m @ m.T) @ p0
     z = 2.0 * gp / np.linalg.norm(gp)
     expect = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     np.testing.assert_allclose(w, expect, atol=1e-12)
-    np.testing.assert_array_equal(s.weights, w)  # the strategy's state is what it proposed
+    np.testing.assert_array_equal(in_force(s), w)
 
 
 def test_rnb_unnormalised_option_and_lambda_sharpness():
@@ -61,12 +62,12 @@ def test_rnb_eval_variant_uses_eval_gradients():
     snap.extra["eval_counts"] = np.array([3.0, 3.0, 3.0, 3.0])
     s = build_strategy(_cfg(strategy="rnb", rnb_lambda=5.0), NAMES, np.full(4, 0.25))
     s.observe(snap)
-    w = s.propose(10)
+    w = propose(s, 10)
     assert np.argmax(w) == 2 and s.last_info["target"] == "eval"
     # switched off: train Gram instead
     s2 = build_strategy(_cfg(strategy="rnb", rnb_lambda=5.0, rnb_use_eval=False), NAMES, np.full(4, 0.25))
     s2.observe(snap)
-    assert s2.propose(10).tolist() != w.tolist() and s2.last_info["target"] == "train"
+    assert propose(s2, 10).tolist() != w.tolist() and s2.last_info["target"] == "train"
 
 
 def test_rnb_eval_group_without_points_is_dropped_and_all_empty_falls_back():
@@ -76,12 +77,12 @@ def test_rnb_eval_group_without_points_is_dropped_and_all_empty_falls_back():
     snap.extra["eval_counts"] = np.array([0.0, 5.0, 0.0, 0.0])
     s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
     s.observe(snap)
-    w = s.propose(10)
+    w = propose(s, 10)
     assert s.last_info["eval_dropped"] == 3 and "fallback" not in s.last_info
     assert abs(w.sum() - 1) < 1e-12
     snap.extra["eval_counts"] = np.zeros(4)  # the paper's NaN case: no eval points anywhere
     s.observe(snap)
-    w2 = s.propose(20)
+    w2 = propose(s, 20)
     np.testing.assert_allclose(w2, w)
     assert "eval" in s.last_info["fallback"]
 
@@ -93,7 +94,7 @@ def test_rnb_zero_or_nan_gram_keeps_previous(bad):
     p0 = np.array([0.1, 0.2, 0.3, 0.4])
     s = build_strategy(_cfg(strategy="rnb"), NAMES, p0)
     s.observe(snap)
-    np.testing.assert_allclose(s.propose(10), p0)
+    np.testing.assert_allclose(propose(s, 10), p0)
     assert s.last_info["fallback"]
 
 
@@ -103,7 +104,7 @@ def test_min_count_keeps_previous_weight():
     for strat in ("rnb", "dograph-sample"):
         s = build_strategy(_cfg(strategy=strat, min_count=5), NAMES, p0)
         s.observe(snap)
-        w = s.propose(10)
+        w = propose(s, 10)
         assert w[1] == pytest.approx(0.2)
         assert s.last_info["kept_previous"] == ["b"]
         assert abs(w.sum() - 1) < 1e-12
@@ -113,12 +114,12 @@ def test_unseen_domain_keeps_previous_and_single_domain():
     snap = _snap(n_per=(20, 0, 20, 20))
     s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
     s.observe(snap)
-    assert s.propose(10)[1] == pytest.approx(0.25)
+    assert propose(s, 10)[1] == pytest.approx(0.25)
     one = _snap(n_per=(10,), names=["only"])
     for strat in ("rnb", "dograph", "dograph-sample"):
         s1 = build_strategy(_cfg(strategy=strat), ["only"], [1.0])
         s1.observe(one)
-        np.testing.assert_allclose(s1.propose(5), [1.0])
+        np.testing.assert_allclose(propose(s1, 5), [1.0])
 
 
 def test_floor_and_ema():
@@ -134,7 +135,7 @@ def test_floor_and_ema():
     s = build_strategy(_cfg(strategy="rnb", rnb_lambda=50.0, min_weight=0.1, ema=0.5), NAMES,
                        np.full(4, 0.25))
     s.observe(snap)
-    w = s.propose(10)
+    w = propose(s, 10)
     raw = np.asarray(s.last_info["raw"])
     np.testing.assert_allclose(w, simplex.floor(0.5 * raw + 0.5 * 0.25, 0.1))
     assert w.min() >= 0.1 - 1e-12
@@ -165,20 +166,20 @@ def test_domain_permutation_permutes_weights(strat, obj):
     sp = build_strategy(cfg, names_p, p0[perm])
     s.observe(snap)
     sp.observe(snap_p)
-    np.testing.assert_allclose(sp.propose(10), s.propose(10)[perm], atol=1e-9)
+    np.testing.assert_allclose(propose(sp, 10), propose(s, 10)[perm], atol=1e-9)
 
 
 def test_static_never_changes():
     s = build_strategy(MixingConfig(strategy="static"), NAMES, [0.7, 0.1, 0.1, 0.1])
     s.observe(_snap())
-    np.testing.assert_allclose(s.propose(10), [0.7, 0.1, 0.1, 0.1])
-    np.testing.assert_allclose(s.propose(20), [0.7, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(propose(s, 10), [0.7, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(propose(s, 20), [0.7, 0.1, 0.1, 0.1])
     assert isinstance(s, StaticStrategy)
 
 
 def test_propose_without_observe_is_unchanged_and_domain_mismatch_errors():
     s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
-    np.testing.assert_allclose(s.propose(10), np.full(4, 0.25))
+    np.testing.assert_allclose(propose(s, 10), np.full(4, 0.25))
     with pytest.raises(ValueError, match="domains"):
         s.observe(_snap(n_per=(5, 5), names=["x", "y"]))
     d = build_strategy(_cfg(strategy="dograph"), NAMES, np.full(4, 0.25))
@@ -194,18 +195,18 @@ def test_state_dict_round_trip_and_resume(strat):
     a = build_strategy(cfg, NAMES, np.full(4, 0.25))
     for r in range(2):
         a.observe(_snap(seed=r))
-        a.propose(10 * (r + 1))
+        propose(a, 10 * (r + 1))
     a.observe(_snap(seed=7))  # pending, not yet proposed
     sd = json.loads(json.dumps(a.state_dict()))  # must be JSON-serialisable
     b = build_strategy(cfg, NAMES, np.full(4, 0.25))
     b.load_state_dict(sd)
-    np.testing.assert_array_equal(b.weights, a.weights)
-    assert b.rounds == a.rounds and "history" not in sd
-    wa, wb = a.propose(30), b.propose(30)
+    assert b.rounds == a.rounds and "history" not in sd and "weights" not in sd   # the loader owns the weights
+    cur = in_force(a)           # a resume hands the restored strategy the loader's restored weights
+    wa, wb = a.propose(30, cur), b.propose(30, cur)
     np.testing.assert_array_equal(wa, wb)
     a.observe(_snap(seed=9))
     b.observe(_snap(seed=9))
-    np.testing.assert_array_equal(a.propose(40), b.propose(40))
+    np.testing.assert_array_equal(a.propose(40, wa), b.propose(40, wb))
     other = build_strategy(_cfg(strategy="rnb" if strat != "rnb" else "dograph"), NAMES, np.full(4, 0.25))
     with pytest.raises(ValueError):
         other.load_state_dict(sd)
@@ -245,7 +246,7 @@ def test_dograph_favours_low_variance_cluster_with_uncertainty():
     s = build_strategy(_cfg(strategy="dograph-sample", dograph_objective="uncertainty"), ["calm", "noisy"],
                        [0.5, 0.5])
     s.observe(snap)
-    w = s.propose(1)
+    w = propose(s, 1)
     assert w[0] > 0.9 and s.last_info["cluster_sizes"] == [40, 40]
 
 
@@ -253,13 +254,13 @@ def test_dograph_fewer_samples_than_clusters_and_nonfinite_rows():
     snap = _snap(n_per=(1, 1, 0, 0))
     s = build_strategy(_cfg(strategy="dograph-sample", dograph_clusters=6), NAMES, np.full(4, 0.25))
     s.observe(snap)
-    w = s.propose(1)
+    w = propose(s, 1)
     assert s.last_info["clusters"] == 2 and abs(w.sum() - 1) < 1e-12
     np.testing.assert_allclose(w[2:], [0.25, 0.25])
     snap = _snap()
     snap.per_sample[:] = np.nan
     s.observe(snap)
-    np.testing.assert_allclose(s.propose(2), w)
+    np.testing.assert_allclose(propose(s, 2), w)
     assert "no (finite) per-sample" in s.last_info["fallback"]
 
 
@@ -279,7 +280,7 @@ def test_dograph_robust_upweights_high_loss_cluster():
     # from per-sample losses
     s = build_strategy(cfg, ["easy", "hard"], [0.5, 0.5])
     s.observe(snapshot_from_per_sample(g, dom, ["easy", "hard"], per_sample_loss=loss))
-    w = s.propose(1)
+    w = propose(s, 1)
     np.testing.assert_allclose(w, np.exp([1.0, 4.0]) / np.exp([1.0, 4.0]).sum(), atol=1e-9)
     # without per-sample losses the cluster's own loss is unknown: the round keeps the weights (the
     # average domain loss of a cluster's members is not its loss)
@@ -287,7 +288,7 @@ def test_dograph_robust_upweights_high_loss_cluster():
     snap.extra.pop("per_sample_loss")
     s2 = build_strategy(cfg, ["easy", "hard"], [0.5, 0.5])
     s2.observe(snap)
-    np.testing.assert_allclose(s2.propose(1), [0.5, 0.5])
+    np.testing.assert_allclose(propose(s2, 1), [0.5, 0.5])
     assert "per-sample train loss" in s2.last_info["fallback"]
 
 
@@ -302,7 +303,7 @@ def test_rnb_divides_sums_by_counts_with_unequal_counts():
     p0 = np.array([0.1, 0.2, 0.3, 0.4])
     s = build_strategy(_cfg(strategy="rnb", rnb_lambda=2.0), NAMES, p0)
     s.observe(snap)
-    w = s.propose(10)
+    w = propose(s, 10)
     m = snap.sums / snap.counts[:, None]
     expect, _ = rnb_balance(m, p0, 2.0)
     np.testing.assert_allclose(w, expect, atol=1e-12)
@@ -322,7 +323,7 @@ def test_rnb_eval_target_weights_eval_groups_by_p():
     p0 = np.array([0.55, 0.05, 0.1, 0.3])
     s = build_strategy(_cfg(strategy="rnb", rnb_lambda=3.0), NAMES, p0)
     s.observe(snap)
-    w = s.propose(10)
+    w = propose(s, 10)
     m = snap.sums / snap.counts[:, None]
     expect, _ = rnb_balance(m, p0, 3.0, target=p0 @ ev_means)
     np.testing.assert_allclose(w, expect, atol=1e-12)
@@ -347,27 +348,39 @@ def test_rnb_is_the_paper_and_rnb_damped_is_named():
     p0 = np.full(4, 0.25)
     paper = build_strategy(MixingConfig(strategy="rnb", rnb_lambda=30.0), NAMES, p0)
     paper.observe(snap)
-    w = paper.propose(10)
+    w = propose(paper, 10)
     m = snap.sums / snap.counts[:, None]
     raw, _ = rnb_balance(m, p0, 30.0)
     np.testing.assert_allclose(w, raw, atol=1e-12)
     assert w.min() < 0.01 and (paper.ema, paper.min_weight) == (0.0, 0.0)
     damped = build_strategy(MixingConfig(strategy="rnb-damped", rnb_lambda=30.0), NAMES, p0)
     damped.observe(snap)
-    np.testing.assert_allclose(damped.propose(10), simplex.floor(0.5 * raw + 0.5 * p0, 0.02), atol=1e-12)
+    np.testing.assert_allclose(propose(damped, 10), simplex.floor(0.5 * raw + 0.5 * p0, 0.02), atol=1e-12)
     assert isinstance(damped, RnBStrategy) and damped.name == "rnb-damped"
     explicit = build_strategy(MixingConfig(strategy="rnb-damped", ema=0.0, min_weight=0.0, rnb_lambda=30.0),
                               NAMES, p0)
     explicit.observe(snap)
-    np.testing.assert_allclose(explicit.propose(10), raw, atol=1e-12)
+    np.testing.assert_allclose(propose(explicit, 10), raw, atol=1e-12)
     with pytest.raises(ConfigError, match="rnb-damped default"):
         build_strategy(MixingConfig(strategy="rnb-damped"), [f"d{i}" for i in range(60)], np.full(60, 1 / 60))
 
 
-def test_strategy_names_in_config_match_the_registry():
-    from megamix.config import STRATEGY_NAMES
-    from megamix.strategies import STRATEGIES
-    assert tuple(STRATEGIES) == STRATEGY_NAMES
+def test_the_registry_owns_the_strategy_names():
+    from megamix.strategies import STRATEGIES, register_strategy
+
+    with pytest.raises(ConfigError, match="mixing.strategy must be one of static, rnb"):
+        build_strategy(MixingConfig(strategy="nope"), NAMES, np.full(4, 0.25))
+
+    class Flat(StaticStrategy):
+        name = "flat-test"
+
+    with pytest.raises(ValueError, match="register it under that name"):
+        register_strategy("flat", Flat, "x")
+    register_strategy("flat-test", Flat, "a test strategy")
+    try:
+        assert isinstance(build_strategy(MixingConfig(strategy="flat-test"), NAMES, np.full(4, 0.25)), Flat)
+    finally:
+        del STRATEGIES["flat-test"]
 
 
 def test_merge_snapshots_adds_eval_counts_so_means_stay_means():
@@ -383,7 +396,7 @@ def test_merge_snapshots_adds_eval_counts_so_means_stay_means():
     s = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))
     s.observe(a)
     s.observe(b)
-    w = s.propose(20)
+    w = propose(s, 20)
     pooled = (a.eval_sums + b.eval_sums) / np.array([6.0, 3, 4, 6])[:, None]
     expect, _ = rnb_balance(m.sums / m.counts[:, None], np.full(4, 0.25), 1.0, target=np.full(4, 0.25) @ pooled)
     np.testing.assert_allclose(w, expect, atol=1e-12)
@@ -409,9 +422,9 @@ def test_dograph_keeps_weights_when_gradients_carry_no_signal(objective, strateg
     snap.sums[:] = 0.0
     s = build_strategy(_cfg(strategy=strategy, dograph_objective=objective), NAMES, np.full(4, 0.25))
     s.observe(snap)
-    np.testing.assert_array_equal(s.propose(1), np.full(4, 0.25))
+    np.testing.assert_array_equal(propose(s, 1), np.full(4, 0.25))
     assert "no gradient signal" in s.last_info["fallback"]
     r = build_strategy(_cfg(strategy="rnb"), NAMES, np.full(4, 0.25))   # the same check, one owner
     r.observe(snap)
-    np.testing.assert_array_equal(r.propose(1), np.full(4, 0.25))
+    np.testing.assert_array_equal(propose(r, 1), np.full(4, 0.25))
     assert "no gradient signal" in r.last_info["fallback"]

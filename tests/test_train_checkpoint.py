@@ -1,5 +1,5 @@
-"""The one checkpoint layout (megamix.train.checkpoint): `latest` names complete checkpoints only, megamix
-0.1 layouts still resume, and mismatches (world size, backend) are one-line errors naming the fix."""
+"""The one checkpoint layout (megamix.train.checkpoint): `latest` names complete checkpoints only, and
+mismatches (world size, backend) are one-line errors naming the fix."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +19,7 @@ def _cfg(data_dir: Path, out_dir: Path, *extra: str) -> MegamixConfig:
     return MegamixConfig.from_yaml(None, ov).validate()
 
 
-def test_layout_and_v01_single_process_checkpoint_resumes(tiny_store, tmp_path):
+def test_layout_and_resume(tiny_store, tmp_path):
     from megamix.train.checkpoint import DONE_FILE, SIDE_FILE
     from megamix.train.loop import train
 
@@ -30,16 +30,6 @@ def test_layout_and_v01_single_process_checkpoint_resumes(tiny_store, tmp_path):
     assert (ck / "latest").read_text() == "step_0000003"
     assert sorted(p.name for p in (ck / "step_0000003").iterdir()) == [
         "config.yaml", DONE_FILE.format(rank=0), SIDE_FILE.format(rank=0), "model.pt"]
-    # rewrite it as megamix 0.1 wrote it: one file per step and `latest` naming that file
-    side = torch.load(ck / "step_0000003" / SIDE_FILE.format(rank=0), weights_only=False)
-    model = torch.load(ck / "step_0000003" / "model.pt", weights_only=False)
-    torch.save({"model": model["model"], "optimizer": model["optimizer"], "mixer": side["mixer"],
-                "torch_rng": side["torch_rng"], "cuda_rng": None, "step": 3, "config": side["config"]},
-               ck / "step_0000003.pt")
-    for p in (ck / "step_0000003").iterdir():
-        p.unlink()
-    (ck / "step_0000003").rmdir()
-    (ck / "latest").write_text("step_0000003.pt")
     resumed = train(_cfg(data, tmp_path / "old", "train.steps=6"), progress=False, log_to_stdout=False)
     assert resumed.start_step == 3
     assert resumed.weights == full.weights and resumed.step_losses == full.step_losses[3:]
@@ -134,19 +124,13 @@ def test_crash_inside_a_save_resumes_from_the_previous_checkpoint(tiny_store, tm
 
 
 def test_latest_naming_an_incomplete_checkpoint_is_not_blamed_on_world_size(tiny_store, tmp_path, full6, caplog):
-    """A checkpoint written before completion markers existed, named by `latest`, whose side file is
-    missing (a kill before megamix's files): resume falls back instead of blaming the unchanged world size."""
+    """The checkpoint `latest` names has no megamix files (a kill before megamix's side files and markers): resume
+    falls back to the previous one instead of blaming the unchanged world size."""
     ref, ref_dir = full6
     out = _copy_until(ref_dir, tmp_path / "run", 4)
     d = out / "checkpoints" / "step_0000004"
     for p in d.glob("megamix_rank*"):
         p.unlink()
-    old = out / "checkpoints" / "step_0000002"      # rewritten in the layout before completion markers
-    for p in old.glob("*.done.json"):
-        p.unlink()
-    side = torch.load(old / "megamix_rank00000.pt", weights_only=False)
-    side.pop("format", None)
-    torch.save(side, old / "megamix_rank00000.pt")
     with caplog.at_level("WARNING", logger="megamix"):
         res = _resume6(tiny_store, out)
     warn = " ".join(r.getMessage() for r in caplog.records)

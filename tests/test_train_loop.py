@@ -177,7 +177,7 @@ def test_rnb_with_held_out_gradient(data_dir, tmp_path):
 
 def test_prior_max_drift_bounds_online_weights(data_dir, tmp_path):
     """A Domain2Vec-style prior with meta.max_drift: R&B's weights never leave prior ± max_drift."""
-    from megamix.domain2vec.mixture_io import write_mixture
+    from megamix.mixture import write_mixture
     from megamix.train.loop import train
 
     names = ["changelogs", "code_python", "legal", "manpages"]
@@ -218,6 +218,8 @@ def test_lm_head_paths_recorded_and_capture_fallback(data_dir, tmp_path, monkeyp
     def unsupported(model):
         raise TypeError(f"{type(model).__name__} is not supported (test)")
 
-    monkeypatch.setattr(loop, "check_supported", unsupported)
+    import megamix.train.head as head_mod
+
+    monkeypatch.setattr(head_mod, "check_supported", unsupported)
     res = loop.train(_cfg(data_dir, tmp_path / "fallback", *common), progress=False, log_to_stdout=False)
     assert res.lm_head_path == "capture" and len(res.weight_history) >= 2

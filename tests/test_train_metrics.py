@@ -154,7 +154,7 @@ def test_wandb_resume_continues_the_same_run(tmp_path, monkeypatch):
 
 def test_snapshots_bounded_and_replayed_by_mix_simulate(run, capsys):
     from megamix.cli import main
-    from megamix.strategies.snapshot_io import load_snapshot_npz
+    from megamix.snapshot import load_snapshot_npz
 
     out = run[0]
     snaps = out / "snapshots"

@@ -4,9 +4,9 @@ it, and check that the result is bit-identical to an uninterrupted run: every st
 weight history, the final weights and the final model tensors.
 
 Kills come two ways:
-- at a named point of a checkpoint save, through the test-only hook ``MEGAMIX_TEST_KILL_AT=PHASE@STEP[@RANK]``
-  read by the CLI entry point (``megamix/commands/train.py``): e.g. ``model_saved@4@1`` kills rank 1 after
-  DeepSpeed's engine files of step 4 and before megamix's side files;
+- at a named point of a checkpoint save: such a launch runs ``tests/killpoint.py`` (the real CLI, whose ``train``
+  gets a checkpoint hook) with ``MEGAMIX_TEST_KILL_AT=PHASE@STEP[@RANK]``: e.g. ``model_saved@4@1`` kills rank 1
+  after DeepSpeed's engine files of step 4 and before megamix's side files;
 - from outside, ``SIGKILL`` to the launcher and every process under it (torchrun's workers included) a random
   delay after ``metrics.jsonl`` shows a chosen step (anywhere: a step, an evaluation, a save, start-up).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamix.commands.train import KILL_ENV
+from killpoint import KILL_ENV
 from megamix.config import MegamixConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,10 @@ def _env(kill_at: str | None) -> dict:
     return env
 
 
-def _cmd(cfg: Path, out: Path, nproc: int) -> list[str]:
-    args = ["-m", "megamix", "train", "--config", str(cfg), "--set", f"train.out_dir={out}", "--no-progress"]
+def _cmd(cfg: Path, out: Path, nproc: int, kill_at: str | None = None) -> list[str]:
+    """The launch command: ``megamix train``, or with ``kill_at`` the same through tests/killpoint.py."""
+    entry = [str(ROOT / "tests" / "killpoint.py")] if kill_at else ["-m", "megamix"]
+    args = [*entry, "train", "--config", str(cfg), "--set", f"train.out_dir={out}", "--no-progress"]
     if nproc == 1:
         return [sys.executable, *args]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -120,8 +122,8 @@ def _launch(cfg: Path, out: Path, nproc: int, *, kill_at: str | None = None, kil
     log_path = out.parent / f"{out.name}.launch{n}.log"
     t0 = time.time()
     with open(log_path, "w") as log:
-        p = subprocess.Popen(_cmd(cfg, out, nproc), cwd=ROOT, env=_env(kill_at), stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        p = subprocess.Popen(_cmd(cfg, out, nproc, kill_at), cwd=ROOT, env=_env(kill_at), stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
         killed = False
         while p.poll() is None:
             if time.time() - t0 > timeout:

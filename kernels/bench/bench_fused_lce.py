@@ -11,12 +11,18 @@ GPU mode (default when CUDA is present): for each (V, d, N) and k1×k2 it times,
 for ``forward`` (gradient-in-forward kernels do their GEMMs here), ``backward`` and ``full``
 (forward+backward), and reports median ms, TFLOP/s (6NVd per full step), peak extra memory, the
 projection overhead against ``fused`` at the same chunk size, and every full step as a ratio to the floor
-(same chunk size, and the best floor over the chunk sizes of ``--chunks``). Results are written as JSON +
-CSV with device, versions (and whether they are the pinned ones) and date.
+(same chunk size, and the best floor over the chunk sizes of ``--chunks``).
 
 CPU mode (``--cpu``): the torch path at small shapes, plus the ratio of the factored projection
 (u = P1 δ, w = P2 a, g_i = Σ u wᵀ) against materialise-then-project (G_i = Σ δ aᵀ, then P1 G_i P2ᵀ)
 at V=8k, d=512, B=16, T=128 (time, and peak memory measured in fresh subprocesses).
+
+``--quick`` is the smallest setting (one tiny shape, k 16x16, 5 timed calls, the projection ratio at a small
+shape in this process; a few seconds on CPU).
+
+Output: ``<out>/<tag>.json`` (conditions, rows, extras), ``<tag>.csv`` and ``<tag>.md`` (the table printed at
+the end: method, ms, ratio to the floor, TFLOP/s, peak memory), where ``<out>`` is ``--out`` or a new run
+folder ``runs/bench/kernels-<UTC time>/``; never the committed ``kernels/bench/results/`` unless named.
 """
 from __future__ import annotations
 
@@ -31,9 +37,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from megamix.kernels.bench.args import build_parser
-from megamix.kernels.bench.common import env_info, peak_mb, time_ms, write_json_csv
+from megamix.kernels.bench.common import (env_info, peak_mb, peak_rss_kb, reset_peak_rss_kb, time_ms,
+                                          write_json_csv)
+from megamix.kernels.bench.output import conditions_line, default_out_dir, fmt, md_table
 from megamix.kernels.domain_gram import per_sample_grads
 from megamix.kernels.fused_linear_ce import (U_METHODS, ce_delta_torch, ce_delta_triton,
                                              fused_linear_cross_entropy)
@@ -168,8 +177,18 @@ def _add_ratios(rows: list[dict]) -> None:
             r["ratio_vs_best_baseline"] = r["full_ms"] / best
 
 
+def plan_size(ks, methods, chunks, u_methods) -> int:
+    """Number of rows :func:`bench_shape` times for one shape (for the progress bar)."""
+    n = 0
+    for m in methods:
+        n += (len(chunks) * len(ks) * len(u_methods) if m == "fused+proj" else
+              len(chunks) if m in ("fused", "floor") else len(ks) if m == "eager+proj" else 1)
+    return n
+
+
 def bench_shape(V, d, N, ks, methods, dtype, chunk, backend, warmup, iters, dev, seed=0, *, chunks=None,
-                u_methods=("fused",)) -> list[dict]:
+                u_methods=("fused",), progress=None) -> list[dict]:
+    """Time every method of one (V, d, N) shape; ``progress`` (a tqdm bar) advances once per row."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     h = (torch.randn(N, d, generator=g) / 2).to(dev, dtype)
     W = (torch.randn(V, d, generator=g) / d ** 0.5).to(dev, dtype)
@@ -199,7 +218,9 @@ def bench_shape(V, d, N, ks, methods, dtype, chunk, backend, warmup, iters, dev,
             row.update(full_ms=None, forward_ms=None, backward_ms=None, peak_mb=None, tflops=None,
                        error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        if progress is not None:
+            progress.set_postfix_str(f"V={V} d={d} N={N} {label}", refresh=False)
+            progress.update()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     _add_ratios(rows)
@@ -217,7 +238,7 @@ def sweep_ce(dev, dtype, C=8192, V=128256, k1=64, warmup=3, iters=10) -> list[di
     tiles = [(16, 128, 4), (16, 256, 8), (32, 128, 4), (32, 256, 8), (16, 64, 4), (64, 64, 4), (32, 64, 4)]
     cfgs = [(kind, *t) for t in tiles for kind in (None, "noproj")]
     logits = logits0.clone()
-    for kind, bm, bv, nw in cfgs:
+    for kind, bm, bv, nw in tqdm(cfgs, desc="CE tile sweep", file=sys.stderr):
         p = None if kind == "noproj" else p1t
         try:
             t = time_ms(lambda: (logits.copy_(logits0), ce_delta_triton(logits, y, 1.0 / C, -100, p, s1, block_m=bm,
@@ -228,7 +249,6 @@ def sweep_ce(dev, dtype, C=8192, V=128256, k1=64, warmup=3, iters=10) -> list[di
                         "GB_per_s": 3 * C * V * logits.element_size() / (ms * 1e-3) / 1e9})
         except Exception as e:
             res.append({"proj": p is not None, "BM": bm, "BV": bv, "warps": nw, "error": str(e)[:200]})
-        print(json.dumps(res[-1]), flush=True)
     t = time_ms(lambda: (logits.copy_(logits0), ce_delta_torch(logits, y, 1.0 / C, -100, p1t, s1)), dev, 1, 3)
     res.append({"proj": True, "torch_ce_ms": statistics.median(t)})
     return res
@@ -237,35 +257,9 @@ def sweep_ce(dev, dtype, C=8192, V=128256, k1=64, warmup=3, iters=10) -> list[di
 # ----------------------------------------------------------------------------------------------
 # CPU: factored vs materialise-then-project
 # ----------------------------------------------------------------------------------------------
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss_kb() -> int:
-    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in KiB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        rss = _proc_status_kb("VmRSS")
-        if rss is not None:
-            return rss
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss_kb() -> int:
-    hwm = _proc_status_kb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def _cpu_projection_case(method: str, k1: int = 64, k2: int = 64, V=8192, d=512, B=16, T=128, reps=5) -> dict:
-    """Run one projection method from a fixed δ; returns ms and peak-RSS increase (run in a subprocess)."""
+    """Run one projection method from a fixed δ; returns the median ms and the peak-RSS increase (run in a
+    fresh subprocess, so that the peak is this method's)."""
     torch.manual_seed(0)
     N = B * T
     proj = make_projection(V, d, k1, k2, seed=0)
@@ -273,7 +267,9 @@ def _cpu_projection_case(method: str, k1: int = 64, k2: int = 64, V=8192, d=512,
     delta = torch.softmax(torch.randn(N, V), dim=1) / N
     sample_index = torch.arange(N) // T
     torch.set_num_threads(1)  # one thread: far less sensitive to other processes on a shared machine
-    base_rss = _reset_peak_rss_kb()
+    base_rss = reset_peak_rss_kb()
+    if base_rss is None:
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -288,28 +284,52 @@ def _cpu_projection_case(method: str, k1: int = 64, k2: int = 64, V=8192, d=512,
             extra_bytes = (G.numel() + B * k1 * d) * 4
             del G
         times.append((time.perf_counter() - t) * 1e3)
-    peak = _peak_rss_kb()
-    return {"method": method, "threads": 1, "ms": min(times), "ms_median": statistics.median(times),
+    peak = peak_rss_kb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": method, "threads": 1, "ms": statistics.median(times), "ms_min": min(times),
             "peak_rss_increase_mb": (peak - base_rss) / 1024,
             "intermediate_mb": extra_bytes / 2**20, "g_checksum": float(g.double().sum())}
 
 
-def cpu_projection_ratio(ks=((64, 64), (32, 32))) -> list[dict]:
-    """Factored vs materialise-then-project at V=8k, d=512, B=16, T=128, each method in a fresh process."""
+#: the CPU projection-ratio shape (full run) and the --quick one
+PROJ_SHAPE = {"V": 8192, "d": 512, "B": 16, "T": 128, "reps": 5}
+PROJ_SHAPE_QUICK = {"V": 2048, "d": 128, "B": 4, "T": 64, "reps": 2}
+
+
+def _projection_case_here(m: str, k1: int, k2: int, shape: dict) -> dict:
+    """:func:`_cpu_projection_case` in this process (its thread count restored afterwards)."""
+    threads = torch.get_num_threads()
+    try:
+        return _cpu_projection_case(m, k1, k2, **shape)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_projection_ratio(ks=((64, 64), (32, 32)), shape: dict | None = None, fresh_process: bool = True) -> list[dict]:
+    """Factored vs materialise-then-project (default V=8k, d=512, B=16, T=128), each method in a fresh process
+    (so that each peak RSS is its own; ``fresh_process=False``, as ``--quick`` does, runs them here); the ratios
+    are of the medians."""
+    shape = dict(shape or PROJ_SHAPE)
     results = []
-    for k1, k2 in ks:
-        out = {}
-        for m in ("factored", "materialise"):
-            r = subprocess.run([sys.executable, "-m", "megamix.kernels.bench.bench_fused_lce", "--_cpu-case",
-                                f"{m}:{k1}:{k2}"], capture_output=True, text=True, check=True)
+    cases = [(k1, k2, m) for k1, k2 in ks for m in ("factored", "materialise")]
+    out: dict = {}
+    for k1, k2, m in tqdm(cases, desc="projection ratio", file=sys.stderr):
+        if not fresh_process:
+            out[m] = _projection_case_here(m, k1, k2, shape)
+        else:
+            spec = ":".join(str(x) for x in (m, k1, k2, shape["V"], shape["d"], shape["B"], shape["T"], shape["reps"]))
+            r = subprocess.run([sys.executable, "-m", "megamix.kernels.bench.bench_fused_lce", "--_cpu-case", spec],
+                               capture_output=True, text=True, check=True)
             out[m] = json.loads(r.stdout.strip().splitlines()[-1])
-        f, m = out["factored"], out["materialise"]
-        out["speedup"] = m["ms"] / f["ms"]
-        out["intermediate_memory_ratio"] = m["intermediate_mb"] / f["intermediate_mb"]
-        out["peak_rss_ratio"] = m["peak_rss_increase_mb"] / max(f["peak_rss_increase_mb"], 1e-3)
-        out["same_result_rel_err"] = abs(f["g_checksum"] - m["g_checksum"]) / max(abs(m["g_checksum"]), 1e-30)
-        out["shape"] = {"V": 8192, "d": 512, "B": 16, "T": 128, "k1": k1, "k2": k2}
-        results.append(out)
+        if m != "materialise":
+            continue
+        f, m_ = out["factored"], out["materialise"]
+        results.append({"factored": f, "materialise": m_, "speedup": m_["ms"] / f["ms"],
+                        "intermediate_memory_ratio": m_["intermediate_mb"] / f["intermediate_mb"],
+                        "peak_rss_ratio": m_["peak_rss_increase_mb"] / max(f["peak_rss_increase_mb"], 1e-3),
+                        "same_result_rel_err": abs(f["g_checksum"] - m_["g_checksum"]) /
+                        max(abs(m_["g_checksum"]), 1e-30),
+                        "shape": {k: shape[k] for k in ("V", "d", "B", "T")} | {"k1": k1, "k2": k2}})
+        out = {}
     return results
 
 
@@ -323,15 +343,60 @@ def write_results(out_dir: Path, tag: str, meta: dict, rows: list[dict], extra: 
     return write_json_csv(out_dir, tag, meta, rows, extra, keys)
 
 
+def format_tables(meta: dict, rows: list[dict], extra: dict) -> str:
+    """The readable end of a run: conditions, then one table per shape (method, chunk, ms, ratio to the floor,
+    overhead vs ``fused``, TFLOP/s, peak memory), then the CPU projection ratio when measured."""
+    out = [conditions_line(meta)]
+    mem = "peak MB" if str(meta.get("device", "")).startswith("cuda") else "peak RSS +MB"
+    shapes = list(dict.fromkeys((r["V"], r["d"], r["N"], r["dtype"]) for r in rows))
+    for V, d, N, dt in shapes:
+        body = []
+        for r in rows:
+            if (r["V"], r["d"], r["N"], r["dtype"]) != (V, d, N, dt):
+                continue
+            if r.get("error"):
+                body.append([r["method"], fmt(r["chunk_tokens"], "d"), "error: " + r["error"][:60], "", "",
+                             "", ""])
+                continue
+            ratio = r.get("ratio_vs_floor", r.get("ratio_vs_best_floor"))
+            over = r.get("overhead_pct_vs_fused")
+            body.append([r["method"], fmt(r["chunk_tokens"], "d"), fmt(r["full_ms"], ".2f"),
+                         fmt(ratio, ".2f") + ("" if ratio is None else "×"),
+                         "" if over is None or r["method"] == "fused" else f"{over:+.1f}%",
+                         fmt(r["tflops"], ".3g"), fmt(r["peak_mb"], ".0f")])
+        out += ["", f"V={V} d={d} N={N} {dt}: full step (forward + backward), median ms",
+                md_table(["method", "chunk", "ms", "× floor", "vs fused", "TFLOP/s", mem], body)]
+    pr = extra.get("projection_ratio")
+    if pr:
+        sh = pr[0]["shape"]
+        body = [[f"{p['shape']['k1']}x{p['shape']['k2']}", fmt(p["factored"]["ms"]), fmt(p["materialise"]["ms"]),
+                 f"{p['speedup']:.1f}×", f"{p['intermediate_memory_ratio']:.0f}×", f"{p['peak_rss_ratio']:.1f}×",
+                 f"{p['same_result_rel_err']:.1e}"] for p in pr]
+        out += ["", f"projection at V={sh['V']} d={sh['d']} B={sh['B']} T={sh['T']}, 1 thread: factored "
+                    "(u = P1 δ, w = P2 a, Σ u wᵀ) vs materialise-then-project, median ms",
+                md_table(["k1xk2", "factored ms", "materialise ms", "speedup", "intermediates", "peak RSS",
+                          "rel. diff"], body)]
+    if extra.get("skipped_shapes"):
+        out.append(f"skipped (time budget): {extra['skipped_shapes']}")
+    return "\n".join(out)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.cpu_case:
-        m, k1, k2 = args.cpu_case.split(":")
-        print(json.dumps(_cpu_projection_case(m, int(k1), int(k2))))
+        m, *nums = args.cpu_case.split(":")
+        k1, k2, *shape = (int(x) for x in nums)
+        kw = dict(zip(("V", "d", "B", "T", "reps"), shape))
+        print(json.dumps(_cpu_projection_case(m, k1, k2, **kw)))
         return 0
     cuda = torch.cuda.is_available() and not args.cpu
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if (args.dtype == "bf16" and cuda) else torch.float32
-    if cuda:
+    quick = getattr(args, "quick", False)
+    if quick:
+        V, d, N = args.V or ([32000] if cuda else [2048]), args.d or ([768] if cuda else [128]), \
+            args.N or ([4096] if cuda else [512])
+        ks = args.k or [(16, 16)]
+    elif cuda:
         V = args.V or [128256, 32000, 50257, 151936]
         d = args.d or [4096, 768, 2048]
         N = args.N or [16384]
@@ -339,6 +404,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         V, d, N = args.V or [8192], args.d or [512], args.N or [2048]
         ks = args.k or [(32, 32), (64, 64)]
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    iters = args.iters if args.iters is not None else (5 if quick else 7)
     methods = [m for m in args.methods.split(",") if m]
     if not cuda:
         methods = [m for m in methods if m not in ("liger", "cce")]
@@ -349,31 +416,41 @@ def main(args: argparse.Namespace) -> int:
     if args.backend == "torch" or not cuda:
         u_methods = [m for m in u_methods if m != "tiled"] or ["fused"]   # tiled is Triton-only
     chunks = args.chunks or [args.chunk]
+    if quick and not args.chunks:
+        chunks = [min(args.chunk, max(N))]
     meta = env_info(dev)
-    meta.update(chunk_tokens=chunks, u_methods=u_methods, warmup=args.warmup, iters=args.iters, dtype=str(dtype))
+    meta.update(chunk_tokens=chunks, u_methods=u_methods, warmup=warmup, iters=iters, dtype=str(dtype),
+                quick=quick, argv=sys.argv[1:])
     tag = args.tag or f"bench_{'gpu' if cuda else 'cpu'}"
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or default_out_dir("kernels"))
+    print(f"bench kernels: writing to {out_dir}/", flush=True)
     rows, extra = [], {}
     t0 = time.time()
     if args.sweep_ce and cuda:
         extra["ce_sweep"] = sweep_ce(dev, dtype)
         write_results(out_dir, tag, meta, rows, extra)
-    from tqdm import tqdm
     shapes = [(v, dd, n) for v in V for dd in d for n in N]
     if args.shapes:
         shapes = [tuple(int(x) for x in sh.split(":")) for sh in args.shapes.split(",") if sh]
-    for v, dd, n in tqdm(shapes, desc="bench shapes", file=sys.stderr):
-        if time.time() - t0 > args.time_budget:
-            extra.setdefault("skipped_shapes", []).append([v, dd, n])
-            continue
-        rows += bench_shape(v, dd, n, ks, methods, dtype, args.chunk, args.backend, args.warmup, args.iters, dev,
-                            chunks=chunks, u_methods=u_methods)
-        write_results(out_dir, tag, meta, rows, extra)
+    total = len(shapes) * plan_size(ks, methods, chunks, u_methods)
+    with tqdm(total=total, desc="bench kernels", unit="row", file=sys.stderr) as bar:
+        for v, dd, n in shapes:
+            if time.time() - t0 > args.time_budget:
+                extra.setdefault("skipped_shapes", []).append([v, dd, n])
+                continue
+            rows += bench_shape(v, dd, n, ks, methods, dtype, args.chunk, args.backend, warmup, iters, dev,
+                                chunks=chunks, u_methods=u_methods, progress=bar)
+            write_results(out_dir, tag, meta, rows, extra)
     if not cuda:
-        extra["projection_ratio"] = cpu_projection_ratio()
-        print(json.dumps(extra["projection_ratio"], indent=1))
+        extra["projection_ratio"] = cpu_projection_ratio(ks=[ks[0]] if quick else ((64, 64), (32, 32)),
+                                                         shape=PROJ_SHAPE_QUICK if quick else PROJ_SHAPE,
+                                                         fresh_process=not quick)
     jp, cp = write_results(out_dir, tag, meta, rows, extra)
-    print(f"wrote {jp} and {cp}")
+    table = format_tables(meta, rows, extra)
+    mp = out_dir / f"{tag}.md"
+    mp.write_text(table + "\n")
+    print("\n" + table + "\n", flush=True)
+    print(f"wrote {jp}, {cp.name} and {mp.name}")
     return 0
 
 

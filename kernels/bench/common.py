@@ -1,6 +1,7 @@
-"""What every kernel microbenchmark shares: timing (CUDA events on GPU, perf_counter on CPU), peak memory,
-the conditions of a run (device, versions and whether they are the pinned ones, load), and the JSON + CSV
-writer. ``bench_<op>.py`` files import these so that their results read alike."""
+"""What every kernel microbenchmark shares: timing (CUDA events on GPU, perf_counter on CPU), peak memory
+(CUDA allocator on GPU, the process's peak RSS on Linux CPUs), the conditions of a run (device, versions and
+whether they are the pinned ones, load), and the JSON + CSV writer. ``bench_<op>.py`` files import these so
+that their results read alike; where they write and the final table are in :mod:`.output`."""
 from __future__ import annotations
 
 import csv
@@ -43,10 +44,53 @@ def time_ms(fn, dev: torch.device, warmup: int, iters: int) -> list[float]:
     return out
 
 
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    """Hand the heap's free pages back to the OS (glibc), so that memory freed by earlier calls is faulted in
+    again, and so counted, when the next call needs it."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss_kb() -> int | None:
+    """Trim the heap, reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in
+    KiB; None where the mark cannot be reset (not Linux, no permission)."""
+    _malloc_trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_status_kb("VmRSS")
+
+
+def peak_rss_kb() -> int | None:
+    """The process's peak RSS (KiB) since the last :func:`reset_peak_rss_kb` (``VmHWM``)."""
+    return _proc_status_kb("VmHWM")
+
+
 def peak_mb(fn, dev: torch.device) -> float:
-    """Peak memory (MB) allocated by ``fn`` above what was allocated before it (CUDA only, else NaN)."""
+    """Peak memory (MB) ``fn`` needs above what was in use before it: on CUDA the allocator's peak; on a Linux
+    CPU the rise of the process's peak RSS after trimming the heap (memory an allocator still keeps from earlier
+    calls is not counted, so it is a lower bound); NaN where neither can be read."""
     if dev.type != "cuda":
-        return float("nan")
+        base = reset_peak_rss_kb()
+        if base is None:
+            return float("nan")
+        fn()
+        peak = peak_rss_kb()
+        return float("nan") if peak is None else max(peak - base, 0) / 1024
     sync(dev)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from megamix.config import MegamixConfig
+from megamix.strategies import check_strategy_name
 
 
 def add_config_args(p) -> None:
@@ -12,7 +13,9 @@ def add_config_args(p) -> None:
 
 
 def load_config(args) -> MegamixConfig:
-    return MegamixConfig.from_yaml(args.config, args.overrides).validate()
+    cfg = MegamixConfig.from_yaml(args.config, args.overrides).validate()
+    check_strategy_name(cfg.mixing.strategy)   # the strategies' registry owns the names
+    return cfg
 
 
 def register(sub) -> None:

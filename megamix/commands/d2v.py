@@ -14,6 +14,7 @@ Use the resulting mixture with ``--set mixture.kind=file --set mixture.file=data
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from megamix.commands.config import add_config_args
+from megamix.configbase import ConfigError
 
 
 def _ints(s: str) -> list[int]:
@@ -32,12 +34,39 @@ def _strs(s: str | None) -> list[str] | None:
     return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
+def _max_drift(s: str) -> float:
+    """``--max-drift``: a number in (0, 1]; anything else is a one-line usage error naming the option."""
+    from megamix.simplex import check_max_drift
+
+    try:
+        return check_max_drift(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(sub) -> None:
     p = sub.add_parser("d2v", help="Domain2Vec: meta-domain vocabulary, dataset vectors, DA² and "
                                    "Domain2Vec+RegMix mixture priors.",
                        description=__doc__.split("\n\n")[0])
     s = p.add_subparsers(dest="d2v_command", metavar="STEP")
+    _add_vocab(s)
+    _add_classify(s)
+    _add_vectorize(s)
+    for name, helptext, fn in (("da2", "Pick the mixture by distribution alignment (DA²).", run_da2),
+                               ("regmix", "Domain2Vec+RegMix: proxies scored per meta-domain + LightGBM per "
+                                          "meta-domain.", run_regmix),
+                               ("evaluate", "Train proxies on dense and sparse mixtures; rank-correlate DA², "
+                                            "naive predictors and RegMix with actual validation loss.",
+                                run_evaluate)):
+        _add_prior_step(s, name, helptext, fn)
+    pl = s.add_parser("plot", help="Heatmap and PCA/t-SNE maps of the domain vectors.")
+    pl.add_argument("--vectors", default="data/d2v/vectors.json")
+    pl.add_argument("--out-dir", default=None, help="Default: the vectors' folder.")
+    pl.set_defaults(func=run_plot)
+    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
+
+def _add_vocab(s) -> None:
     v = s.add_parser("vocab", help="Embed the reference corpus and k-means it into meta-domains.")
     v.add_argument("--data-dir", default="data", help="Corpus root (reads corpus/<domain>/train.jsonl).")
     v.add_argument("--out", default="data/d2v", help="Output folder for vocab.npz/json, reference.npz, elbow.*")
@@ -54,6 +83,8 @@ def register(sub) -> None:
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=run_vocab)
 
+
+def _add_classify(s) -> None:
     c = s.add_parser("classify", help="Train the meta-domain classifier (logistic regression on embeddings).")
     c.add_argument("--vocab", default="data/d2v", help="Folder written by `d2v vocab`.")
     c.add_argument("--C", type=float, default=10.0, help="Inverse regularisation strength.")
@@ -61,6 +92,8 @@ def register(sub) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=run_classify)
 
+
+def _add_vectorize(s) -> None:
     z = s.add_parser("vectorize", help="Domain vectors of every training domain and of the validation set.")
     z.add_argument("--vocab", default="data/d2v", help="Folder with the vocabulary and classifier.")
     z.add_argument("--data-dir", default="data")
@@ -72,100 +105,85 @@ def register(sub) -> None:
     z.add_argument("--out", default=None, help="vectors.json path (default: <vocab>/vectors.json).")
     z.set_defaults(func=run_vectorize)
 
-    for name, helptext, fn in (("da2", "Pick the mixture by distribution alignment (DA²).", run_da2),
-                               ("regmix", "Domain2Vec+RegMix: proxies scored per meta-domain + LightGBM per "
-                                          "meta-domain.", run_regmix),
-                               ("evaluate", "Train proxies on dense and sparse mixtures; rank-correlate DA², "
-                                            "naive predictors and RegMix with actual validation loss.",
-                                run_evaluate)):
-        a = s.add_parser(name, help=helptext, description=helptext)
-        a.add_argument("--vectors", default="data/d2v/vectors.json", help="vectors.json from `d2v vectorize`.")
-        add_config_args(a)
-        a.add_argument("--distance", default="huber", choices=["huber", "l2", "l1", "kl", "js"])
-        a.add_argument("--delta", default="auto",
-                       help="Huber δ. 'auto' (default): the median of the component differences "
-                            "|(r·V_train - v_valid)_j| over 10k candidate mixtures from the search's Dirichlet, so "
-                            "half of the components fall in Huber's quadratic part and half in its linear part; "
-                            "the value and the quantiles of the differences are recorded. A number fixes δ. "
-                            "Domain vectors are probability vectors, so every difference is <= 1: δ >= 1 (the "
-                            "torch/sklearn default) makes Huber exactly ½·MSE, i.e. plain L2.")
-        a.add_argument("--total-tokens", type=float, default=None,
-                       help="Tokens of the target run for the data-amount constraint (default: from --config "
-                            "train.steps*global_batch_size*seq_len when --config is given; 0 = no constraint). "
-                            "Proxy mixtures are constrained by the proxies' own tokens (--proxy-steps).")
-        a.add_argument("--epochs", type=float, default=1.0, help="Allowed epochs per domain.")
-        a.add_argument("--dirichlet", default="scaled", choices=["scaled", "paper"],
-                       help="Dirichlet α of the candidate search and of sampled proxy mixtures. scaled "
-                            "(default): α = concentration·m·a_train (a_train = token shares; equal shares give "
-                            "the uniform distribution on the simplex). paper: the paper's literal "
-                            "Dirichlet(a_train), α summing to 1, so nearly every candidate sits near one domain; "
-                            "with few domains its top-k average lands farther from the DA² optimum (measured in "
-                            "benchmarks/results/d2v/results.md), hence not the default.")
-        a.add_argument("--concentration", type=float, default=1.0,
-                       help="For --dirichlet scaled: α = concentration·m·token_share.")
-        a.add_argument("--samples", type=int, default=100_000, help="Dirichlet candidates.")
-        a.add_argument("--top-k", type=int, default=100, help="Average the k best candidates.")
-        a.add_argument("--seed", type=int, default=0)
-        if name == "da2":
-            a.add_argument("--solver", default="dirichlet", choices=["dirichlet", "exact"],
-                           help="dirichlet: the paper's search (default); exact: convex solver. Both are "
-                                "always computed and recorded in meta, with the search under the other α.")
-        if name in ("da2", "regmix"):
-            a.add_argument("--out", default=None, help="Mixture JSON (default: next to the vectors).")
-            a.add_argument("--max-drift", type=float, default=None,
-                           help="Optional meta.max_drift for online strategies (per-domain |Δw| bound).")
-        if name in ("regmix", "evaluate"):
-            a.add_argument("--proxy-steps", type=int, default=None,
-                           help="Override train.steps for proxies (sets their budget and their data-amount caps).")
-            a.add_argument("--proxy-dir", default=None,
-                           help="Proxy run folder (default: <vectors dir>/proxies). Finished proxies are cached in "
-                                "<proxy-dir>/proxies.jsonl, keyed by mixture and budget, and shared by regmix "
-                                "and evaluate.")
-        if name == "regmix":
-            a.add_argument("--proxies", type=int, default=16, help="Number of proxy runs.")
-            a.add_argument("--meta-targets", default="argmax", choices=["argmax", "proba", "bayes"],
-                           help="Per-meta-domain regression targets. argmax (default): each proxy's mean loss "
-                                "on the validation documents the classifier assigns to the meta-domain (the "
-                                "paper's loss on meta-domain i). proba: documents weighted by the classifier's "
-                                "probabilities (then Σ_j q_j L_j is exactly the documents' validation loss). "
-                                "bayes: the earlier approach, per-domain losses spread by Bayes' rule, which is "
-                                "RegMix on domain losses (kept for comparison).")
-        if name == "evaluate":
-            a.add_argument("--mixtures", type=int, default=12,
-                           help="Mixtures drawn from the search's Dirichlet (group 'dirichlet').")
-            a.add_argument("--sparse", type=int, default=6,
-                           help="Mixtures drawn from the symmetric Dirichlet(0.5) (group 'sparse').")
-            a.add_argument("--pairs", type=int, default=6,
-                           help="Two-domain 70/30 mixtures over seeded distinct pairs (group 'pair'). Also "
-                                "trained: uniform, natural, the exact DA² optimum and the Dirichlet-search pick.")
-            a.add_argument("--seed-repeats", type=int, default=0,
-                           help="Retrain the uniform mixture with this many other train.seed values to "
-                                "measure seed noise.")
-            a.add_argument("--bootstrap", type=int, default=1000,
-                           help="Bootstrap resamples for the Spearman 95%% intervals (0 = none).")
-            a.add_argument("--report", default=None, help="Report JSON (default: <vectors dir>/evaluate.json).")
-        a.set_defaults(func=fn)
 
-    pl = s.add_parser("plot", help="Heatmap and PCA/t-SNE maps of the domain vectors.")
-    pl.add_argument("--vectors", default="data/d2v/vectors.json")
-    pl.add_argument("--out-dir", default=None, help="Default: the vectors' folder.")
-    pl.set_defaults(func=run_plot)
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+def _add_prior_step(s, name: str, helptext: str, fn) -> None:
+    """The parser of ``da2``, ``regmix`` or ``evaluate``: the shared search options, then the step's own."""
+    a = s.add_parser(name, help=helptext, description=helptext)
+    a.add_argument("--vectors", default="data/d2v/vectors.json", help="vectors.json from `d2v vectorize`.")
+    add_config_args(a)
+    _add_search_args(a)
+    if name == "da2":
+        a.add_argument("--solver", default="dirichlet", choices=["dirichlet", "exact"],
+                       help="dirichlet: the paper's search (default); exact: convex solver. Both are "
+                            "always computed and recorded in meta, with the search under the other α.")
+    if name in ("da2", "regmix"):
+        a.add_argument("--out", default=None, help="Mixture JSON (default: next to the vectors).")
+        a.add_argument("--max-drift", type=_max_drift, default=None,
+                       help="Optional meta.max_drift for online strategies (per-domain |Δw| bound).")
+    if name in ("regmix", "evaluate"):
+        a.add_argument("--proxy-steps", type=int, default=None,
+                       help="Override train.steps for proxies (sets their budget and their data-amount caps).")
+        a.add_argument("--proxy-dir", default=None,
+                       help="Proxy run folder (default: <vectors dir>/proxies). Finished proxies are cached in "
+                            "<proxy-dir>/proxies.jsonl, keyed by mixture and budget, and shared by regmix "
+                            "and evaluate.")
+    if name == "regmix":
+        a.add_argument("--proxies", type=int, default=16, help="Number of proxy runs.")
+        a.add_argument("--meta-targets", default="argmax", choices=["argmax", "proba", "bayes"],
+                       help="Per-meta-domain regression targets. argmax (default): each proxy's mean loss "
+                            "on the validation documents the classifier assigns to the meta-domain (the "
+                            "paper's loss on meta-domain i). proba: documents weighted by the classifier's "
+                            "probabilities (then Σ_j q_j L_j is exactly the documents' validation loss). "
+                            "bayes: the earlier approach, per-domain losses spread by Bayes' rule, which is "
+                            "RegMix on domain losses (kept for comparison).")
+    if name == "evaluate":
+        _add_evaluate_args(a)
+    a.set_defaults(func=fn)
 
 
-def _clean_errors(fn):
-    """Report bad input (ValueError, FileNotFoundError) as one line and exit status 2."""
-    import functools
-    import sys
+def _add_search_args(a) -> None:
+    """Distance, Huber δ, data-amount caps and the Dirichlet candidate search (da2 / regmix / evaluate)."""
+    a.add_argument("--distance", default="huber", choices=["huber", "l2", "l1", "kl", "js"])
+    a.add_argument("--delta", default="auto",
+                   help="Huber δ. 'auto' (default): the median of the component differences "
+                        "|(r·V_train - v_valid)_j| over 10k candidate mixtures from the search's Dirichlet, so "
+                        "half of the components fall in Huber's quadratic part and half in its linear part; "
+                        "the value and the quantiles of the differences are recorded. A number fixes δ. "
+                        "Domain vectors are probability vectors, so every difference is <= 1: δ >= 1 (the "
+                        "torch/sklearn default) makes Huber exactly ½·MSE, i.e. plain L2.")
+    a.add_argument("--total-tokens", type=float, default=None,
+                   help="Tokens of the target run for the data-amount constraint (default: from --config "
+                        "train.steps*global_batch_size*seq_len when --config is given; 0 = no constraint). "
+                        "Proxy mixtures are constrained by the proxies' own tokens (--proxy-steps).")
+    a.add_argument("--epochs", type=float, default=1.0, help="Allowed epochs per domain.")
+    a.add_argument("--dirichlet", default="scaled", choices=["scaled", "paper"],
+                   help="Dirichlet α of the candidate search and of sampled proxy mixtures. scaled "
+                        "(default): α = concentration·m·a_train (a_train = token shares; equal shares give "
+                        "the uniform distribution on the simplex). paper: the paper's literal "
+                        "Dirichlet(a_train), α summing to 1, so nearly every candidate sits near one domain; "
+                        "with few domains its top-k average lands farther from the DA² optimum (measured in "
+                        "benchmarks/results/d2v/results.md), hence not the default.")
+    a.add_argument("--concentration", type=float, default=1.0,
+                   help="For --dirichlet scaled: α = concentration·m·token_share.")
+    a.add_argument("--samples", type=int, default=100_000, help="Dirichlet candidates.")
+    a.add_argument("--top-k", type=int, default=100, help="Average the k best candidates.")
+    a.add_argument("--seed", type=int, default=0)
 
-    @functools.wraps(fn)
-    def wrapper(args):
-        try:
-            return fn(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"megamix d2v {args.d2v_command}: error: {e}", file=sys.stderr)
-            return 2
-    return wrapper
+
+def _add_evaluate_args(a) -> None:
+    a.add_argument("--mixtures", type=int, default=12,
+                   help="Mixtures drawn from the search's Dirichlet (group 'dirichlet').")
+    a.add_argument("--sparse", type=int, default=6,
+                   help="Mixtures drawn from the symmetric Dirichlet(0.5) (group 'sparse').")
+    a.add_argument("--pairs", type=int, default=6,
+                   help="Two-domain 70/30 mixtures over seeded distinct pairs (group 'pair'). Also "
+                        "trained: uniform, natural, the exact DA² optimum and the Dirichlet-search pick.")
+    a.add_argument("--seed-repeats", type=int, default=0,
+                   help="Retrain the uniform mixture with this many other train.seed values to "
+                        "measure seed noise.")
+    a.add_argument("--bootstrap", type=int, default=1000,
+                   help="Bootstrap resamples for the Spearman 95%% intervals (0 = none).")
+    a.add_argument("--report", default=None, help="Report JSON (default: <vectors dir>/evaluate.json).")
 
 
 def _offline_env() -> None:
@@ -174,7 +192,6 @@ def _offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@_clean_errors
 def run_vocab(args) -> int:
     _offline_env()
     from megamix.domain2vec.vocab import build_vocab, embedder_from_spec
@@ -193,7 +210,6 @@ def run_vocab(args) -> int:
     return 0
 
 
-@_clean_errors
 def run_classify(args) -> int:
     _offline_env()
     from megamix.domain2vec.classifier import train_classifier
@@ -203,17 +219,17 @@ def run_classify(args) -> int:
     return 0
 
 
-@_clean_errors
 def run_vectorize(args) -> int:
     _offline_env()
     from megamix.domain2vec.classifier import load_classifier
-    from megamix.domain2vec.corpus import corpus_domains, domain_token_counts
+    from megamix.data.corpus import corpus_domains
+    from megamix.domain2vec.corpus import domain_token_counts
     from megamix.domain2vec.vocab import MetaDomainVocab
     from megamix.domain2vec.vectorize import vectorize_corpus
 
     vocab = MetaDomainVocab.load(args.vocab)
     clf = load_classifier(args.vocab)
-    domains = _strs(args.domains) or corpus_domains(args.data_dir, "train")
+    domains = _strs(args.domains) or corpus_domains(args.data_dir, "train", required=True)
     out = args.out or str(Path(args.vocab) / "vectors.json")
     obj = vectorize_corpus(clf, args.data_dir, out, domains=domains, valid_domains=_strs(args.valid_domains),
                            n_samples=args.n, seed=args.seed, max_chars=args.max_chars,
@@ -243,7 +259,8 @@ def _common(args, *, proxies: bool = False, target: bool = True):
 
     vec = load_vectors(args.vectors)
     if vec.v_valid is None:
-        raise ValueError(f"{args.vectors} has no validation vector; rerun `d2v vectorize` with --valid-domains")
+        raise ConfigError(f"{args.vectors} has no validation vector; rerun `megamix d2v vectorize` with "
+                          "--valid-domains")
     cfg = None
     if args.config or args.overrides:
         from megamix.commands.config import load_config
@@ -262,9 +279,9 @@ def _common(args, *, proxies: bool = False, target: bool = True):
         try:
             delta = float(args.delta)
         except ValueError:
-            raise ValueError(f"--delta must be 'auto' or a positive number (got {args.delta!r})") from None
+            raise ConfigError(f"--delta must be 'auto' or a positive number (got {args.delta!r})") from None
         if not delta > 0:
-            raise ValueError(f"--delta must be > 0 (got {delta})")
+            raise ConfigError(f"--delta must be > 0 (got {delta}); pass a positive number or 'auto'")
         _, delta_info = huber_delta_auto(vec.V_train, vec.v_valid, alpha, seed=args.seed)
         delta_info = {**delta_info, "rule": "fixed by --delta", "linear_fraction": None}
     vpath = Path(args.vectors)
@@ -278,7 +295,7 @@ def _common(args, *, proxies: bool = False, target: bool = True):
             "vectors": str(vpath), "vectors_sha256": _file_sha256(vpath)}
     if proxies:
         if cfg is None:
-            raise ValueError("proxy runs need a training config: pass --config (e.g. configs/tiny-cpu.yaml)")
+            raise ConfigError("proxy runs need a training config: pass --config (e.g. configs/tiny-cpu.yaml)")
         from megamix.domain2vec.evaluate import proxy_budget
         budget = proxy_budget(cfg, args.proxy_steps)
         pcaps = data_caps(tokens, float(budget["tokens"]), args.epochs)
@@ -293,10 +310,9 @@ def _public(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if not k.startswith("_")}
 
 
-@_clean_errors
 def run_da2(args) -> int:
     from megamix.domain2vec.da2 import (da2_objective, dirichlet_search, distance, search_alpha, solve_exact)
-    from megamix.domain2vec.mixture_io import write_mixture
+    from megamix.mixture import write_mixture
 
     vec, _cfg, caps, alpha, meta = _common(args)
     obj = da2_objective(vec.V_train, vec.v_valid, args.distance, meta["delta"])
@@ -351,10 +367,9 @@ def _proxy_setup(args, vec, cfg, meta, *, need_docs: bool):
     return fn, root, Path(root) / "proxies.jsonl", key, docs
 
 
-@_clean_errors
 def run_regmix(args) -> int:
     from megamix.domain2vec.metaloss import meta_losses_from_docs
-    from megamix.domain2vec.mixture_io import write_mixture
+    from megamix.mixture import write_mixture
     from megamix.domain2vec.regmix import D2VRegMix, domain_to_meta_losses, run_proxies, sample_mixtures
 
     _offline_env()
@@ -387,7 +402,6 @@ def run_regmix(args) -> int:
     return 0
 
 
-@_clean_errors
 def run_evaluate(args) -> int:
     from megamix.domain2vec.da2 import da2_objective, dirichlet_search, solve_exact
     from megamix.domain2vec.evaluate import (evaluate_predictions, evaluation_mixtures, make_trainer_fn,
@@ -447,7 +461,6 @@ def run_evaluate(args) -> int:
     return 0
 
 
-@_clean_errors
 def run_plot(args) -> int:
     from megamix.domain2vec.plots import plot_vectors
     from megamix.domain2vec.vectorize import load_vectors

@@ -14,7 +14,7 @@ def register(sub) -> None:
     p = sub.add_parser("mix", help="List mixing strategies or simulate one on saved statistics.",
                        description="`megamix mix --list` shows the strategies. `megamix mix simulate "
                                    "--snapshot s.npz --set mixing.strategy=rnb` runs a strategy on saved "
-                                   "StatsSnapshot files (see megamix.strategies.snapshot_io), one round "
+                                   "StatsSnapshot files (see megamix.snapshot), one round "
                                    "per file, and prints the weights.")
     p.add_argument("--list", action="store_true", help="List the strategies and exit.")
     msub = p.add_subparsers(dest="mix_command", metavar="SUBCOMMAND")
@@ -88,7 +88,7 @@ def _load_snapshot(path: str, load):
 def run_simulate(args) -> int:
     from megamix.config import MegamixConfig
     from megamix.strategies import build_strategy
-    from megamix.strategies.snapshot_io import load_snapshot_npz
+    from megamix.snapshot import load_snapshot_npz
 
     overrides = list(args.overrides)
     if args.strategy:
@@ -102,13 +102,14 @@ def run_simulate(args) -> int:
             raise ConfigError(f"--snapshot {p} has domains {s.domain_names}, the first has {names}; pass snapshots "
                               "of one run")
     strat = build_strategy(mcfg, names, _initial(args.init, snaps[0]))
+    w = strat.initial_weights     # the weights in force: this command plays the loader's part
     step = 0
     rounds = []  # (step, weights) per round: this command's output, as printed
     for s in snaps:
         for _ in range(max(1, args.repeat)):
             step += mcfg.update_every
             strat.observe(s)
-            w = strat.propose(step)
+            w = strat.propose(step, w)
             rounds.append((step, w.tolist()))
             info = strat.last_info
             if args.json:

@@ -116,31 +116,6 @@ def write_failure(e: BaseException, out_dir: str | Path) -> str | None:
     return None
 
 
-#: test-only: ``PHASE@STEP`` (every rank) or ``PHASE@STEP@RANK``, comma-separated; the process SIGKILLs itself
-#: when a checkpoint save reaches that point (phases: megamix.train.checkpoint.PHASES). tests/test_train_torture.py
-KILL_ENV = "MEGAMIX_TEST_KILL_AT"
-
-
-def _kill_hook(spec: str | None):
-    """The checkpoint hook for ``MEGAMIX_TEST_KILL_AT`` (None when unset): a crash at a named point."""
-    if not spec:
-        return None
-    from megamix.train.checkpoint import PHASES
-
-    points = set()
-    for item in spec.split(","):
-        parts = item.strip().split("@")
-        if len(parts) not in (2, 3) or parts[0] not in PHASES or not all(x.isdigit() for x in parts[1:]):
-            raise ConfigError(f"{KILL_ENV}={spec!r}: expected PHASE@STEP[@RANK] with PHASE one of {', '.join(PHASES)}")
-        points.add((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
-
-    def hook(phase: str, step: int, rank: int) -> None:
-        if (phase, step, rank) in points or (phase, step, None) in points:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -170,8 +145,7 @@ def run(args) -> int:
 
     flag = StopFlag(rank).install()
     try:
-        train(cfg, backend=backend, progress=not args.no_progress, store=pre.store, stop_requested=flag,
-              checkpoint_hook=_kill_hook(os.environ.get(KILL_ENV)))
+        train(cfg, backend=backend, progress=not args.no_progress, plan=pre, stop_requested=flag)
     except StopRequested as e:
         if rank == 0:
             print(f"megamix: {e}", file=sys.stderr)

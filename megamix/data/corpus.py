@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import random
 import sys
 import time
@@ -23,9 +22,10 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from megamix.data.errors import check_domain_name
+from megamix.data.errors import DataError, check_domain_name
 from megamix.data.fetch import AptFetcher, MissingPackageError, local_package_version
 from megamix.data.sources import Source, SourceContext, get_sources
+from megamix.io import atomic_write_json, atomic_write_lines, iter_json_lines
 
 CORPUS_FORMAT = 2
 SPLITS = ("train", "valid")
@@ -85,30 +85,6 @@ def _truncate(text: str, max_chars: int | None) -> str:
     return text[: cut if cut > max_chars // 2 else max_chars]
 
 
-def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line)
-            f.write("\n")
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a reader (or a crash) sees the old
-    file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False))
-
-
 @contextmanager
 def file_lock(path: Path):
     """An exclusive advisory lock (``flock`` on ``path``, created if needed) held for the block; blocks
@@ -164,52 +140,21 @@ def write_domain(data_dir: str | Path, domain: str, docs: Iterable[tuple[str, st
     check_domain_name(domain)
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
-    kept: list[tuple[str, str, str]] = []  # (key, text, source)
-    fixed_valid: list[tuple[str, str, str]] = []
-    seen: set[str] = set()
-    total = dup = short = skipped_cap = 0
+    filt = _DocFilter(max_doc_chars, min_chars)
     bar = tqdm(total=cap_bytes, unit="B", unit_scale=True, desc=f"corpus {domain}", file=sys.stderr,
                disable=not progress, leave=False, mininterval=1.0)
-
-    def clean(text: str) -> tuple[str, str] | None:
-        """``(dedup key, normalised text)``, or None after counting why it is dropped (too short, duplicate)."""
-        nonlocal short, dup
-        text = normalize_text(_truncate(text, max_doc_chars))
-        if len(text) < min_chars:
-            short += 1
-            return None
-        key = dedup_key(text)
-        if key in seen:
-            dup += 1
-            return None
-        return key, text
-
+    fixed_valid: list[tuple[str, str, str]] = []  # (key, text, source)
     for text, src in valid_docs or ():
-        if (c := clean(text)) is None:
+        if (c := filt.clean(text)) is None:
             continue
         key, text = c
-        seen.add(key)
+        filt.seen.add(key)
         fixed_valid.append((key, text, src))
-    for text, src in docs:
-        if (c := clean(text)) is None:
-            continue
-        key, text = c
-        size = len(text.encode("utf-8"))
-        if cap_bytes is not None and total + size > cap_bytes:
-            skipped_cap += 1
-            if cap_bytes - total < 256 or skipped_cap >= 200:
-                break
-            continue
-        seen.add(key)
-        kept.append((key, text, src))
-        total += size
-        bar.update(size)
-        if max_docs is not None and len(kept) >= max_docs:
-            break
+    kept = _take_docs(docs, filt, cap_bytes=cap_bytes, max_docs=max_docs, bar=bar)
     bar.close()
     if not kept:
         raise EmptyDomainError(f"domain {domain!r} produced no documents "
-                               f"({short} too short, {dup} duplicates); check its source")
+                               f"({filt.short} too short, {filt.dup} duplicates); check its source")
     if valid_docs is not None:
         if not fixed_valid:
             raise EmptyDomainError(f"domain {domain!r}: the validation split has no usable documents")
@@ -218,17 +163,72 @@ def write_domain(data_dir: str | Path, domain: str, docs: Iterable[tuple[str, st
     else:
         is_valid = assign_splits([k for k, _, _ in kept], seed, valid_fraction,
                                  [len(t.encode('utf-8')) for _, t, _ in kept])
+    entry = _write_splits(Path(data_dir) / "corpus" / domain, kept, is_valid)
+    entry["duplicates_dropped"] = filt.dup
+    entry["short_dropped"] = filt.short
+    entry["cap_bytes"] = cap_bytes
+    entry["provenance"] = provenance or {}
+    return entry
+
+
+class _DocFilter:
+    """Normalises documents for :func:`write_domain` and drops (counting them) the too short and the duplicates
+    of a document already kept (``seen``: the dedup keys of the kept documents)."""
+
+    def __init__(self, max_doc_chars: int | None, min_chars: int):
+        self.max_doc_chars = max_doc_chars
+        self.min_chars = min_chars
+        self.seen: set[str] = set()
+        self.short = 0
+        self.dup = 0
+
+    def clean(self, text: str) -> tuple[str, str] | None:
+        """``(dedup key, normalised text)``, or None after counting why it is dropped (too short, duplicate)."""
+        text = normalize_text(_truncate(text, self.max_doc_chars))
+        if len(text) < self.min_chars:
+            self.short += 1
+            return None
+        key = dedup_key(text)
+        if key in self.seen:
+            self.dup += 1
+            return None
+        return key, text
+
+
+def _take_docs(docs: Iterable[tuple[str, str]], filt: _DocFilter, *, cap_bytes: int | None, max_docs: int | None,
+               bar) -> list[tuple[str, str, str]]:
+    """``(key, text, source)`` of the training documents kept from ``docs``, in order, until the byte cap or
+    ``max_docs``: a document that would pass the cap is skipped, and the walk stops once less than 256 bytes
+    are left or 200 documents were skipped."""
+    kept: list[tuple[str, str, str]] = []
+    total = skipped_cap = 0
+    for text, src in docs:
+        if (c := filt.clean(text)) is None:
+            continue
+        key, text = c
+        size = len(text.encode("utf-8"))
+        if cap_bytes is not None and total + size > cap_bytes:
+            skipped_cap += 1
+            if cap_bytes - total < 256 or skipped_cap >= 200:
+                break
+            continue
+        filt.seen.add(key)
+        kept.append((key, text, src))
+        total += size
+        bar.update(size)
+        if max_docs is not None and len(kept) >= max_docs:
+            break
+    return kept
+
+
+def _write_splits(root: Path, kept: list[tuple[str, str, str]], is_valid: list[bool]) -> dict:
+    """Write ``root/{train,valid}.jsonl`` (atomically) and return their docs/bytes counts."""
     entry: dict = {}
-    root = Path(data_dir) / "corpus" / domain
     for split, want in (("train", False), ("valid", True)):
         rows = [(t, s) for (_, t, s), v in zip(kept, is_valid) if v == want]
         atomic_write_lines(root / f"{split}.jsonl",
-                            (json.dumps({"text": t, "source": s}, ensure_ascii=False) for t, s in rows))
+                           (json.dumps({"text": t, "source": s}, ensure_ascii=False) for t, s in rows))
         entry[split] = {"docs": len(rows), "bytes": sum(len(t.encode("utf-8")) for t, _ in rows)}
-    entry["duplicates_dropped"] = dup
-    entry["short_dropped"] = short
-    entry["cap_bytes"] = cap_bytes
-    entry["provenance"] = provenance or {}
     return entry
 
 
@@ -333,37 +333,30 @@ def build_corpus(data_dir: str | Path, domains: list[str] | tuple[str, ...] | No
     return update_stats(data_dir, entries)
 
 
-def iter_json_lines(path: str | Path) -> Iterator[tuple[int, object]]:
-    """``(line number, parsed object)`` for every non-blank line of a jsonl file (``.gz`` too).
-    A malformed line raises ``ValueError`` naming ``path:line``."""
-    import gzip
-
-    path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    lineno = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); fix or remove that line") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason}); convert the file "
-                         "to UTF-8 JSON lines") from e
-
-
 def iter_jsonl(path: str | Path) -> Iterator[dict]:
     """Rows of a corpus jsonl file (``{"text", "source"}`` objects); blank lines are skipped and a
-    malformed line is an error naming ``path:line``."""
-    for lineno, row in iter_json_lines(path):
+    malformed line is a :class:`DataError` naming ``path:line`` (reading: :func:`megamix.io.iter_json_lines`)."""
+    for lineno, row in iter_json_lines(path, error=DataError):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+            raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field; fix or remove "
+                            "that line")
         yield row
 
 
-def iter_corpus(data_dir: str | Path, domain: str, split: str) -> Iterator[dict]:
-    """Rows of ``corpus/<domain>/<split>.jsonl``."""
-    return iter_jsonl(Path(data_dir) / "corpus" / domain / f"{split}.jsonl")
+def corpus_domains(data_dir: str | Path, split: str = "train", *, required: bool = False) -> list[str]:
+    """The domains of the corpus under ``data_dir``: sorted names of the folders ``corpus/<domain>/`` that hold a
+    ``<split>.jsonl`` file. The one listing of a corpus's domains (tokenizing, regrouping and Domain2Vec use it).
+
+    Only regular files count (a folder named ``train.jsonl`` is not a split) and names starting with ``.`` are
+    skipped (no domain may start with one: :func:`~megamix.data.errors.check_domain_name`; such folders are
+    scratch space). No ``corpus/`` folder, or none with the split: ``[]``, or with ``required=True`` a
+    ``FileNotFoundError`` saying to build the corpus."""
+    root = Path(data_dir) / "corpus"
+    if not root.is_dir():
+        if required:
+            raise FileNotFoundError(f"{root} does not exist: build the corpus first (`megamix data build`)")
+        return []
+    doms = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / f"{split}.jsonl").is_file())
+    if required and not doms:
+        raise FileNotFoundError(f"no {root}/<domain>/{split}.jsonl files found")
+    return doms

@@ -21,11 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from megamix.data.backings import VALID_SPLIT_NAMES
-from megamix.data.corpus import SPLITS, assign_splits, atomic_write_lines, read_stats, update_stats, write_domain
+from megamix.data.corpus import SPLITS, assign_splits, read_stats, update_stats, write_domain
 from megamix.data.errors import DataError, check_domain_name
 from megamix.data.manifest import write_domain_record
 from megamix.data.token_store import IndexedTokenDataset, IndexedTokenWriter
 from megamix.data.tokenize import file_sha256, resolve_store_tokenizer, tokenize_corpus
+from megamix.io import atomic_write_lines, iter_json_lines
 
 FORMATS = ("jsonl", "parquet", "hf", "megatron")
 
@@ -50,8 +51,6 @@ def detect_format(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    from megamix.data.corpus import iter_json_lines
-
     n = 0
     try:
         for lineno, row in iter_json_lines(path):
@@ -203,7 +202,45 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
     data_dir = Path(data_dir)
     tokens_dir = data_dir / "tokens"
     meta = resolve_store_tokenizer(tokens_dir, tokenizer, [domain])
-    vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+    eos = int(meta["eos_id"])
+    src = _open_megatron_store(prefix, meta, vocab_size)
+    tok = None
+    if decode_text:
+        from megamix.data.tokenizer import load_tokenizer
+        tok = load_tokenizer(meta["tokenizer"])
+    keep, dup = _unique_documents(src, eos)
+    if not keep:
+        raise DataImportError(f"Megatron store {prefix}: every document is empty")
+    splits = assign_splits([k for _, k, _ in keep], seed, valid_fraction, [n for _, _, n in keep])
+    rows, counts, max_ids = _copy_documents(src, keep, splits, tokens_dir / domain, np.dtype(meta["dtype"]).type,
+                                            eos=eos, tok=tok, prefix=prefix, desc=f"import {domain}",
+                                            progress=progress)
+    corpus = data_dir / "corpus" / domain
+    for sp in SPLITS:
+        atomic_write_lines(corpus / f"{sp}.jsonl", rows[sp])
+    entry = {sp: dict(counts[sp]) for sp in SPLITS}
+    entry.update({"duplicates_dropped": dup, "short_dropped": 0, "cap_bytes": None, "imported": True,
+                  "provenance": {"description": "imported from a Megatron .bin/.idx store", "packages": [],
+                                 "source_paths": [str(Path(str(prefix)).resolve())],
+                                 "license": "user-provided", "license_files": [], "format": "megatron",
+                                 "source_dtype": np.dtype(src.dtype).name}})
+    update_stats(data_dir, {domain: entry})
+    record = {**meta}
+    for sp in SPLITS:
+        record[f"{sp}_docs"], record[f"{sp}_tokens"] = counts[sp]["docs"], counts[sp]["tokens"]
+        record[f"{sp}_max_token_id"] = max_ids[sp]
+    # the jsonl is derived from the tokens here; recording its hash stops `tokenize` from
+    # re-encoding the decoded text (which would not reproduce the original ids exactly)
+    record["corpus_sha256"] = {sp: file_sha256(corpus / f"{sp}.jsonl") for sp in SPLITS}
+    record["source"] = "megatron"
+    write_domain_record(tokens_dir, domain, record)
+    return entry
+
+
+def _open_megatron_store(prefix: str | Path, meta: dict, vocab_size: int | None) -> IndexedTokenDataset:
+    """The Megatron store at ``prefix``, once it is known to hold token ids of the tokenizer ``meta`` (and of
+    the declared ``vocab_size``, if any); a :class:`DataImportError` says what does not fit."""
+    vocab = int(meta["vocab_size"])
     if vocab_size is not None and vocab_size != vocab:
         raise DataImportError(f"vocab-size mismatch: the store was tokenized with a {vocab_size}-token "
                               f"vocabulary but the tokenizer {meta['tokenizer']!r} has {vocab}; pass the tokenizer "
@@ -222,14 +259,13 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
         raise DataImportError(f"vocab-size mismatch: {prefix} has token ids in [{lo}, {hi}] but the tokenizer "
                               f"{meta['tokenizer']!r} has {vocab} ids; pass the tokenizer the files were made "
                               "with (--tokenizer, or data.tokenizer)")
-    tok = None
-    if decode_text:
-        from megamix.data.tokenizer import load_tokenizer
-        tok = load_tokenizer(meta["tokenizer"])
-    dtype = np.dtype(meta["dtype"]).type
-    rows: dict[str, list[str]] = {sp: [] for sp in SPLITS}
-    counts = {sp: {"docs": 0, "tokens": 0, "bytes": 0} for sp in SPLITS}
-    keep: list[tuple[int, str, int]] = []  # (document index, dedup key, tokens)
+    return src
+
+
+def _unique_documents(src: IndexedTokenDataset, eos: int) -> tuple[list[tuple[int, str, int]], int]:
+    """``(document index, dedup key, tokens)`` of every non-empty document of ``src`` whose ids (a trailing
+    EOS aside) are not those of an earlier one, and how many duplicates were dropped."""
+    keep: list[tuple[int, str, int]] = []
     seen: set[str] = set()
     dup = 0
     for i in range(len(src)):
@@ -244,12 +280,19 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
             continue
         seen.add(key)
         keep.append((i, key, int(ids.size)))
-    if not keep:
-        raise DataImportError(f"Megatron store {prefix}: every document is empty")
-    splits = assign_splits([k for _, k, _ in keep], seed, valid_fraction, [n for _, _, n in keep])
-    writers = {sp: IndexedTokenWriter(tokens_dir / domain / sp, dtype) for sp in SPLITS}
+    return keep, dup
+
+
+def _copy_documents(src: IndexedTokenDataset, keep: list[tuple[int, str, int]], splits: list[bool], out: Path,
+                    dtype, *, eos: int, tok, prefix: str | Path, desc: str, progress: bool):
+    """Write the kept documents (each with exactly one trailing EOS) to ``out/{train,valid}``; with ``tok`` also
+    decode them. Returns the jsonl rows and the docs/tokens/bytes counts per split, and each split's largest
+    token id. Nothing is left behind on failure."""
+    rows: dict[str, list[str]] = {sp: [] for sp in SPLITS}
+    counts = {sp: {"docs": 0, "tokens": 0, "bytes": 0} for sp in SPLITS}
+    writers = {sp: IndexedTokenWriter(out / sp, dtype) for sp in SPLITS}
     try:
-        for (i, _, _), is_val in tqdm(list(zip(keep, splits)), desc=f"import {domain}", file=sys.stderr,
+        for (i, _, _), is_val in tqdm(list(zip(keep, splits)), desc=desc, file=sys.stderr,
                                       disable=not progress, leave=False):
             ids = src[i].astype(np.int64)
             if ids[-1] == eos:
@@ -271,23 +314,4 @@ def import_megatron_domain(data_dir: str | Path, domain: str, prefix: str | Path
         for w in writers.values():
             w.abort()
         raise
-    corpus = data_dir / "corpus" / domain
-    for sp in SPLITS:
-        atomic_write_lines(corpus / f"{sp}.jsonl", rows[sp])
-    entry = {sp: dict(counts[sp]) for sp in SPLITS}
-    entry.update({"duplicates_dropped": dup, "short_dropped": 0, "cap_bytes": None, "imported": True,
-                  "provenance": {"description": "imported from a Megatron .bin/.idx store", "packages": [],
-                                 "source_paths": [str(Path(str(prefix)).resolve())],
-                                 "license": "user-provided", "license_files": [], "format": "megatron",
-                                 "source_dtype": np.dtype(src.dtype).name}})
-    update_stats(data_dir, {domain: entry})
-    record = {**meta}
-    for sp in SPLITS:
-        record[f"{sp}_docs"], record[f"{sp}_tokens"] = counts[sp]["docs"], counts[sp]["tokens"]
-        record[f"{sp}_max_token_id"] = writers[sp].max_token_id
-    # the jsonl is derived from the tokens here; recording its hash stops `tokenize` from
-    # re-encoding the decoded text (which would not reproduce the original ids exactly)
-    record["corpus_sha256"] = {sp: file_sha256(corpus / f"{sp}.jsonl") for sp in SPLITS}
-    record["source"] = "megatron"
-    write_domain_record(tokens_dir, domain, record)
-    return entry
+    return rows, counts, {sp: writers[sp].max_token_id for sp in SPLITS}

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from megamix.data.corpus import atomic_write_json, file_lock
+from megamix.data.corpus import file_lock
 from megamix.data.errors import DataError
+from megamix.io import atomic_write_json
 
 MANIFEST = "manifest.json"          # tokens/manifest.json (view) and tokens/<domain>/manifest.json (record)
 LOCK = ".manifest.lock"

@@ -32,6 +32,7 @@ import numpy as np
 
 from megamix.data.errors import DataError
 from megamix.data.views import DocumentSequence
+from megamix.io import atomic_path, tmp_path
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -82,7 +83,7 @@ class IndexedTokenWriter:
         self.dtype = _canon_dtype(dtype)
         self.bin_path, self.idx_path = _paths(prefix)
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + f".tmp{os.getpid()}")
+        self._tmp_bin = tmp_path(self.bin_path)
         self._bin = open(self._tmp_bin, "wb")
         self._lengths: list[int] = []
         self._finalized = False
@@ -125,18 +126,17 @@ class IndexedTokenWriter:
         if len(lengths) > 1:
             np.cumsum(lengths[:-1] * itemsize, out=pointers[1:])
         doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)
-        tmp_idx = self.idx_path.with_name(self.idx_path.name + f".tmp{os.getpid()}")
-        with open(tmp_idx, "wb") as f:
-            f.write(INDEX_HEADER)
-            f.write(struct.pack("<Q", INDEX_VERSION))
-            f.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
-            f.write(struct.pack("<Q", len(lengths)))
-            f.write(struct.pack("<Q", len(doc_idx)))
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(pointers.astype("<i8").tobytes())
-            f.write(doc_idx.astype("<i8").tobytes())
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(tmp_idx, self.idx_path)
+        with atomic_path(self.idx_path) as tmp_idx:
+            with open(tmp_idx, "wb") as f:
+                f.write(INDEX_HEADER)
+                f.write(struct.pack("<Q", INDEX_VERSION))
+                f.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
+                f.write(struct.pack("<Q", len(lengths)))
+                f.write(struct.pack("<Q", len(doc_idx)))
+                f.write(lengths.astype("<i4").tobytes())
+                f.write(pointers.astype("<i8").tobytes())
+                f.write(doc_idx.astype("<i8").tobytes())
+            os.replace(self._tmp_bin, self.bin_path)   # the .bin first; the .idx replaces its own as the block ends
         self._finalized = True
 
     def abort(self) -> None:

@@ -17,10 +17,10 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from megamix.data.corpus import SPLITS, read_stats, update_stats
+from megamix.data.corpus import SPLITS, corpus_domains, iter_jsonl, read_stats, update_stats
 from megamix.data.errors import DataError
 from megamix.data.manifest import load_manifest, load_records, store_meta, write_domain_record
-from megamix.data.token_store import IndexedTokenDataset, IndexedTokenWriter
+from megamix.data.token_store import IndexedTokenWriter
 from megamix.data.tokenizer import GPT2_EOS_ID, get_tokenizer, load_tokenizer, tokenizer_meta
 
 TOKENIZER_FIELDS = ("tokenizer", "vocab_size", "eos_id")
@@ -32,14 +32,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def corpus_domains(data_dir: str | Path) -> list[str]:
-    """Domains that have a ``corpus/<domain>/train.jsonl``."""
-    root = Path(data_dir) / "corpus"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "train.jsonl").is_file())
 
 
 def recorded_tokenizer(tokens_dir: str | Path) -> str | None:
@@ -105,7 +97,6 @@ def encode_documents(texts: Iterable[str], writer: IndexedTokenWriter, *, batch_
 
 
 def _jsonl_texts(path: Path):
-    from megamix.data.corpus import iter_jsonl
     return (row["text"] for row in iter_jsonl(path))
 
 
@@ -162,12 +153,3 @@ def tokenize_corpus(data_dir: str | Path, domains: list[str] | None = None, *, f
                 st.setdefault(split, {})["tokens"] = entry[f"{split}_tokens"]
             update_stats(data_dir, {dom: st})
     return load_manifest(tokens_dir)
-
-
-def verify_split(tokens_dir: Path, domain: str, split: str, manifest: dict) -> None:
-    """Check that a split's files agree with the manifest counts (raises ValueError)."""
-    ds = IndexedTokenDataset(tokens_dir / domain / split)
-    e = manifest["domains"][domain]
-    if len(ds) != e[f"{split}_docs"] or ds.num_tokens != e[f"{split}_tokens"]:
-        raise ValueError(f"{domain}/{split}: files have {len(ds)} docs/{ds.num_tokens} tokens, "
-                         f"manifest says {e[f'{split}_docs']}/{e[f'{split}_tokens']}")

@@ -20,13 +20,12 @@ one-token vocabulary, so this module always goes through ``from_pretrained``.
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from megamix.data.errors import DataError
+from megamix.io import atomic_write_bytes, atomic_write_json
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOS_ID = 50256
@@ -58,18 +57,13 @@ def prepare_tokenizer_dir(cache_dir: str | Path | None = None) -> Path:
             and (out / "tokenizer_config.json").is_file():
         return out
     enc, bpe = _package_files()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{id(out)}"
-    tmp.mkdir(exist_ok=True)
-    shutil.copyfile(enc, tmp / "vocab.json")
-    shutil.copyfile(bpe, tmp / "merges.txt")
     cfg = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
            "add_prefix_space": False}
-    (tmp / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        (tmp / name).replace(out / name)  # atomic per file; safe for concurrent builders
-    tmp.rmdir()
+    # atomic per file (safe for concurrent builders); the config last, as the check above wants all three
+    atomic_write_bytes(out / "vocab.json", Path(enc).read_bytes())
+    atomic_write_bytes(out / "merges.txt", Path(bpe).read_bytes())
+    atomic_write_json(out / "tokenizer_config.json", cfg)
     return out
 
 

@@ -5,7 +5,7 @@ meta-domains) → :mod:`~megamix.domain2vec.classifier` (text → meta-domain pr
 :mod:`~megamix.domain2vec.vectorize` (dataset → mean probability vector; ``V_train`` rows are domains) →
 :mod:`~megamix.domain2vec.da2` (distribution alignment, exact or Dirichlet search, data-amount caps) or
 :mod:`~megamix.domain2vec.regmix` (LightGBM per meta-domain fitted on proxy runs) →
-:mod:`~megamix.domain2vec.mixture_io` (mixture JSON for ``mixture.kind=file``).
+:func:`megamix.mixture.write_mixture` (mixture JSON for ``mixture.kind=file``).
 :mod:`~megamix.domain2vec.evaluate` measures rank correlation of predictions with real proxy runs.
 CLI: ``megamix d2v --help``.
 """

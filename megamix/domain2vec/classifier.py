@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megamix.configbase import ConfigError
+from megamix.data.errors import DataError
 from megamix.domain2vec._threads import blas_threads
 from megamix.embed import Embedder
 
@@ -59,7 +61,8 @@ class EmbeddingLogRegClassifier(MetaDomainClassifier):
     def __init__(self, embedder: Embedder, embedder_spec: dict, n_classes: int, C: float = 10.0,
                  max_iter: int = 500, seed: int = 0):
         if n_classes < 2:
-            raise ValueError(f"a meta-domain classifier needs >= 2 classes (got {n_classes})")
+            raise ConfigError(f"a meta-domain classifier needs >= 2 classes (got {n_classes}); rebuild the "
+                              "vocabulary with more meta-domains (`megamix d2v vocab --k 2` or more)")
         self.embedder = embedder
         self.embedder_spec = dict(embedder_spec)
         self.n_classes = int(n_classes)
@@ -204,4 +207,4 @@ def load_classifier(path: str | Path, embedder: Embedder | None = None) -> MetaD
     kind = json.loads((p / "classifier.json").read_text()).get("kind")
     if kind == "embedding_logreg":
         return EmbeddingLogRegClassifier.load(p, embedder=embedder)
-    raise ValueError(f"unknown classifier kind {kind!r} in {p}/classifier.json")
+    raise DataError(f"unknown classifier kind {kind!r} in {p}/classifier.json; rerun `megamix d2v classify`")

@@ -14,8 +14,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from megamix.configbase import ConfigError
+
 __all__ = ["Passage", "iter_jsonl_texts", "chunk_text", "iter_passages", "sample_passages",
-           "corpus_domains", "domain_file", "detect_language", "language_group", "domain_token_counts"]
+           "domain_file", "detect_language", "language_group", "domain_token_counts"]
 
 CODE_EXTENSIONS = {
     ".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp",
@@ -59,17 +61,6 @@ def domain_file(data_dir: str | Path, domain: str, split: str) -> Path:
     return Path(data_dir) / "corpus" / domain / f"{split}.jsonl"
 
 
-def corpus_domains(data_dir: str | Path, split: str = "train") -> list[str]:
-    """Sorted domains that have a ``<split>.jsonl`` under ``<data_dir>/corpus``."""
-    root = Path(data_dir) / "corpus"
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist: build the corpus first (`megamix data build`)")
-    doms = sorted(p.parent.name for p in root.glob(f"*/{split}.jsonl"))
-    if not doms:
-        raise FileNotFoundError(f"no {root}/<domain>/{split}.jsonl files found")
-    return doms
-
-
 def iter_jsonl_texts(path: str | Path) -> Iterator[tuple[str, str]]:
     """Yield ``(text, source)`` from a jsonl file of ``{"text", "source"}`` objects."""
     from megamix.data.corpus import iter_jsonl
@@ -88,7 +79,7 @@ def chunk_text(text: str, max_chars: int = 1024, min_chars: int = 32) -> list[st
     Lines longer than ``max_chars`` are hard-split.
     """
     if max_chars < 16:
-        raise ValueError(f"max_chars must be >= 16 (got {max_chars})")
+        raise ConfigError(f"max_chars (--max-chars) must be >= 16 (got {max_chars})")
     text = text.strip()
     if not text:
         return []
@@ -137,7 +128,7 @@ def sample_passages(passages: Iterable[Passage], n: int, seed: int) -> list[Pass
     holds at most ``n``.
     """
     if n < 1:
-        raise ValueError(f"sample size must be >= 1 (got {n})")
+        raise ConfigError(f"sample size must be >= 1 (got {n}); pass --n / --docs-per-domain >= 1")
     rng = np.random.default_rng(seed)
     res: list[Passage] = []
     idx: list[int] = []

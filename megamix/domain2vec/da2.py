@@ -36,6 +36,8 @@ from typing import Callable
 
 import numpy as np
 
+from megamix.configbase import ConfigError
+from megamix.data.errors import DataError
 from megamix.simplex import normalize, project_capped
 
 __all__ = ["DISTANCES", "ALPHA_KINDS", "distance", "distance_batch", "data_caps", "solve_exact",
@@ -143,12 +145,13 @@ def data_caps(tokens: np.ndarray | None, total_tokens: float | None, epochs: flo
     if np.any(tokens < 0):
         raise ValueError("token counts must be >= 0")
     if epochs <= 0:
-        raise ValueError(f"epochs must be > 0 (got {epochs})")
+        raise ConfigError(f"epochs (--epochs) must be > 0 (got {epochs})")
     caps = np.minimum(1.0, tokens * epochs / float(total_tokens))
     if caps.sum() < 1.0 - 1e-9:
-        raise ValueError(f"infeasible data-amount constraint: training on {total_tokens:.3g} tokens with at "
-                         f"most {epochs} epoch(s) needs {total_tokens / epochs:.3g} tokens but the domains "
-                         f"hold {tokens.sum():.3g}; lower total_tokens or raise epochs")
+        raise ConfigError(f"infeasible data-amount constraint: training on {total_tokens:.3g} tokens with at "
+                          f"most {epochs} epoch(s) needs {total_tokens / epochs:.3g} tokens but the domains "
+                          f"hold {tokens.sum():.3g}; lower total_tokens (--total-tokens, --proxy-steps) or raise "
+                          "epochs (--epochs)")
     return caps
 
 
@@ -261,9 +264,10 @@ def dirichlet_alpha(tokens: np.ndarray | None, m: int, concentration: float = 1.
         try:
             a = normalize(tokens, m)
         except ValueError as e:
-            raise ValueError(f"token counts must be {m} non-negative numbers with a positive sum: {e}") from None
+            raise DataError(f"token counts must be {m} non-negative numbers with a positive sum: {e}; check the "
+                            "vectors' train_tokens (rerun `megamix d2v vectorize`)") from None
     if concentration <= 0:
-        raise ValueError(f"concentration must be > 0 (got {concentration})")
+        raise ConfigError(f"concentration (--concentration) must be > 0 (got {concentration})")
     return np.maximum(concentration * m * a, floor)
 
 
@@ -277,8 +281,8 @@ def search_alpha(tokens: np.ndarray | None, m: int, kind: str = "scaled",
         return dirichlet_alpha(tokens, m, concentration)
     if kind == "paper":
         if concentration != 1.0:
-            raise ValueError("the paper's Dirichlet(a_train) has no concentration; use --concentration "
-                             "only with --dirichlet scaled")
+            raise ConfigError("the paper's Dirichlet(a_train) has no concentration; use --concentration "
+                              "only with --dirichlet scaled")
         return dirichlet_alpha(tokens, m, 1.0 / m)
     raise ValueError(f"Dirichlet α must be one of {ALPHA_KINDS} (got {kind!r})")
 
@@ -297,7 +301,7 @@ def huber_delta_auto(V: np.ndarray, v: np.ndarray, alpha: np.ndarray, *, n_sampl
     d = np.abs(R @ V - v).ravel()
     delta = float(np.quantile(d, quantile))
     if not delta > 0:
-        raise ValueError("the candidate mixtures all match v_valid exactly; pass an explicit --delta")
+        raise ConfigError("the candidate mixtures all match v_valid exactly; pass an explicit --delta")
     qs = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
     stats = {"rule": f"quantile {quantile} of |(r @ V_train - v_valid)_j| over {n_samples} Dirichlet(alpha) "
                      f"draws (seed {seed})",
@@ -316,7 +320,7 @@ def dirichlet_search(objective: Callable[[np.ndarray], np.ndarray], alpha: np.nd
     """
     alpha = np.asarray(alpha, np.float64)
     if n_samples < 1 or top_k < 1:
-        raise ValueError("n_samples and top_k must be >= 1")
+        raise ConfigError(f"n_samples and top_k (--samples, --top-k) must be >= 1 (got {n_samples}, {top_k})")
     rng = np.random.default_rng(seed)
     best_R = np.zeros((0, len(alpha)))
     best_f = np.zeros(0)
@@ -339,9 +343,10 @@ def dirichlet_search(objective: Callable[[np.ndarray], np.ndarray], alpha: np.nd
         keep = np.argsort(allf, kind="stable")[:top_k]
         best_R, best_f = allR[keep], allf[keep]
     if n_feasible == 0:
-        raise ValueError(f"none of the {n_samples} Dirichlet samples satisfied the data-amount caps "
-                         f"{np.round(caps, 4).tolist() if caps is not None else None}; raise epochs, "
-                         "lower total_tokens, raise n_samples or the Dirichlet concentration")
+        raise ConfigError(f"none of the {n_samples} Dirichlet samples satisfied the data-amount caps "
+                          f"{np.round(caps, 4).tolist() if caps is not None else None}; raise epochs (--epochs), "
+                          "lower total_tokens (--total-tokens), raise n_samples (--samples) or the Dirichlet "
+                          "concentration (--concentration)")
     r = best_R.mean(axis=0)
     r = r / r.sum()
     return Da2Result(r, float(objective(r[None])[0]), "dirichlet",

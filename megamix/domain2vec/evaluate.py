@@ -27,11 +27,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from megamix.data.corpus import atomic_write_json
+from megamix.configbase import ConfigError
+from megamix.data.errors import DataError
 from megamix.domain2vec.da2 import DISTANCES, distance_batch
 from megamix.domain2vec.metaloss import ValidDocs, meta_losses_from_docs, score_documents, tokenize_docs
 from megamix.domain2vec.regmix import D2VRegMix, ProxyResult, domain_to_meta_losses, run_proxies
 from megamix.domain2vec.vectorize import DomainVectors
+from megamix.io import atomic_write_json
 
 __all__ = ["make_trainer_fn", "proxy_budget", "evaluation_mixtures", "valid_objective", "naive_predictors", "evaluate_predictions",
            "correlations", "save_report", "SPARSE_GROUPS"]
@@ -127,7 +129,7 @@ def evaluation_mixtures(m: int, *, n_dirichlet: int, alpha: np.ndarray, n_sparse
         groups += ["sparse"] * n_sparse
     if n_pairs:
         if m < 2:
-            raise ValueError("70/30 pairs need at least 2 domains")
+            raise ConfigError("70/30 pairs need at least 2 domains; pass --pairs 0")
         rng = np.random.default_rng(seed + 2)
         cands = [(a, b) for a in range(m) for b in range(m) if a != b]
         rows, names = [], []
@@ -143,12 +145,13 @@ def evaluation_mixtures(m: int, *, n_dirichlet: int, alpha: np.ndarray, n_sparse
             if len(rows) == n_pairs:
                 break
         if len(rows) < n_pairs:
-            raise ValueError(f"only {len(rows)} of {n_pairs} 70/30 pairs satisfy the data-amount caps")
+            raise ConfigError(f"only {len(rows)} of {n_pairs} 70/30 pairs satisfy the data-amount caps; lower "
+                              "--pairs or raise --epochs")
         parts.append(np.asarray(rows))
         labels += names
         groups += ["pair"] * n_pairs
     if not parts:
-        raise ValueError("no mixtures requested")
+        raise ConfigError("no mixtures requested; set --mixtures, --sparse or --pairs above 0")
     return np.concatenate(parts), labels, groups
 
 
@@ -236,6 +239,29 @@ def evaluate_predictions(vectors: DomainVectors, mixtures: np.ndarray, train_fn,
     ones). ``regmix_cv`` is ``cv_folds``-fold cross-validated Domain2Vec+RegMix (needs >= 8 runs);
     with ``docs`` the proxies are scored per document and the ``argmax`` / ``proba`` targets are added.
     """
+    R, labels, groups = _check_mixtures(vectors, mixtures, labels, groups)
+    runs = run_proxies(R, train_fn, vectors.domains, cache_path=cache_path, progress=progress, key=key,
+                       docs_sha=docs.sha256 if docs is not None else None)
+    actual = np.asarray([valid_objective(r.valid_loss, vectors) for r in runs])
+    preds = _blind_predictors(R, vectors, delta)
+    report: dict = {"n_runs": len(runs), "delta": float(delta), "actual": "valid_objective: sum_d w_d L_d, "
+                    "the trainer's per-domain validation losses weighted as in v_valid"}
+    folds, Ys = _cv_folds_and_bayes_targets(vectors, runs, len(R), cv_folds, seed)
+    doc_obj = None
+    if docs is not None:
+        doc_obj = _document_targets(report, Ys, runs, docs, vectors, actual, cache_path)
+    report["regmix_cv"] = None
+    if folds is not None:
+        for mode, Y in Ys.items():
+            preds[f"regmix_cv_{mode}"] = _cv_predict(vectors.V_train, R, Y, vectors.v_valid, folds, seed)
+    _add_correlations(report, preds, actual, groups, list(Ys) if folds is not None else None, n_boot, seed)
+    report["runs"] = _run_rows(runs, labels, groups, actual, preds, doc_obj, Ys.get("argmax"))
+    return report
+
+
+def _check_mixtures(vectors: DomainVectors, mixtures: np.ndarray, labels: list[str] | None,
+                    groups: list[str] | None) -> tuple[np.ndarray, list[str], list[str]]:
+    """The mixtures as a float array with their labels and groups (defaults filled in), checked."""
     if vectors.v_valid is None:
         raise ValueError("the vectors have no validation vector; run `megamix d2v vectorize` with "
                          "validation domains")
@@ -244,9 +270,12 @@ def evaluate_predictions(vectors: DomainVectors, mixtures: np.ndarray, train_fn,
     groups = groups or ["dirichlet"] * len(R)
     if not (len(labels) == len(groups) == len(R)):
         raise ValueError(f"{len(R)} mixtures but {len(labels)} labels and {len(groups)} groups")
-    runs = run_proxies(R, train_fn, vectors.domains, cache_path=cache_path, progress=progress, key=key,
-                       docs_sha=docs.sha256 if docs is not None else None)
-    actual = np.asarray([valid_objective(r.valid_loss, vectors) for r in runs])
+    return R, labels, groups
+
+
+def _blind_predictors(R: np.ndarray, vectors: DomainVectors, delta: float) -> dict[str, np.ndarray]:
+    """The predictors that need no proxy run: DA² under every distance (and Huber with δ = 1), and the
+    naive ones."""
     P = R @ vectors.V_train
     v = vectors.v_valid
     preds: dict[str, np.ndarray] = {}
@@ -254,42 +283,55 @@ def evaluate_predictions(vectors: DomainVectors, mixtures: np.ndarray, train_fn,
         preds[f"da2_{kind}"] = distance_batch(P, v, kind, delta)
     preds["da2_huber_delta1"] = distance_batch(P, v, "huber", 1.0)
     preds.update(naive_predictors(R))
+    return preds
 
-    report: dict = {"n_runs": len(runs), "delta": float(delta), "actual": "valid_objective: sum_d w_d L_d, "
-                    "the trainer's per-domain validation losses weighted as in v_valid"}
+
+def _cv_folds_and_bayes_targets(vectors: DomainVectors, runs: list, n: int, cv_folds: int,
+                                seed: int) -> tuple[list | None, dict[str, np.ndarray]]:
+    """The seeded cross-validation folds over the ``n`` runs and the ``bayes`` meta-domain targets, when
+    there are enough runs (>= 8) for RegMix's cross-validation; else ``(None, {})``."""
     Ys: dict[str, np.ndarray] = {}
     folds = None
     if len(runs) >= 8 and cv_folds >= 2 and len(vectors.valid_domains):
-        folds = np.array_split(np.random.default_rng(seed).permutation(len(R)), cv_folds)
+        folds = np.array_split(np.random.default_rng(seed).permutation(n), cv_folds)
         L = np.asarray([[r.valid_loss[d] for d in vectors.valid_domains] for r in runs])
         Ys["bayes"] = domain_to_meta_losses(L, vectors.V_valid, vectors.valid_weights)
-    if docs is not None:
-        D = np.asarray([r.doc_loss for r in runs], np.float64)
-        if D.shape[1] != len(docs):
-            raise ValueError(f"cached proxies were scored on {D.shape[1]} documents, the vectors have {len(docs)}")
-        doc_obj = D @ docs.weights
-        report["doc_objective"] = {"what": "sum_i a_i l_i over the validation documents",
-                                   "vs_valid_objective": correlations(doc_obj, actual)}
-        for mode in ("argmax", "proba"):
-            Ys[mode] = meta_losses_from_docs(D, docs.proba, docs.weights, mode)
-        q = vectors.v_valid
-        report["meta_targets"] = {
-            "default": "argmax",
-            "uncovered_argmax": [vectors.meta_names[j] if j < len(vectors.meta_names) else str(j)
-                                 for j in np.where(~np.isfinite(Ys["argmax"][0]))[0]],
-            "uncovered_q_mass": float(q[~np.isfinite(Ys["argmax"][0])].sum()),
-            "proba_identity_max_abs": float(np.max(np.abs(Ys["proba"] @ q - doc_obj))),
-        }
-        if "bayes" in Ys:
-            for mode in ("argmax", "proba"):
-                report["meta_targets"][mode] = _target_agreement(Ys["bayes"], Ys[mode])
-    report["regmix_cv"] = None
-    if folds is not None:
-        for mode, Y in Ys.items():
-            preds[f"regmix_cv_{mode}"] = _cv_predict(vectors.V_train, R, Y, vectors.v_valid, folds, seed)
+    return folds, Ys
 
+
+def _document_targets(report: dict, Ys: dict[str, np.ndarray], runs: list, docs: ValidDocs,
+                      vectors: DomainVectors, actual: np.ndarray, cache_path) -> np.ndarray:
+    """Add the ``argmax`` / ``proba`` targets (from the proxies' document losses) to ``Ys`` and their
+    summary to ``report``; return each run's document objective."""
+    D = np.asarray([r.doc_loss for r in runs], np.float64)
+    if D.shape[1] != len(docs):
+        raise DataError(f"cached proxies were scored on {D.shape[1]} documents, the vectors have {len(docs)}; "
+                        f"remove the proxy cache {cache_path} or choose another --proxy-dir")
+    doc_obj = D @ docs.weights
+    report["doc_objective"] = {"what": "sum_i a_i l_i over the validation documents",
+                               "vs_valid_objective": correlations(doc_obj, actual)}
+    for mode in ("argmax", "proba"):
+        Ys[mode] = meta_losses_from_docs(D, docs.proba, docs.weights, mode)
+    q = vectors.v_valid
+    report["meta_targets"] = {
+        "default": "argmax",
+        "uncovered_argmax": [vectors.meta_names[j] if j < len(vectors.meta_names) else str(j)
+                             for j in np.where(~np.isfinite(Ys["argmax"][0]))[0]],
+        "uncovered_q_mass": float(q[~np.isfinite(Ys["argmax"][0])].sum()),
+        "proba_identity_max_abs": float(np.max(np.abs(Ys["proba"] @ q - doc_obj))),
+    }
+    if "bayes" in Ys:
+        for mode in ("argmax", "proba"):
+            report["meta_targets"][mode] = _target_agreement(Ys["bayes"], Ys[mode])
+    return doc_obj
+
+
+def _add_correlations(report: dict, preds: dict[str, np.ndarray], actual: np.ndarray, groups: list[str],
+                      cv_modes: list[str] | None, n_boot: int, seed: int) -> None:
+    """Every predictor's correlation with the actual objective, over all mixtures and without the sparse
+    ones, and the per-family summaries (``da2``, ``naive``, ``regmix_cv`` for ``cv_modes``)."""
     sparse = np.isin(np.asarray(groups), SPARSE_GROUPS)
-    subsets = {"all": np.ones(len(R), bool), "without_sparse": ~sparse}
+    subsets = {"all": np.ones(len(actual), bool), "without_sparse": ~sparse}
     report["correlations"] = {name: {p: correlations(x[mask], actual[mask], n_boot, seed) for p, x in preds.items()}
                               for name, mask in subsets.items()}
     report["subset_sizes"] = {name: int(mask.sum()) for name, mask in subsets.items()}
@@ -297,17 +339,23 @@ def evaluate_predictions(vectors: DomainVectors, mixtures: np.ndarray, train_fn,
     report["da2"] = {kind: allc[f"da2_{kind}"] for kind in DISTANCES}
     report["da2"]["huber_delta1"] = allc["da2_huber_delta1"]
     report["naive"] = {k: allc[k] for k in ("l1_to_uniform", "neg_entropy")}
-    if folds is not None:
-        report["regmix_cv"] = {mode: allc[f"regmix_cv_{mode}"] for mode in Ys}
-    report["runs"] = []
+    if cv_modes is not None:
+        report["regmix_cv"] = {mode: allc[f"regmix_cv_{mode}"] for mode in cv_modes}
+
+
+def _run_rows(runs: list, labels: list[str], groups: list[str], actual: np.ndarray, preds: dict[str, np.ndarray],
+              doc_obj: np.ndarray | None, argmax_targets: np.ndarray | None) -> list[dict]:
+    """One report row per proxy run (with its document objective and argmax targets when scored per
+    document)."""
+    rows = []
     for i, r in enumerate(runs):
         row = {"label": labels[i], "group": groups[i], "weights": r.weights, "valid_objective": float(actual[i]),
                "valid_loss": r.valid_loss, "predictors": {p: float(x[i]) for p, x in preds.items()}}
-        if docs is not None:
+        if doc_obj is not None:
             row["doc_objective"] = float(doc_obj[i])
-            row["meta_loss_argmax"] = [None if not np.isfinite(y) else float(y) for y in Ys["argmax"][i]]
-        report["runs"].append(row)
-    return report
+            row["meta_loss_argmax"] = [None if not np.isfinite(y) else float(y) for y in argmax_targets[i]]
+        rows.append(row)
+    return rows
 
 
 def save_report(report: dict, path: str | Path) -> None:

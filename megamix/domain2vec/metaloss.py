@@ -33,13 +33,14 @@ in ``v_valid``, shared by its N_d documents)::
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megamix.data.errors import DataError
 from megamix.domain2vec.corpus import iter_passages
+from megamix.io import atomic_open
 
 __all__ = ["META_TARGETS", "ValidDocs", "save_valid_docs", "load_valid_docs", "docs_fingerprint",
            "assignment", "meta_losses_from_docs", "tokenize_docs", "score_documents"]
@@ -85,14 +86,10 @@ def docs_fingerprint(domains: list[str], domain_idx, passage_idx, texts: list[st
 
 def save_valid_docs(path: str | Path, domain_idx, passage_idx, proba) -> None:
     """Write the sidecar (atomic)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez_compressed(f, domain_idx=np.asarray(domain_idx, np.int32),
                             passage_idx=np.asarray(passage_idx, np.int64),
                             proba=np.asarray(proba, np.float64))
-    os.replace(tmp, p)
 
 
 def load_valid_docs(vectors, data_dir: str | Path | None = None, *, with_texts: bool = True) -> ValidDocs:
@@ -105,8 +102,8 @@ def load_valid_docs(vectors, data_dir: str | Path | None = None, *, with_texts: 
     info = va.get("docs")
     src = getattr(vectors, "path", None)
     if not info:
-        raise ValueError(f"{src or 'the vectors'} records no validation documents (written by an older "
-                         "`megamix d2v vectorize`): rerun `megamix d2v vectorize` to score per-meta-domain losses")
+        raise DataError(f"{src or 'the vectors'} records no validation documents (written by an older "
+                        "`megamix d2v vectorize`): rerun `megamix d2v vectorize` to score per-meta-domain losses")
     side = Path(info["file"])
     if not side.is_absolute() and src is not None:
         side = Path(src).parent / side
@@ -116,7 +113,8 @@ def load_valid_docs(vectors, data_dir: str | Path | None = None, *, with_texts: 
     dom_idx, pas_idx, proba = z["domain_idx"].astype(np.int64), z["passage_idx"], z["proba"]
     domains = list(vectors.valid_domains)
     if proba.shape != (len(dom_idx), vectors.V_train.shape[1]) or len(pas_idx) != len(dom_idx):
-        raise ValueError(f"{side}: inconsistent shapes {dom_idx.shape}, {pas_idx.shape}, {proba.shape}")
+        raise DataError(f"{side}: inconsistent shapes {dom_idx.shape}, {pas_idx.shape}, {proba.shape}; rerun "
+                        "`megamix d2v vectorize`")
     docs = ValidDocs(domains, dom_idx, pas_idx, proba, doc_weights(dom_idx, vectors.valid_weights),
                      sha256=str(info.get("sha256", "")))
     if not with_texts:
@@ -137,8 +135,8 @@ def load_valid_docs(vectors, data_dir: str | Path | None = None, *, with_texts: 
                 break
     fp = docs_fingerprint(domains, dom_idx, pas_idx, texts)
     if docs.sha256 and fp != docs.sha256:
-        raise ValueError(f"the validation passages under {root}/corpus differ from those `d2v vectorize` "
-                         f"classified for {src}; the corpus changed: rerun `megamix d2v vectorize`")
+        raise DataError(f"the validation passages under {root}/corpus differ from those `d2v vectorize` "
+                        f"classified for {src}; the corpus changed: rerun `megamix d2v vectorize`")
     docs.texts = texts
     return docs
 

@@ -19,7 +19,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from megamix.configbase import ConfigError
 from megamix.domain2vec.da2 import Da2Result, dirichlet_search
+from megamix.io import read_jsonl
 from megamix.simplex import validate
 
 __all__ = ["ProxyRun", "ProxyResult", "run_proxies", "domain_to_meta_losses", "D2VRegMix", "sample_mixtures"]
@@ -70,7 +72,8 @@ def sample_mixtures(m: int, count: int, alpha: np.ndarray | None = None, seed: i
         out.extend(R)
         if len(out) >= count:
             return np.asarray(out[:count])
-    raise ValueError(f"could not draw {count} mixtures within the data-amount caps")
+    raise ConfigError(f"could not draw {count} mixtures within the data-amount caps; raise --epochs or lower "
+                      "the proxies' tokens (--proxy-steps)")
 
 
 def _losses_of(result: Any) -> Mapping[str, float]:
@@ -109,14 +112,12 @@ def run_proxies(mixtures: np.ndarray, train_fn: Callable[[dict[str, float], int]
     cache = Path(cache_path) if cache_path else None
     if cache and cache.is_file():
         cached = []
-        for line in cache.read_text().splitlines():
-            if line.strip():
-                o = json.loads(line)
-                if set(o["weights"]) != set(domains) or o.get("key") != key:
-                    continue
-                if docs_sha is not None and (o.get("doc_loss") is None or o.get("docs_sha") != docs_sha):
-                    continue
-                cached.append((np.asarray([o["weights"][d] for d in domains]), o))
+        for o in read_jsonl(cache):
+            if set(o["weights"]) != set(domains) or o.get("key") != key:
+                continue
+            if docs_sha is not None and (o.get("doc_loss") is None or o.get("docs_sha") != docs_sha):
+                continue
+            cached.append((np.asarray([o["weights"][d] for d in domains]), o))
         for i, row in enumerate(R):
             for w, o in cached:
                 if np.allclose(w, row, rtol=0, atol=1e-9):
@@ -204,7 +205,8 @@ class D2VRegMix:
         if Y.shape != (R.shape[0], self.V.shape[1]):
             raise ValueError(f"meta_losses must be [{R.shape[0]}, {self.V.shape[1]}] (got {Y.shape})")
         if R.shape[0] < 4:
-            raise ValueError(f"need at least 4 proxy runs to fit the regressors (got {R.shape[0]})")
+            raise ConfigError(f"need at least 4 proxy runs to fit the regressors (got {R.shape[0]}); pass "
+                              "--proxies 4 or more")
         finite = np.isfinite(Y)
         fitted = finite.all(axis=0)
         partial = ~fitted & finite.any(axis=0)

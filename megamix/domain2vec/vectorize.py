@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from megamix.data.corpus import atomic_write_json
+from megamix.data.corpus import corpus_domains
+from megamix.data.errors import DataError
 from megamix.domain2vec.classifier import MetaDomainClassifier
-from megamix.domain2vec.corpus import Passage, corpus_domains, domain_file, iter_passages, sample_passages
+from megamix.domain2vec.corpus import Passage, domain_file, iter_passages, sample_passages
 from megamix.domain2vec.metaloss import docs_fingerprint, save_valid_docs
+from megamix.io import atomic_write_json
 from megamix.simplex import normalize
 
 __all__ = ["domain_vector", "vectorize_corpus", "load_vectors", "DomainVectors", "valid_docs_path"]
@@ -81,7 +83,8 @@ class DomainVectors:
         self.v_valid = np.asarray(va["v_valid"], np.float64) if "v_valid" in va else None
         self.train_tokens: dict[str, float] = dict(obj.get("train_tokens", {}))
         if self.V_train.ndim != 2 or self.V_train.shape[0] != len(self.domains):
-            raise ValueError(f"V_train has shape {self.V_train.shape}, expected ({len(self.domains)}, n)")
+            raise DataError(f"{path or 'the vectors'}: V_train has shape {self.V_train.shape}, expected "
+                            f"({len(self.domains)}, n); rerun `megamix d2v vectorize`")
 
     def tokens_array(self) -> np.ndarray | None:
         if not all(d in self.train_tokens for d in self.domains):
@@ -95,7 +98,15 @@ def load_vectors(path: str | Path) -> DomainVectors:
         p = p / "vectors.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: run `megamix d2v vectorize` first")
-    return DomainVectors(json.loads(p.read_text()), path=p)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON
+        raise DataError(f"{p} is not valid JSON ({e}); pass the vectors.json written by `megamix d2v vectorize`, "
+                        "or rerun it") from None
+    if not (isinstance(obj, dict) and "domains" in obj and "V_train" in obj):
+        raise DataError(f"{p} is not a vectors file (no 'domains' and 'V_train'); pass the vectors.json written by "
+                        "`megamix d2v vectorize`, or rerun it")
+    return DomainVectors(obj, path=p)
 
 
 def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out_path: str | Path | None,
@@ -109,12 +120,9 @@ def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out
     uniform), which matches a validation objective that averages per-domain losses with the same
     weights. Sampling of each domain is seeded by ``(seed, domain index)``.
     """
-    domains = domains or corpus_domains(data_dir, "train")
+    domains = domains or corpus_domains(data_dir, "train", required=True)
     if valid_domains is None:
-        try:
-            valid_domains = [d for d in corpus_domains(data_dir, "valid") if d in domains] or None
-        except FileNotFoundError:
-            valid_domains = None
+        valid_domains = [d for d in corpus_domains(data_dir, "valid") if d in domains] or None
     rows, counts = [], {}
     it = list(enumerate(domains))
     if progress:
@@ -123,7 +131,8 @@ def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out
     for i, d in it:
         ps = sample_passages(iter_passages(data_dir, d, "train", max_chars), n_samples, seed * 7919 + i)
         if not ps:
-            raise ValueError(f"training domain {d!r} is empty (no passages in its train split)")
+            raise DataError(f"training domain {d!r} is empty (no passages in {domain_file(data_dir, d, 'train')}); "
+                            "add documents or leave it out with --domains")
         rows.append(domain_vector(classifier, ps))
         counts[d] = len(ps)
     all_doms = list(dict.fromkeys(list(domains) + list(valid_domains or [])))
@@ -144,7 +153,9 @@ def vectorize_corpus(classifier: MetaDomainClassifier, data_dir: str | Path, out
             ps = sample_passages(iter_passages(data_dir, d, "valid", max_chars), n_samples,
                                  seed * 7919 + 100003 + i)
             if not ps:
-                raise ValueError(f"validation domain {d!r} is empty (no passages in its valid split)")
+                raise DataError(f"validation domain {d!r} is empty (no passages in "
+                                f"{domain_file(data_dir, d, 'valid')}); add documents or leave it out with "
+                                "--valid-domains")
             P = classifier.predict_proba([p.text for p in ps])
             vrows.append(_mean_vector(P))
             probs.append(P)

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from megamix.domain2vec.corpus import (Passage, corpus_domains, detect_language, iter_passages,
-                                       language_group, sample_passages)
+from megamix.configbase import ConfigError
+from megamix.data.errors import DataError
+from megamix.data.corpus import corpus_domains
+from megamix.domain2vec.corpus import (Passage, detect_language, iter_passages, language_group,
+                                       sample_passages)
 from megamix.domain2vec._threads import blas_threads
 from megamix.embed import Embedder, get_embedder
 
@@ -90,7 +93,7 @@ def collect_reference(data_dir: str | Path, domains: list[str] | None = None, sp
                       docs_per_domain: int = 500, max_chars: int = 1024, seed: int = 0,
                       progress: bool = False) -> list[Passage]:
     """A seeded sample of ``docs_per_domain`` passages from each domain of the corpus."""
-    domains = domains or corpus_domains(data_dir, split)
+    domains = domains or corpus_domains(data_dir, split, required=True)
     out: list[Passage] = []
     it = domains
     if progress:
@@ -100,7 +103,8 @@ def collect_reference(data_dir: str | Path, domains: list[str] | None = None, sp
         ps = sample_passages(iter_passages(data_dir, d, split, max_chars=max_chars), docs_per_domain,
                              seed=seed * 1000003 + i)
         if not ps:
-            raise ValueError(f"domain {d!r} has no passages in its {split} split")
+            raise DataError(f"domain {d!r} has no passages in {Path(data_dir) / 'corpus' / d / (split + '.jsonl')}; "
+                            "add documents or leave it out with --domains")
         out.extend(ps)
     return out
 
@@ -109,8 +113,9 @@ def allocate_k(group_counts: dict[str, int], k_total: int) -> dict[str, int]:
     """Split ``k_total`` clusters over groups in proportion to their sizes (at least 1 each, at most
     the group's size). Deterministic (largest remainder, ties by name)."""
     if k_total < len(group_counts):
-        raise ValueError(f"k={k_total} is smaller than the number of language groups "
-                         f"({len(group_counts)}: {sorted(group_counts)}); raise k or use group_by=none")
+        raise ConfigError(f"k={k_total} is smaller than the number of language groups "
+                          f"({len(group_counts)}: {sorted(group_counts)}); raise k (--k) or use group_by=none "
+                          "(--group-by none)")
     total = sum(group_counts.values())
     raw = {g: k_total * c / total for g, c in group_counts.items()}
     k = {g: max(1, int(np.floor(v))) for g, v in raw.items()}
@@ -261,7 +266,8 @@ def build_vocab(data_dir: str | Path, out_dir: str | Path, *, k: int = 32,
         passages = collect_reference(data_dir, domains, docs_per_domain=docs_per_domain,
                                      max_chars=max_chars, seed=seed, progress=progress)
     if not passages:
-        raise ValueError("the reference corpus is empty")
+        raise DataError(f"the reference corpus is empty (no passages under {Path(data_dir) / 'corpus'}); build "
+                        "the corpus first (`megamix data build`)")
     langs = [detect_language(p.text, p.source) for p in passages]
     groups = [language_group(lang, group_by) for lang in langs]
     counts = Counter(groups)

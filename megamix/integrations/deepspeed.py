@@ -170,77 +170,17 @@ def merge_ds_config(cfg: MegamixConfig, world_size: int, user: dict | None = Non
     value for is an error. Everything else in the file is kept as it is. The optimizer and LR schedule are not
     written: without a section of their own, megamix passes its optimizer and schedule to
     ``deepspeed.initialize`` as objects."""
-    t, ds = cfg.train, cfg.deepspeed
+    t = cfg.train
     m = _Merge(user or {}, source)
-    gas = gradient_accumulation_steps(cfg, world_size)
-    m.require(("train_batch_size",), t.global_batch_size, "train.global_batch_size")
-    m.require(("train_micro_batch_size_per_gpu",), t.micro_batch_size, "train.micro_batch_size")
-    m.require(("gradient_accumulation_steps",), gas, "train.global_batch_size",
-              shown=f"train.global_batch_size / (train.micro_batch_size x world size {world_size}) = {gas}",
-              fix=f"megamix derives it from train.global_batch_size and train.micro_batch_size; remove it from "
-                  f"{source} or set it to \"auto\"")
-    # precision: megamix trains in fp32 or bf16 (train.dtype)
-    bf16 = "bfloat16" if "bfloat16" in m.conf and "bf16" not in m.conf else "bf16"
-    on = t.dtype == "bf16"
-    m.require((bf16, "enabled"), on, "train.dtype", shown=f"train.dtype={t.dtype}",
-              fix=(f"set train.dtype=bf16, or {bf16}.enabled to true or \"auto\" in {source}" if on else
-                   f"set train.dtype=bf16 in the megamix config, or {bf16}.enabled to false or \"auto\" in {source}"))
-    for sec in ("fp16", "amp"):
-        m.require((sec, "enabled"), False, "train.dtype", only_if_present=True, shown=f"train.dtype={t.dtype}",
-                  fix=f"megamix trains in fp32 or bf16 (train.dtype); set {sec}.enabled to false in {source} "
-                      "and use train.dtype=bf16 for mixed precision")
-    # ZeRO
-    m.require(("zero_optimization", "stage"), ds.zero_stage, "deepspeed.zero_stage")
-    if ds.zero_stage >= 1:
-        m.default(("zero_optimization", "overlap_comm"), ds.backend == "nccl")
-        m.default(("zero_optimization", "contiguous_gradients"), True)
-    if ds.zero_stage == 3:
-        m.default(("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False)
-    off = ("zero_optimization", "offload_optimizer")
-    if ds.offload_optimizer:
-        m.require(off + ("device",), "cpu", "deepspeed.offload_optimizer", shown="deepspeed.offload_optimizer=true",
-                  fix=f"set deepspeed.offload_optimizer=false to keep the offload_optimizer section of {source}")
-        m.default(off + ("pin_memory",), torch.cuda.is_available())
-    elif m.get(off + ("device",)) not in (_MISSING, "none", None):
-        m.notes.append(f"ZeRO-Offload of the optimizer states to {m.get(off + ('device',))} comes from {source}")
-    if hidden_size:  # "auto" ZeRO bucket sizes, from the hidden size as the Hugging Face integration fills them
-        h = int(hidden_size)
-        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
-                           ("stage3_param_persistence_threshold", 10 * h)):
-            if m.get(("zero_optimization", key)) == AUTO:
-                m.set(("zero_optimization", key), value)
+    _merge_batch(m, cfg, world_size)
+    _merge_precision(m, t.dtype)
+    _merge_zero(m, cfg.deepspeed, hidden_size)
     # gradient clipping
     m.require(("gradient_clipping",), float(t.grad_clip), "train.grad_clip", only_if_present=t.grad_clip <= 0)
-    # optimizer: the user's section means DeepSpeed builds it
     if "optimizer" in m.conf:
-        typ = m.get(("optimizer", "type"))
-        if t.optimizer != "auto":
-            m.conflicts.append(f"optimizer (type {_fmt(typ)}) in {source} vs train.optimizer={t.optimizer}: DeepSpeed "
-                               f"builds the optimizer from the file; set train.optimizer=auto, or remove the "
-                               f"optimizer section from {source}")
-        p = ("optimizer", "params")
-        m.require(p + ("lr",), t.lr, "train.lr")
-        m.require(p + ("weight_decay",), t.weight_decay, "train.weight_decay")
-        m.default(p + ("betas",), list(ADAM_BETAS))
-        m.default(p + ("eps",), ADAM_EPS)
-        m.notes.append(f"optimizer: {typ} from {source}, built by DeepSpeed")
-    # LR schedule: the user's section replaces megamix's warm-up + cosine
+        _merge_optimizer(m, t)
     if "scheduler" in m.conf:
-        typ = m.get(("scheduler", "type"))
-        fields = _SCHEDULER_FIELDS.get(typ, {})
-        p = ("scheduler", "params")
-        for key, (field, value) in fields.items():
-            m.require(p + (key,), value(cfg), field)
-        for key, value in _SCHEDULER_AUTO_DEFAULTS.items():
-            if m.get(p + (key,)) == AUTO:
-                m.set(p + (key,), value)
-        if "warmup_num_steps" in fields and m.get(p + ("warmup_num_steps",)) == 0:
-            m.conflicts.append(f"scheduler.params.warmup_num_steps=0 in {source}: DeepSpeed's {typ} needs at least 1 "
-                               "warm-up step; set train.warmup_steps >= 1")
-        unused = [f for f in ("train.warmup_steps", "train.min_lr_ratio", "train.steps")
-                  if f not in {v[0] for v in fields.values()}]
-        m.notes.append(f"LR schedule: {typ} from {source} (megamix's linear warm-up + cosine decay is not used"
-                       + (f"; {', '.join(unused)} do not apply to it)" if unused else ")"))
+        _merge_scheduler(m, cfg)
     m.default(("zero_allow_untested_optimizer",), True)
     m.default(("steps_per_print",), 10 ** 9)
     m.default(("wall_clock_breakdown",), False)
@@ -250,6 +190,92 @@ def merge_ds_config(cfg: MegamixConfig, world_size: int, user: dict | None = Non
         raise ConfigError(f"deepspeed.config {source} conflicts with the megamix config ({len(m.conflicts)}):\n  - "
                           + "\n  - ".join(m.conflicts))
     return m.conf, m.notes
+
+
+def _merge_batch(m: _Merge, cfg: MegamixConfig, world_size: int) -> None:
+    """The batch geometry: global and micro batch sizes, and the accumulation steps they imply."""
+    t = cfg.train
+    gas = gradient_accumulation_steps(cfg, world_size)
+    m.require(("train_batch_size",), t.global_batch_size, "train.global_batch_size")
+    m.require(("train_micro_batch_size_per_gpu",), t.micro_batch_size, "train.micro_batch_size")
+    m.require(("gradient_accumulation_steps",), gas, "train.global_batch_size",
+              shown=f"train.global_batch_size / (train.micro_batch_size x world size {world_size}) = {gas}",
+              fix=f"megamix derives it from train.global_batch_size and train.micro_batch_size; remove it from "
+                  f"{m.source} or set it to \"auto\"")
+
+
+def _merge_precision(m: _Merge, dtype: str) -> None:
+    """Precision: megamix trains in fp32 or bf16 (``train.dtype``); fp16 and amp must stay off."""
+    source = m.source
+    bf16 = "bfloat16" if "bfloat16" in m.conf and "bf16" not in m.conf else "bf16"
+    on = dtype == "bf16"
+    m.require((bf16, "enabled"), on, "train.dtype", shown=f"train.dtype={dtype}",
+              fix=(f"set train.dtype=bf16, or {bf16}.enabled to true or \"auto\" in {source}" if on else
+                   f"set train.dtype=bf16 in the megamix config, or {bf16}.enabled to false or \"auto\" in {source}"))
+    for sec in ("fp16", "amp"):
+        m.require((sec, "enabled"), False, "train.dtype", only_if_present=True, shown=f"train.dtype={dtype}",
+                  fix=f"megamix trains in fp32 or bf16 (train.dtype); set {sec}.enabled to false in {source} "
+                      "and use train.dtype=bf16 for mixed precision")
+
+
+def _merge_zero(m: _Merge, ds, hidden_size: int | None) -> None:
+    """ZeRO: the stage, its defaults, optimizer offload, and the "auto" bucket sizes from ``hidden_size``."""
+    m.require(("zero_optimization", "stage"), ds.zero_stage, "deepspeed.zero_stage")
+    if ds.zero_stage >= 1:
+        m.default(("zero_optimization", "overlap_comm"), ds.backend == "nccl")
+        m.default(("zero_optimization", "contiguous_gradients"), True)
+    if ds.zero_stage == 3:
+        m.default(("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False)
+    off = ("zero_optimization", "offload_optimizer")
+    if ds.offload_optimizer:
+        m.require(off + ("device",), "cpu", "deepspeed.offload_optimizer", shown="deepspeed.offload_optimizer=true",
+                  fix=f"set deepspeed.offload_optimizer=false to keep the offload_optimizer section of {m.source}")
+        m.default(off + ("pin_memory",), torch.cuda.is_available())
+    elif m.get(off + ("device",)) not in (_MISSING, "none", None):
+        m.notes.append(f"ZeRO-Offload of the optimizer states to {m.get(off + ('device',))} comes from {m.source}")
+    if hidden_size:  # "auto" ZeRO bucket sizes, from the hidden size as the Hugging Face integration fills them
+        h = int(hidden_size)
+        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                           ("stage3_param_persistence_threshold", 10 * h)):
+            if m.get(("zero_optimization", key)) == AUTO:
+                m.set(("zero_optimization", key), value)
+
+
+def _merge_optimizer(m: _Merge, t) -> None:
+    """The user's ``optimizer`` section: DeepSpeed builds the optimizer, with megamix's LR and weight decay."""
+    source = m.source
+    typ = m.get(("optimizer", "type"))
+    if t.optimizer != "auto":
+        m.conflicts.append(f"optimizer (type {_fmt(typ)}) in {source} vs train.optimizer={t.optimizer}: DeepSpeed "
+                           f"builds the optimizer from the file; set train.optimizer=auto, or remove the "
+                           f"optimizer section from {source}")
+    p = ("optimizer", "params")
+    m.require(p + ("lr",), t.lr, "train.lr")
+    m.require(p + ("weight_decay",), t.weight_decay, "train.weight_decay")
+    m.default(p + ("betas",), list(ADAM_BETAS))
+    m.default(p + ("eps",), ADAM_EPS)
+    m.notes.append(f"optimizer: {typ} from {source}, built by DeepSpeed")
+
+
+def _merge_scheduler(m: _Merge, cfg: MegamixConfig) -> None:
+    """The user's ``scheduler`` section: it replaces megamix's warm-up + cosine; the parameters that mean a
+    megamix field must agree with it."""
+    source = m.source
+    typ = m.get(("scheduler", "type"))
+    fields = _SCHEDULER_FIELDS.get(typ, {})
+    p = ("scheduler", "params")
+    for key, (field, value) in fields.items():
+        m.require(p + (key,), value(cfg), field)
+    for key, value in _SCHEDULER_AUTO_DEFAULTS.items():
+        if m.get(p + (key,)) == AUTO:
+            m.set(p + (key,), value)
+    if "warmup_num_steps" in fields and m.get(p + ("warmup_num_steps",)) == 0:
+        m.conflicts.append(f"scheduler.params.warmup_num_steps=0 in {source}: DeepSpeed's {typ} needs at least 1 "
+                           "warm-up step; set train.warmup_steps >= 1")
+    unused = [f for f in ("train.warmup_steps", "train.min_lr_ratio", "train.steps")
+              if f not in {v[0] for v in fields.values()}]
+    m.notes.append(f"LR schedule: {typ} from {source} (megamix's linear warm-up + cosine decay is not used"
+                   + (f"; {', '.join(unused)} do not apply to it)" if unused else ")"))
 
 
 def ds_config_and_notes(cfg: MegamixConfig, world_size: int, *, hidden_size: int | None = None

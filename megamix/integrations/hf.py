@@ -123,7 +123,7 @@ class FusedLMPatch:
 
     def eval_gradients(self, hidden_fn: Callable | None = None) -> tuple:
         """Held-out projected gradients through the run's projection (``Mixer.eval_gradients``)."""
-        return self.mixer.eval_gradients(hidden_fn or self.hidden_states,
+        return self.mixer.head.eval_gradients(hidden_fn or self.hidden_states,
                                          lambda: self.weight_context(self.weight))
 
     def remove(self) -> None:

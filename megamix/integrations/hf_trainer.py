@@ -53,7 +53,9 @@ from megamix.configbase import ConfigError
 from megamix.integrations.deepspeed import gathered_parameter, gradient_accumulation_steps
 from megamix.integrations.hf import apply_megamix, body_hidden_states, patched
 from megamix.integrations.hook import attach, unwrap
+from megamix.io import atomic_path
 from megamix.kernels.fused_linear_ce import token_cross_entropy
+from megamix.train.head import HeadBinding
 
 #: The key under which :meth:`MegamixFeed.inputs` passes the loader batch to the model call.
 BATCH_KEY = "megamix_batch"
@@ -73,9 +75,8 @@ def save_state(mixer: Any, folder: str | Path, step: int) -> Path:
     path = folder / STATE_FILE.format(rank=mixer.rank)
     state = {"format": STATE_FORMAT, "step": int(step), "rank": mixer.rank, "world_size": mixer.world_size,
              "mixer": mixer.state_dict()}
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -122,17 +123,17 @@ class MegamixFeed:
         patch = patched(self.model)
         if patch is not None and patch.mixer is not mixer:
             raise ValueError("the model is patched with another Mixer; call apply_megamix(model, mixer) with this one")
-        self.patch = patch
-        self._own_hook = patch is None
-        self.hook = None if patch is not None else attach(self.model, mixer, auto_step=False,
-                                                          dp_world_size=mixer.world_size)
+        hook = None if patch is not None else attach(self.model, mixer, auto_step=False,
+                                                     dp_world_size=mixer.world_size)
+        #: the same head adapter as megamix's own loop; the patch stays the caller's (removed with unpatch)
+        self.binding = HeadBinding(patch, hook, owns_patch=False)
         self._handles = [self.model.register_forward_pre_hook(self._bind, with_kwargs=True)]
-        if self.hook is not None:
+        if hook is not None:
             self._handles.append(self.model.register_forward_hook(self._record_loss, with_kwargs=True))
 
     @property
     def path(self) -> str:
-        return "fused" if self.patch is not None else "capture"
+        return self.binding.path
 
     @property
     def n_micro(self) -> int:
@@ -164,24 +165,24 @@ class MegamixFeed:
         batch = kwargs.pop(BATCH_KEY, None)
         if batch is None:
             return None
-        (self.patch if self.patch is not None else self.hook).set_batch(batch)
+        self.binding.bind(batch)
         return args, kwargs
 
     def _record_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Capture path: per-sample train losses for the strategy, from the logits the model returned."""
         labels, logits = kwargs.get("shift_labels"), getattr(output, "logits", None)
-        if labels is None or logits is None or not torch.is_grad_enabled() or self.hook.capture.context is None:
+        if labels is None or logits is None or not torch.is_grad_enabled() or self.binding.hook.capture.context is None:
             return
         labels = labels.to(logits.device, non_blocking=True)
         tok = token_cross_entropy(logits.detach().flatten(0, 1), labels.flatten()).view(labels.shape)  # no fp32 copy
-        self.hook.record_loss(tok, labels)
+        self.binding.record_loss(tok, labels)
 
     # ------------------------------------------------------------------ per optimizer step
     def step(self, step: int) -> dict | None:
         """``Mixer.step(step)`` after optimizer step ``step`` (0-based). With ``mixing.eval_grad_batches > 0``
         it also passes the held-out gradient functions (model body, LM-head weight, gathered under ZeRO-3)."""
         cfg = self.mixer.cfg
-        if cfg.mixing.eval_grad_batches > 0 and self.mixer.collecting:
+        if cfg.mixing.eval_grad_batches > 0 and self.mixer.head.collecting:
             model = self.model
             return self.mixer.step(step, hidden_fn=lambda b: body_hidden_states(model, b),
                                    lm_head_weight=lambda: gathered_parameter(model.get_output_embeddings().weight))
@@ -192,8 +193,7 @@ class MegamixFeed:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._own_hook and self.hook is not None:
-            self.hook.remove()
+        self.binding.remove()
 
 
 def _check_rank(mixer: Any, rank: int, world_size: int, who: str, build_as: str) -> None:
@@ -271,7 +271,7 @@ class MegamixCallback(TrainerCallback):
         self.last_update: dict | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.feed.patch is not None and model is not None:
+        if self.feed.binding.patch is not None and model is not None:
             apply_megamix(model, self.mixer)  # idempotent; registers the head weight once ZeRO-3 has partitioned it
         if state.global_step > 0:
             folder = self.resume_dir or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

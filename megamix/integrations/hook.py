@@ -285,7 +285,7 @@ class MixerHook:
                  dp_world_size: int, auto_step: bool, vocab_size: int | None = None,
                  hidden_size: int | None = None):
         V, d = (vocab_size, hidden_size) if vocab_size and hidden_size else _head_shape(lm_head)
-        projection = mixer.projection_for(V, d, _module_device(lm_head))
+        projection = mixer.head.projection_for(V, d, _module_device(lm_head))
         p = mixer.cfg.projection
         self.target = target
         self.mixer = mixer
@@ -329,12 +329,12 @@ class MixerHook:
                                f"the head's layout right (seq_first={self.seq_first})?")
         self.micro_steps += 1
         # g stays on its device: with NCCL the accumulators must live on the GPU for the all-reduce
-        self.mixer.record_rows(g * self.scale, batch.domain_ids, sample_ids=getattr(batch, "sample_ids", None),
+        self.mixer.head.record_rows(g * self.scale, batch.domain_ids, sample_ids=getattr(batch, "sample_ids", None),
                                token_loss_sum=ctx["loss_sum"], token_count=ctx["count"])
 
     def _grad_weights(self, g: torch.Tensor, ctx: dict | None) -> torch.Tensor | None:
         """DoGraph's per-sample weights of this micro-batch (None unless the Mixer's strategy reweights)."""
-        return self.mixer.sample_weights(g * self.scale)
+        return self.mixer.head.sample_weights(g * self.scale)
 
     # per optimizer step --------------------------------------------------------------------------
     def after_optimizer_step(self, step: int, **kwargs) -> dict | None:

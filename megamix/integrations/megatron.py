@@ -158,7 +158,7 @@ def attach_megatron(model: nn.Module, mixer: Any, *, tp_group: Any = None, dp_wo
     old = hook.capture          # built by attach() for the full vocabulary (or by an earlier call: idempotent)
     old.remove()
     start, end = vocab_range(V, rank, size)
-    hook.capture = vocab_parallel_capture(head, mixer.projection_for(V, d), old.callback, vocab_start=start,
+    hook.capture = vocab_parallel_capture(head, mixer.head.projection_for(V, d), old.callback, vocab_start=start,
                                           vocab_end=end, group=tp_group, chunk_tokens=old.chunk_tokens,
                                           backend=old.backend, seq_first=seq_first, grad_weights=old.grad_weights)
     return hook
@@ -199,7 +199,7 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
 
     Returns the scalar mean cross-entropy over this micro-batch's non-ignored tokens (differentiable w.r.t.
     ``hidden`` and ``weight_shard``), equal on every TP rank. The statistics use the full-vocabulary
-    projection ``mixer.projection_for(V_padded, h)`` (P1 sliced to the shard inside the kernel, the
+    projection ``mixer.head.projection_for(V_padded, h)`` (P1 sliced to the shard inside the kernel, the
     optional second stage applied by ``projection.finalize``) and the same scale as
     :meth:`~megamix.mixer.Mixer.lm_head_loss` (the mean over micro-steps and DP ranks), so every TP rank
     records the same rows as a non-TP run would.
@@ -211,8 +211,8 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
         raise ValueError(f"labels must be [b={b}, s={s}] (Megatron's batch-first labels, also for seq-first "
                          f"hidden states), got {tuple(labels.shape)}; check seq_first={seq_first}")
     V = _check_shard(vocab_start, vocab_end, weight_shard.shape[0], tp_group)
-    record = mixer.will_record(domain_ids, record)
-    if record and getattr(mixer.strategy, "reweights_gradient", False):
+    record = mixer.head.will_record(domain_ids, record)
+    if record and mixer.reweighter is not None:
         raise ValueError("mixing.strategy=dograph weights each sample's gradient, which the vocab-parallel fused "
                          "loss does not do; use the capture path (attach_megatron) or mixing.strategy=dograph-sample")
     hidden = head_input(hidden, weight_shard)
@@ -221,13 +221,13 @@ def vocab_parallel_lm_head_loss(mixer: Any, hidden: torch.Tensor, weight_shard: 
     p = mixer.cfg.projection
     out = vocab_parallel_fused_linear_cross_entropy(
         hidden.reshape(-1, d), weight_shard, token_labels.reshape(-1), vocab_start=vocab_start, group=tp_group,
-        ignore_index=-100, reduction="mean", projection=mixer.projection_for(V, d, hidden.device) if record else None,
+        ignore_index=-100, reduction="mean", projection=mixer.head.projection_for(V, d, hidden.device) if record else None,
         chunk_tokens=p.chunk_tokens, backend=p.backend, reduce_dx=reduce_dx, u_method=p.u_method)
     if record:
         u, w, token_loss = out.u, out.w, out.token_loss
         if seq_first:
             u, w, token_loss = (_batch_first_rows(t, s, b) for t in (u, w, token_loss[:, None]))
-        mixer.record(u, w, token_loss.reshape(-1), labels, domain_ids, sample_ids)
+        mixer.head.record(u, w, token_loss.reshape(-1), labels, domain_ids, sample_ids)
     return out.loss
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from megamix.configbase import ConfigError
-from megamix.data.corpus import atomic_write_lines
+from megamix.io import atomic_write_lines
 
 RUN_ID_FILE = "wandb_run_id"
 

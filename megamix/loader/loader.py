@@ -183,6 +183,10 @@ class MixtureLoader:
             return np.asarray([float(weights[d]) for d in self.domains])
         return weights  # validated (and converted) by the sampler
 
+    def changes(self, weights) -> bool:
+        """Whether ``weights`` would change the sample stream (:meth:`MixtureSampler.changes`)."""
+        return self.sampler.changes(self._weight_vector(weights))
+
     def set_weights(self, weights, *, verify: bool = False, group=None) -> np.ndarray:
         """New weights (sequence in domain order, or mapping) from the next step on. O(D).
 

@@ -54,6 +54,7 @@ from typing import Sequence
 
 import numpy as np
 
+from megamix.configbase import RunError
 from megamix.loader.permutation import ROUNDS, PermutationCache, derive_key, feistel_many, hash_order
 from megamix.simplex import normalize
 
@@ -65,8 +66,9 @@ STATE_FORMAT = "megamix.MixtureSampler"
 STATE_VERSION = 1
 
 
-class DomainExhaustedError(RuntimeError):
-    """A domain needed a sample after ``max_epochs`` full passes."""
+class DomainExhaustedError(RunError):
+    """A domain needed a sample after ``max_epochs`` full passes (``loader.max_epochs``). A
+    :class:`~megamix.configbase.RunError` (so still a ``RuntimeError``): the CLI prints its one line, exit 2."""
 
 
 class WeightError(ValueError):
@@ -259,15 +261,16 @@ class MixtureSampler:
         return self._weights.copy()
 
     @property
-    def quantized_weights(self) -> np.ndarray:
-        """Current integer weights (sum 2^32) that the allocation actually uses."""
-        return self._q.copy()
-
-    @property
     def weight_history(self) -> list[tuple[int, list[float]]]:
         """``(step, weights)`` entries: the weights in force from ``step`` on. This is the run's one
         weight history (``MixtureLoader.weight_history``, ``Mixer.weight_history`` read it)."""
         return [(s, list(w)) for s, w in self._history]
+
+    def changes(self, weights) -> bool:
+        """Whether ``weights`` would draw differently from the weights in force: the run's one "did the weights
+        change?" rule (the allocation uses weights quantised to multiples of 2^-32; smaller moves change nothing)."""
+        return not np.array_equal(quantize_weights(validate_weights(weights, self.domain_sizes, self.domain_names)),
+                                  self._q)
 
     def set_weights(self, weights) -> np.ndarray:
         """Use ``weights`` from the next global batch on. O(D). Returns the normalised weights."""
@@ -318,7 +321,7 @@ class MixtureSampler:
                     raise DomainExhaustedError(
                         f"domain {self.domain_names[d]!r} ({n} samples) is exhausted: it needs more "
                         f"samples after max_epochs={self.max_epochs} passes (at step {self._step}); "
-                        "raise max_epochs, lower its weight or add data")
+                        "raise loader.max_epochs (0 = no limit), lower the domain's weight or add data to it")
                 k = min(c, n - cur)
                 segs.append((d, ep, cur, k))
                 cur += k

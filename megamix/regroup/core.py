@@ -40,7 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from megamix import comm
-from megamix.data.corpus import atomic_write_json
+from megamix.data.corpus import corpus_domains, iter_jsonl
+from megamix.io import atomic_write_json, tmp_path
 
 __all__ = ["DocRef", "collect_refs", "iter_texts", "embed_to_memmap", "fit_minibatch_kmeans",
            "predict_memmap", "sweep_k", "write_regrouped", "regroup", "cluster_name", "shard_rows",
@@ -63,13 +64,6 @@ class DocRef:
     line: int
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for raw in f:
-            if raw.strip():
-                yield json.loads(raw)
-
-
 def _count_lines(path: Path) -> int:
     if not path.is_file():
         return 0
@@ -82,7 +76,7 @@ def collect_refs(data_dir: str | Path, domains: Sequence[str] | None = None) -> 
     root = Path(data_dir) / "corpus"
     if not root.is_dir():
         raise FileNotFoundError(f"no corpus under {root}; run `megamix data build` first")
-    avail = sorted(p.name for p in root.iterdir() if (p / "train.jsonl").is_file())
+    avail = corpus_domains(data_dir)
     doms = list(domains) if domains else avail
     missing = [d for d in doms if d not in avail]
     if missing:
@@ -132,7 +126,7 @@ def iter_texts(data_dir: str | Path, refs: Sequence[DocRef]) -> Iterator[tuple[D
             j += 1
         wanted = {r.line: r for r in refs[i:j]}
         last = refs[j - 1].line
-        for line, row in enumerate(_iter_jsonl(root / dom / f"{split}.jsonl")):
+        for line, row in enumerate(iter_jsonl(root / dom / f"{split}.jsonl")):
             if line in wanted:
                 yield wanted[line], row
             if line >= last:
@@ -296,7 +290,7 @@ def write_regrouped(data_dir: str | Path, out_dir: str | Path, refs: Sequence[Do
         for split in SPLITS:
             p = out / "corpus" / name / f"{split}.jsonl"
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+            tmp = tmp_path(p)
             handles[(name, split)] = open(tmp, "w", encoding="utf-8")
             tmp_paths[(name, split)] = (tmp, p)
     mapping_path = out / "regroup" / "mapping.jsonl"
@@ -400,16 +394,8 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
         overwrite: replace an earlier output; without it, an earlier run with the same arguments is
             resumed and a finished one (or different arguments) is refused.
     """
-    ks = sorted({int(k) for k in ks})
-    if not ks:
-        raise ValueError("give at least one k, e.g. --k 4,6,8")
-    if fit_docs < 2:
-        raise ValueError(f"fit_docs must be >= 2 (got {fit_docs})")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    ks = _check_regroup_args(data_dir, out_dir, ks, fit_docs, rank, world_size)
     out = Path(out_dir)
-    if Path(data_dir).resolve() == out.resolve():
-        raise ValueError("out_dir must differ from data_dir (the regrouped corpus is a new data dir)")
     refs = collect_refs(data_dir, domains)
     if isinstance(embedder, str):
         from megamix.embed import get_embedder
@@ -421,7 +407,52 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
             "embed_batch": int(embed_batch), "world_size": int(world_size)}
     rg = out / "regroup"
     grp = _group(world_size, group)
-    # rank 0's work ends in an agreement (megamix.comm.together): if it fails, every rank stops with its error
+    _prepare_output(out, plan, overwrite, rank, grp)
+    # --- embed this rank's shard (resumable)
+    lo, hi = shard_rows(len(refs), embed_batch, rank, world_size)
+    emb = None
+    if hi > lo:
+        emb = _embed_shard(data_dir, refs[lo:hi], emb_model, rg / "shards" / f"rank{rank:05d}-of-{world_size:05d}.npy",
+                           embed_batch=embed_batch, max_tokens=max_tokens, progress=progress and rank == 0,
+                           world_size=world_size)
+    # --- fit on a seeded sample, gathered from the shards; rank 0 fits, everyone gets the centroids
+    sample = fit_sample_rows(refs, fit_docs, seed)
+    report, centroids = _fit_centroids(sample, emb, lo, hi, ks, seed=seed, kmeans_batch=kmeans_batch, epochs=epochs,
+                                       silhouette_sample=silhouette_sample, progress=progress, rank=rank,
+                                       world_size=world_size, group=group)
+    k = report["best_k"]
+    # --- assign every document of the shard, batch by (global) batch
+    labels = np.empty(hi - lo, dtype=np.int64)
+    for s in range(0, hi - lo, embed_batch):
+        labels[s:s + embed_batch] = nearest_centroid(emb[s:s + embed_batch], centroids)
+    all_labels = np.concatenate(_gather(labels, world_size, group))
+    with comm.together(f"writing the regrouped corpus to {out}", grp):
+        if rank == 0:
+            _write_outputs(data_dir, out, rg, refs, all_labels, centroids, report, plan, sample, seed, k,
+                           tokenize=tokenize, plot=plot, progress=progress, world_size=world_size)
+    report = _broadcast(report, world_size, group)
+    return report
+
+
+def _check_regroup_args(data_dir, out_dir, ks: Sequence[int], fit_docs: int, rank: int, world_size: int) -> list[int]:
+    """The distinct ``ks`` in increasing order, once the arguments of :func:`regroup` are checked."""
+    ks = sorted({int(k) for k in ks})
+    if not ks:
+        raise ValueError("give at least one k, e.g. --k 4,6,8")
+    if fit_docs < 2:
+        raise ValueError(f"fit_docs must be >= 2 (got {fit_docs})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if Path(data_dir).resolve() == Path(out_dir).resolve():
+        raise ValueError("out_dir must differ from data_dir (the regrouped corpus is a new data dir)")
+    return ks
+
+
+def _prepare_output(out: Path, plan: dict, overwrite: bool, rank: int, grp) -> None:
+    """Rank 0 refuses a finished output (unless ``overwrite``), keeps an unfinished one with the same plan
+    (resume) and otherwise starts ``out`` afresh with the plan. Ends in an agreement
+    (:func:`megamix.comm.together`): if rank 0 fails, every rank stops with its error."""
+    rg = out / "regroup"
     with comm.together(f"preparing the regroup output {out}", grp):
         if rank == 0:
             finished = [out / d for d in ("corpus", "tokens") if (out / d).exists()] + \
@@ -435,23 +466,27 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
                         shutil.rmtree(p)
                 rg.mkdir(parents=True)
                 atomic_write_json(rg / "plan.json", plan)
-    # --- embed this rank's shard (resumable)
-    lo, hi = shard_rows(len(refs), embed_batch, rank, world_size)
-    shard_path = rg / "shards" / f"rank{rank:05d}-of-{world_size:05d}.npy"
-    emb = None
-    if hi > lo:
-        mine = refs[lo:hi]
-        emb = embed_to_memmap(lambda start: (row["text"] for _, row in iter_texts(data_dir, mine[start:])),
-                              hi - lo, emb_model, shard_path, batch_size=embed_batch, max_chars=8 * max_tokens,
-                              progress=progress and rank == 0,
-                              desc="regroup embed" + (f" [rank 0 of {world_size}]" if world_size > 1 else ""))
-    # --- fit on a seeded sample, gathered from the shards; rank 0 fits, everyone gets the centroids
-    sample = fit_sample_rows(refs, fit_docs, seed)
+
+
+def _embed_shard(data_dir, mine: Sequence[DocRef], emb_model, shard_path: Path, *, embed_batch: int,
+                 max_tokens: int, progress: bool, world_size: int) -> np.ndarray:
+    """Embeddings of this rank's documents ``mine``, in a resumable memmap at ``shard_path``."""
+    return embed_to_memmap(lambda start: (row["text"] for _, row in iter_texts(data_dir, mine[start:])),
+                           len(mine), emb_model, shard_path, batch_size=embed_batch, max_chars=8 * max_tokens,
+                           progress=progress,
+                           desc="regroup embed" + (f" [rank 0 of {world_size}]" if world_size > 1 else ""))
+
+
+def _fit_centroids(sample: np.ndarray, emb, lo: int, hi: int, ks: Sequence[int], *, seed: int, kmeans_batch: int,
+                   epochs: int, silhouette_sample: int, progress: bool, rank: int, world_size: int,
+                   group) -> tuple[dict, np.ndarray]:
+    """The k sweep's report and the best k's centroids, on every rank: each rank contributes the sampled rows
+    of its shard ``[lo, hi)``, rank 0 sweeps k on them (in row order) and broadcasts the result."""
     in_mine = sample[(sample >= lo) & (sample < hi)]
     parts = _gather((in_mine, None if emb is None else np.asarray(emb[in_mine - lo], np.float32)),
                     world_size, group)
     fitted = None
-    with comm.together("fitting the regroup k-means", grp):
+    with comm.together("fitting the regroup k-means", _group(world_size, group)):
         if rank == 0:
             rows = np.concatenate([r for r, _ in parts])
             xs = np.concatenate([x for r, x in parts if x is not None])
@@ -460,19 +495,7 @@ def regroup(data_dir: str | Path, out_dir: str | Path, ks: Sequence[int], *,
             report, models = sweep_k(xs, np.arange(len(xs)), ks, seed=seed, batch_size=kmeans_batch,
                                      epochs=epochs, silhouette_sample=silhouette_sample, progress=progress)
             fitted = (report, np.asarray(models[report["best_k"]].cluster_centers_, np.float32))
-    report, centroids = _broadcast(fitted, world_size, group)
-    k = report["best_k"]
-    # --- assign every document of the shard, batch by (global) batch
-    labels = np.empty(hi - lo, dtype=np.int64)
-    for s in range(0, hi - lo, embed_batch):
-        labels[s:s + embed_batch] = nearest_centroid(emb[s:s + embed_batch], centroids)
-    all_labels = np.concatenate(_gather(labels, world_size, group))
-    with comm.together(f"writing the regrouped corpus to {out}", grp):
-        if rank == 0:
-            _write_outputs(data_dir, out, rg, refs, all_labels, centroids, report, plan, sample, seed, k,
-                           tokenize=tokenize, plot=plot, progress=progress, world_size=world_size)
-    report = _broadcast(report, world_size, group)
-    return report
+    return _broadcast(fitted, world_size, group)
 
 
 def _write_outputs(data_dir, out, rg, refs, all_labels, centroids, report, plan, sample, seed, k, *, tokenize, plot,

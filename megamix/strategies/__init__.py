@@ -2,8 +2,9 @@
 reweighting, or sampling).
 
 ``build_strategy(cfg, domain_names, initial_weights, max_drift=None)`` returns the strategy named by
-``cfg.strategy`` (a :class:`megamix.config.MixingConfig`). ``STRATEGIES`` lists them with a one-line
-description (shown by ``megamix mix --list``).
+``cfg.strategy`` (a :class:`megamix.config.MixingConfig`). ``STRATEGIES`` is the one registry of names: it
+lists them with a one-line description (shown by ``megamix mix --list``), and
+:func:`register_strategy` adds one (docs/contributing.md walks through it).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from megamix.strategies.rnb import RnBDampedStrategy, RnBStrategy
 
 __all__ = ["MixingStrategy", "StaticStrategy", "RnBStrategy", "RnBDampedStrategy", "DoGraphStrategy",
            "DoGraphSampleStrategy", "STRATEGIES",
-           "build_strategy", "describe_strategies"]
+           "build_strategy", "describe_strategies", "register_strategy", "check_strategy_name"]
 
 #: name -> (class, description)
 STRATEGIES: dict[str, tuple[type[MixingStrategy], str]] = {
@@ -31,6 +32,24 @@ STRATEGIES: dict[str, tuple[type[MixingStrategy], str]] = {
     "dograph-sample": (DoGraphSampleStrategy, "DoGraph variant: the same cluster weights pi mapped to domain "
                                               "sampling weights w_d = sum_c pi_c n_cd/n_c (no gradient weights)"),
 }
+
+
+def register_strategy(name: str, cls: type[MixingStrategy], description: str) -> None:
+    """Make ``mixing.strategy=name`` build ``cls`` (a :class:`MixingStrategy` subclass whose ``name`` is ``name``)."""
+    if not (isinstance(cls, type) and issubclass(cls, MixingStrategy)):
+        raise TypeError(f"{cls!r} is not a MixingStrategy subclass")
+    if cls.name != name:
+        raise ValueError(f"{cls.__name__}.name is {cls.name!r}; register it under that name, or set name = {name!r}")
+    if name in STRATEGIES and STRATEGIES[name][0] is not cls:
+        raise ValueError(f"a strategy named {name!r} is already registered ({STRATEGIES[name][0].__name__})")
+    STRATEGIES[name] = (cls, description)
+
+
+def check_strategy_name(name: str) -> None:
+    """ConfigError (one line, with the choices) unless ``name`` is a registered strategy."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"mixing.strategy must be one of {', '.join(STRATEGIES)} (got {name!r}); "
+                          "see `megamix mix --list`")
 
 
 def describe_strategies() -> list[str]:
@@ -47,8 +66,7 @@ def build_strategy(cfg, domain_names: Sequence[str], initial_weights, *,
     mixture file's ``meta.max_drift`` here.
     """
     cfg.validate()
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"unknown mixing strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
+    check_strategy_name(cfg.strategy)
     cls = STRATEGIES[cfg.strategy][0]
     _, floor = cls.guards(cfg)
     if cfg.strategy != "static" and len(domain_names) * floor > 1:

@@ -2,11 +2,15 @@
 
 Life cycle (driven by the Mixer, identically on every rank)::
 
-    strategy.observe(snapshot)    # all-reduced statistics of the last round of K steps
-    w = strategy.propose(step)    # new weights (sum 1, >= 0); unchanged when nothing was observed
+    strategy.observe(snapshot)              # all-reduced statistics of the last round of K steps
+    w = strategy.propose(step, current)     # new weights (sum 1, >= 0) from the weights in force
 
-A subclass implements :meth:`MixingStrategy._raw_update`, which maps the pending snapshot to raw
-proposed weights plus an ``active`` mask (domains whose statistics were usable). The base class then
+The weights in force have one owner, the loader's sampler (``Mixer.weights``): the strategy keeps no copy
+and is handed them at every round, so every rank reasons with the weights it draws with. Whether a
+proposal changes anything is the sampler's rule alone (weights quantised to multiples of 2^-32).
+
+A subclass implements :meth:`MixingStrategy._raw_update`, which maps the pending snapshot and the current
+weights to raw proposed weights plus an ``active`` mask (domains whose statistics were usable). The base class then
 applies the guards, in this order (the maths lives in :mod:`megamix.simplex`):
 
 1. **min count**: domains that are not active (fewer than ``cfg.min_count`` samples this round, or a
@@ -29,28 +33,27 @@ applies the guards, in this order (the maths lives in :mod:`megamix.simplex`):
    When the floor and the box conflict, the box wins: a domain whose ``prior + max_drift`` is below
    the floor sits at ``prior + max_drift``, and if the floored domains would need more mass than the
    box leaves, the floor is lowered to the largest value that fits.
-6. **no-op**: a result within 1e-9 of the previous weights in every domain is the previous weights
-   (the loader quantises to multiples of 2^-32 and ignores smaller moves).
 
 The result is a :func:`megamix.simplex.normalize` output, which the loader's normalisation leaves
-bit for bit unchanged, so ``strategy.weights`` is exactly the vector the sampler draws with. The
-strategy keeps no weight history: the loader's (``Mixer.weight_history``) is the one record.
+bit for bit unchanged. The strategy keeps no weight history: the loader's (``Mixer.weight_history``) is
+the one record.
+
+A strategy that reweights each sample's *gradient* in-step instead of the sampling weights (DoGraph)
+also implements the :class:`GradientReweighter` protocol; the Mixer holds it as ``Mixer.reweighter``.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from megamix import simplex
-from megamix.snapshot import StatsSnapshot
+from megamix.snapshot import StatsSnapshot, from_jsonable, merge_snapshots, snapshot_from_dict, snapshot_to_dict, to_jsonable
 
 log = logging.getLogger("megamix.strategies")
 
-__all__ = ["MixingStrategy", "keep_inactive", "merge_snapshots", "snapshot_to_dict",
-           "snapshot_from_dict", "no_signal"]
+__all__ = ["MixingStrategy", "GradientReweighter", "keep_inactive", "no_signal"]
 
 
 def no_signal(x, what: str) -> str | None:
@@ -78,79 +81,6 @@ def keep_inactive(proposed: np.ndarray, previous: np.ndarray, active: np.ndarray
         return previous.copy()
     out[active] = mass * p / p.sum()
     return out
-
-
-#: ``snapshot.extra`` entries with one value per ``per_sample`` row
-PER_ROW_EXTRAS = ("per_sample_ids", "per_sample_loss")
-
-
-def merge_snapshots(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot:
-    """Combine two rounds (b later than a): counts and sums add, per-sample rows (and their
-    :data:`PER_ROW_EXTRAS`) concatenate, and the
-    held-out eval sums add together with their ``extra["eval_counts"]`` (so eval means stay means)."""
-    if a.domain_names != b.domain_names:
-        raise ValueError("cannot merge snapshots over different domains")
-    counts = a.counts + b.counts
-    sums = a.sums + b.sums
-    with np.errstate(invalid="ignore"):
-        tot = a.counts * np.nan_to_num(a.domain_loss) + b.counts * np.nan_to_num(b.domain_loss)
-        loss = np.where(counts > 0, tot / np.maximum(counts, 1), np.nan)
-    per_sample = per_dom = None
-    if a.per_sample is not None and b.per_sample is not None:
-        per_sample = np.concatenate([a.per_sample, b.per_sample])
-        per_dom = np.concatenate([a.per_sample_domain, b.per_sample_domain])
-    extra = dict(a.extra)
-    extra.update(b.extra)
-    for key in PER_ROW_EXTRAS:  # one entry per per-sample row: concatenate with the rows
-        if key in a.extra or key in b.extra:
-            extra.pop(key)
-            if per_sample is not None and key in a.extra and key in b.extra:
-                extra[key] = np.concatenate([np.asarray(a.extra[key]), np.asarray(b.extra[key])])
-    ev = a.eval_sums if b.eval_sums is None else b.eval_sums
-    if a.eval_sums is not None and b.eval_sums is not None:
-        ev = a.eval_sums + b.eval_sums
-        ca, cb = a.extra.get("eval_counts"), b.extra.get("eval_counts")
-        if (ca is None) != (cb is None):
-            raise ValueError("cannot merge eval sums when only one snapshot has extra['eval_counts']")
-        if ca is not None:
-            extra["eval_counts"] = np.asarray(ca, np.float64) + np.asarray(cb, np.float64)
-    elif a.eval_sums is not None and "eval_counts" in a.extra:
-        extra["eval_counts"] = a.extra["eval_counts"]  # b had no eval pass: keep a's means intact
-    return StatsSnapshot(step=b.step, domain_names=list(b.domain_names), counts=counts, sums=sums,
-                         gram=sums @ sums.T, domain_loss=loss, per_sample=per_sample,
-                         per_sample_domain=per_dom, eval_sums=ev, extra=extra)
-
-
-def _to_py(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return {"__ndarray__": v.tolist(), "dtype": str(v.dtype)}
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, dict):
-        return {str(k): _to_py(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_to_py(x) for x in v]
-    return v
-
-
-def _from_py(v: Any) -> Any:
-    if isinstance(v, dict) and "__ndarray__" in v:
-        return np.asarray(v["__ndarray__"], dtype=v["dtype"])
-    if isinstance(v, dict):
-        return {k: _from_py(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_from_py(x) for x in v]
-    return v
-
-
-def snapshot_to_dict(s: StatsSnapshot) -> dict:
-    """A JSON-serialisable dict (numpy arrays become tagged lists)."""
-    return {f.name: _to_py(getattr(s, f.name)) for f in fields(s)}
-
-
-def snapshot_from_dict(d: dict) -> StatsSnapshot:
-    """Inverse of :func:`snapshot_to_dict`."""
-    return StatsSnapshot(**{k: _from_py(v) for k, v in d.items()})
 
 
 class MixingStrategy:
@@ -182,8 +112,7 @@ class MixingStrategy:
         w = simplex.normalize(initial_weights)
         if w.size != len(names):
             raise ValueError(f"{w.size} initial weights for {len(names)} domains")
-        self.weights = w
-        self.initial_weights = w.copy()
+        self.initial_weights = w
         self.max_drift = simplex.check_max_drift(max_drift)
         self.ema, self.min_weight = self.guards(cfg)
         self.rounds = 0
@@ -212,25 +141,37 @@ class MixingStrategy:
                              "(DomainStats(keep_per_sample=True)); the snapshot has none")
         self._pending = snap if self._pending is None else merge_snapshots(self._pending, snap)
 
-    def propose(self, step: int) -> np.ndarray:
-        """New weights over ``domain_names`` (sum 1, all >= 0). Unchanged when nothing was observed."""
+    def propose(self, step: int, current) -> np.ndarray:
+        """New weights over ``domain_names`` (sum 1, all >= 0) from the pending statistics and ``current``, the
+        weights in force (the sampler's: the strategy keeps no copy of its own). ``current`` itself when nothing
+        was observed."""
+        current = np.asarray(current, dtype=np.float64)
+        if current.shape != (len(self.domain_names),):
+            raise ValueError(f"current weights have shape {current.shape}; expected ({len(self.domain_names)},)")
         if self._pending is None:
-            return self.weights.copy()
+            return current.copy()
         snap, self._pending = self._pending, None
-        prev = self.weights.copy()
         info: dict = {"step": int(step), "round": self.rounds}
-        raw = self._raw_update(snap, info)
+        new = self._update(snap, current.copy(), info)
+        self.rounds += 1
+        self.last_info = info
+        return new
+
+    def _update(self, snap: StatsSnapshot, prev: np.ndarray, info: dict) -> np.ndarray:
+        """The guarded update (module docstring, steps 1-5) of :meth:`_raw_update`'s proposal; a subclass that
+        does not propose domain weights (DoGraph) overrides this instead."""
+        raw = self._raw_update(snap, prev, info)
         if raw is None:
             new = prev
             reason = info.get("fallback", "no usable statistics")
             info["fallback"] = reason
-            log.warning("%s step %d: keeping previous weights (%s)", self.name, step, reason)
+            log.warning("%s step %d: keeping previous weights (%s)", self.name, info["step"], reason)
         else:
             proposed, active = raw
             active = np.asarray(active, dtype=bool) & np.isfinite(proposed)
             if not active.any():
                 info["fallback"] = "no domain had usable statistics this round"
-                log.warning("%s step %d: keeping previous weights (%s)", self.name, step,
+                log.warning("%s step %d: keeping previous weights (%s)", self.name, info["step"],
                             info["fallback"])
                 new = prev
             else:
@@ -242,17 +183,13 @@ class MixingStrategy:
         new = simplex.floor(new, self.min_weight)
         if self.max_drift is not None:
             new = simplex.bound_drift(new, self.initial_weights, self.max_drift, self.min_weight)
-        if simplex.unchanged(new, prev):
-            new = prev
-        self.weights = new
-        self.rounds += 1
-        self.last_info = info
-        return new.copy()
+        return new
 
-    def _raw_update(self, snap: StatsSnapshot, info: dict) -> tuple[np.ndarray, np.ndarray] | None:
-        """Return ``(proposed weights [D], active mask [D])`` or None to keep the previous weights
-        (set ``info["fallback"]`` to say why)."""
-        raise NotImplementedError
+    def _raw_update(self, snap: StatsSnapshot, current: np.ndarray, info: dict
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return ``(proposed weights [D], active mask [D])`` from the round's statistics and the weights in force,
+        or None to keep the previous weights (set ``info["fallback"]`` to say why)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _raw_update (or override _update)")
 
     # ------------------------------------------------------------------ helpers
     def count_mask(self, counts: np.ndarray) -> np.ndarray:
@@ -261,10 +198,11 @@ class MixingStrategy:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """JSON-serialisable state: weights, rounds, last info and any unused snapshot."""
+        """JSON-serialisable state: rounds, last info and any unused snapshot (the weights in force are the
+        loader's, checkpointed with it)."""
         return {"name": self.name, "domain_names": list(self.domain_names),
-                "weights": self.weights.tolist(), "initial_weights": self.initial_weights.tolist(),
-                "rounds": self.rounds, "last_info": _to_py(self.last_info),
+                "initial_weights": self.initial_weights.tolist(),
+                "rounds": self.rounds, "last_info": to_jsonable(self.last_info),
                 "pending": None if self._pending is None else snapshot_to_dict(self._pending)}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -273,12 +211,35 @@ class MixingStrategy:
             raise ValueError(f"state is for strategy {sd.get('name')!r}, not {self.name!r}")
         if list(sd["domain_names"]) != self.domain_names:
             raise ValueError(f"state domains {sd['domain_names']} differ from {self.domain_names}")
-        self.weights = np.asarray(sd["weights"], dtype=np.float64)
         self.initial_weights = np.asarray(sd["initial_weights"], dtype=np.float64)
         self.rounds = int(sd["rounds"])
-        self.last_info = _from_py(sd.get("last_info", {}))
+        self.last_info = from_jsonable(sd.get("last_info", {}))
         self._pending = None if sd.get("pending") is None else snapshot_from_dict(sd["pending"])
 
     def __repr__(self) -> str:
-        w = ", ".join(f"{n}={x:.3f}" for n, x in zip(self.domain_names, self.weights))
-        return f"{type(self).__name__}({w})"
+        return f"{type(self).__name__}({len(self.domain_names)} domains, {self.rounds} rounds)"
+
+
+class GradientReweighter:
+    """The protocol of a strategy that weights every training sample's loss in-step by a factor of its
+    projected gradient (DoGraph), held by the Mixer as ``Mixer.reweighter``.
+
+    The decision it shares across ranks is a cluster table, packed into a fixed-size float64 buffer so that one
+    broadcast carries it with the weights (:meth:`table_buffer` / :meth:`load_table_buffer`)."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether it has a table to weight with (False before its first round)."""
+        raise NotImplementedError
+
+    def sample_factors(self, g):
+        """Unnormalised factor ``[B]`` of each projected per-sample gradient row ``g [B, k]`` (a device tensor)."""
+        raise NotImplementedError
+
+    def table_buffer(self, k: int) -> np.ndarray:
+        """The decision as a float64 vector of a length that depends only on the config and ``k``."""
+        raise NotImplementedError
+
+    def load_table_buffer(self, buf: np.ndarray, k: int) -> None:
+        """Install a decision packed by :meth:`table_buffer` (another rank's)."""
+        raise NotImplementedError

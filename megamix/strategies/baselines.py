@@ -21,6 +21,6 @@ class StaticStrategy(MixingStrategy):
         if list(snap.domain_names) != self.domain_names:
             raise ValueError(f"snapshot domains {snap.domain_names} differ from {self.domain_names}")
 
-    def propose(self, step: int) -> np.ndarray:
+    def propose(self, step: int, current) -> np.ndarray:
         self.rounds += 1
-        return self.weights.copy()
+        return np.asarray(current, dtype=np.float64).copy()

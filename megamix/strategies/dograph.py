@@ -66,7 +66,7 @@ from megamix import simplex
 from megamix.kernels.utils import no_autocast
 from megamix.simplex import project, softmax
 from megamix.snapshot import StatsSnapshot
-from megamix.strategies.base import MixingStrategy, no_signal
+from megamix.strategies.base import GradientReweighter, MixingStrategy, no_signal
 from megamix.strategies.kmeans import kmeans
 
 log = logging.getLogger("megamix.strategies")
@@ -332,7 +332,7 @@ class DoGraphSampleStrategy(_DoGraphBase):
 
     name = "dograph-sample"
 
-    def _raw_update(self, snap: StatsSnapshot, info: dict):
+    def _raw_update(self, snap: StatsSnapshot, current: np.ndarray, info: dict):
         fit = self._fit(snap, info)
         if fit is None:
             return None
@@ -343,17 +343,16 @@ class DoGraphSampleStrategy(_DoGraphBase):
         return w, active
 
 
-class DoGraphStrategy(_DoGraphBase):
+class DoGraphStrategy(_DoGraphBase, GradientReweighter):
     """``dograph``: the paper's in-step reweighting of the gradient update by model-centric cluster.
 
     After each round, :attr:`centroids` ``[m, k]``, :attr:`cluster_weights` π and :attr:`cluster_shares`
     q describe the clusters; :meth:`sample_factors` gives each training sample its factor ``π_c / q_c``
-    (the Mixer normalises them per micro-batch). :meth:`propose` never changes the domain weights.
+    (the Mixer, which holds it as its :class:`~megamix.strategies.base.GradientReweighter`, normalises them per
+    micro-batch). :meth:`propose` never changes the domain weights.
     """
 
     name = "dograph"
-    #: the Mixer weights every sample's loss by :meth:`sample_factors` (normalised per micro-batch)
-    reweights_gradient = True
 
     def __init__(self, domain_names, initial_weights, cfg, *, max_drift: float | None = None):
         super().__init__(domain_names, initial_weights, cfg, max_drift=max_drift)
@@ -384,16 +383,13 @@ class DoGraphStrategy(_DoGraphBase):
             raise ValueError("cluster table must be finite with pi >= 0 and q > 0")
         self.centroids, self.cluster_weights, self.cluster_shares = c, pi, q
 
-    def propose(self, step: int) -> np.ndarray:
-        """Refresh the centroids and π from the pending round; the domain weights stay as they are."""
-        if self._pending is None:
-            return self.weights.copy()
-        snap, self._pending = self._pending, None
-        info: dict = {"step": int(step), "round": self.rounds}
+    def _update(self, snap: StatsSnapshot, prev: np.ndarray, info: dict) -> np.ndarray:
+        """Refresh the centroids and π from the round; the domain weights stay as they are (``prev``)."""
         fit = self._fit(snap, info)
         if fit is None:
             info.setdefault("fallback", "no usable statistics")
-            log.warning("%s step %d: keeping the previous cluster weights (%s)", self.name, step, info["fallback"])
+            log.warning("%s step %d: keeping the previous cluster weights (%s)", self.name, info["step"],
+                        info["fallback"])
         else:
             ne = fit.sizes > 0
             pi = fit.pi[ne] / fit.pi[ne].sum()
@@ -402,12 +398,28 @@ class DoGraphStrategy(_DoGraphBase):
             q = fit.sizes[ne] / fit.sizes[ne].sum()
             self.set_clusters(fit.centers[ne], pi, q)
             info.update(cluster_weights=pi.tolist(), cluster_shares=q.tolist(), factors=(pi / q).tolist())
-        self.rounds += 1
-        self.last_info = info
-        return self.weights.copy()
+        return prev
 
-    def _raw_update(self, snap: StatsSnapshot, info: dict):  # pragma: no cover - propose is overridden
-        raise NotImplementedError("DoGraphStrategy.propose refreshes the clusters; it proposes no domain weights")
+    # ------------------------------------------------------------------ GradientReweighter
+    @property
+    def ready(self) -> bool:
+        return self.centroids is not None
+
+    def table_buffer(self, k: int) -> np.ndarray:
+        """``[m, centroids (m_max x (k + 2): centroid, π, q) zero-padded]``: the cluster table in a buffer whose
+        length depends only on the config and ``k`` (m = 0 before the first refresh)."""
+        buf = np.zeros(1 + self.num_clusters() * (k + 2))
+        if self.centroids is not None:
+            m = self.centroids.shape[0]
+            buf[0] = m
+            buf[1:1 + m * (k + 2)] = np.concatenate([self.centroids, self.cluster_weights[:, None],
+                                                     self.cluster_shares[:, None]], axis=1).reshape(-1)
+        return buf
+
+    def load_table_buffer(self, buf: np.ndarray, k: int) -> None:
+        m = int(buf[0])
+        t = np.asarray(buf[1:1 + m * (k + 2)]).reshape(m, k + 2)
+        self.set_clusters(*((t[:, :k], t[:, k], t[:, k + 1]) if m else (None, None, None)))
 
     @torch.no_grad()
     def sample_factors(self, g: torch.Tensor) -> torch.Tensor | None:

@@ -70,7 +70,7 @@ class RnBStrategy(MixingStrategy):
     default_ema = 0.0
     default_min_weight = 0.0
 
-    def _raw_update(self, snap: StatsSnapshot, info: dict):
+    def _raw_update(self, snap: StatsSnapshot, current: np.ndarray, info: dict):
         d = len(self.domain_names)
         counts = np.asarray(snap.counts, np.float64)
         active = self.count_mask(counts)
@@ -81,13 +81,12 @@ class RnBStrategy(MixingStrategy):
             info["fallback"] = (f"no domain reached min_count={self.cfg.min_count} samples with finite "
                                 f"gradients this round (counts {counts.astype(int).tolist()})")
             return None
-        means = np.zeros_like(sums)
-        means[active] = sums[active] / counts[active, None]
-        p = self.weights[active] / self.weights[active].sum()
+        means = np.where(active[:, None], snap.means(), 0.0)
+        p = current[active] / current[active].sum()
         target = None
         info["target"] = "train"
         if self.cfg.rnb_use_eval and snap.eval_sums is not None:
-            target = self._eval_target(snap, info)
+            target = self._eval_target(snap, current, info)
             if target is None:
                 return None
         try:
@@ -104,7 +103,7 @@ class RnBStrategy(MixingStrategy):
         info["gram"] = (means @ means.T).tolist()
         return proposed, active
 
-    def _eval_target(self, snap: StatsSnapshot, info: dict) -> np.ndarray | None:
+    def _eval_target(self, snap: StatsSnapshot, current: np.ndarray, info: dict) -> np.ndarray | None:
         ev = np.asarray(snap.eval_sums, np.float64)
         if ev.ndim != 2 or ev.shape[1] != snap.sums.shape[1]:
             raise ValueError(f"eval_sums has shape {ev.shape}; expected [E, {snap.sums.shape[1]}]")
@@ -127,7 +126,7 @@ class RnBStrategy(MixingStrategy):
             info["fallback"] = "every eval group is empty or non-finite, so Gp is undefined (NaN)"
             return None
         if ev.shape[0] == len(self.domain_names):
-            q = self.weights * ok
+            q = current * ok
         else:
             q = ok.astype(np.float64)
         info["target"] = "eval"

@@ -24,8 +24,8 @@ from torch import nn
 from megamix import comm
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
-from megamix.data.corpus import atomic_write_json
 from megamix.integrations import deepspeed as ds_glue
+from megamix.io import atomic_path, atomic_write_json
 from megamix.train import optim
 from megamix.train.model import check_attn_implementation, resolve_hf_config
 
@@ -184,11 +184,6 @@ class Backend:
         """Restore checkpoint ``tag`` (``state``: what :meth:`read` returned)."""
         raise NotImplementedError
 
-    def load_legacy(self, state: dict) -> None:
-        """Restore model/optimizer from a v0.1 single-file checkpoint dict (plain backend only)."""
-        raise ConfigError("this checkpoint was written by megamix 0.1's single-process trainer; resume it "
-                          "with deepspeed.enabled=false or start a new train.out_dir")
-
     def close(self) -> None:
         """Release engine resources at the end of a run."""
 
@@ -258,10 +253,9 @@ class PlainBackend(Backend):
 
     def save(self, ckpt_root, tag):
         path = Path(ckpt_root) / tag / MODEL_FILE
-        tmp = path.with_name(path.name + ".tmp")
         # the random states (CPU and this rank's GPU) are in each rank's side file (megamix.train.checkpoint)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, tmp)
-        tmp.replace(path)
+        with atomic_path(path, tmp_suffix=".tmp") as tmp:   # a fixed name: tests/test_bad_inputs.py (_enospc)
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, tmp)
 
     def read(self, ckpt_root, tag):
         path = Path(ckpt_root) / tag / MODEL_FILE
@@ -272,12 +266,7 @@ class PlainBackend(Backend):
             raise OSError(f"{path} cannot be read ({type(e).__name__}: {lines[0][:160] if lines else ''})") from None
 
     def load(self, ckpt_root, tag, state=None):
-        self._load_state(self.read(ckpt_root, tag) if state is None else state)
-
-    def load_legacy(self, state: dict) -> None:
-        self._load_state(state)
-
-    def _load_state(self, state: dict) -> None:
+        state = self.read(ckpt_root, tag) if state is None else state
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -391,10 +380,6 @@ class DDPBackend(PlainBackend):
     def save(self, ckpt_root, tag):
         if self.rank == 0:
             super().save(ckpt_root, tag)
-
-    def load_legacy(self, state: dict) -> None:
-        raise ConfigError("this checkpoint was written by megamix 0.1's single-process trainer; resume it with one "
-                          "process (no torchrun) or start a new train.out_dir")
 
     def close(self) -> None:
         self._sync_off.close()

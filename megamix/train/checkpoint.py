@@ -30,13 +30,11 @@ change (:data:`megamix.config.RESUME_FREE`, or listed in ``train.resume_allow_ch
 0 deletes complete checkpoints *older* than it beyond the newest N. Incomplete ones, newer ones and the one
 ``latest`` names are never deleted.
 
-megamix 0.1 layouts are read too: the single-process ``checkpoints/step_XXXXXXX.pt`` files and DeepSpeed's
-``ds_checkpoints/``; checkpoint directories written before completion markers existed count as complete
-when every rank's side file is there. Checkpoints must be on storage every rank sees (as DeepSpeed's default
-checkpointing assumes).
+Checkpoints must be on storage every rank sees (as DeepSpeed's default checkpointing assumes).
 
 Test hook: ``Checkpoints(out_dir, on_phase=f)`` calls ``f(phase, step, rank)`` at each point of
-:data:`PHASES` during a save (the CLI wires it to ``MEGAMIX_TEST_KILL_AT`` for the kill tests).
+:data:`PHASES` during a save (``train(checkpoint_hook=f)`` passes it; the kill tests' launcher
+``tests/killpoint.py`` uses it to SIGKILL a run at a named point).
 """
 from __future__ import annotations
 
@@ -53,7 +51,7 @@ import torch
 from megamix.config import flat_config, resume_change_kind
 from megamix.configbase import ConfigError
 from megamix import comm
-from megamix.data.corpus import atomic_write_json, atomic_write_text
+from megamix.io import atomic_path, atomic_write_json, atomic_write_text
 from megamix.train.guard import NonFiniteError
 
 log = logging.getLogger("megamix")
@@ -74,10 +72,8 @@ def tag_for(step: int) -> str:
 
 
 def _step_of(name: str) -> int | None:
-    """The step a checkpoint entry's name encodes (``step_0000006``, ``step_0000006.pt``, ``global_step6``)."""
-    if name.startswith(".") or ".tmp" in name or name == LATEST:
-        return None
-    m = re.fullmatch(r"[A-Za-z_]*?(\d+)(\.pt)?", name)
+    """The step a checkpoint directory's name encodes (``step_0000006``: :func:`tag_for`), else None."""
+    m = re.fullmatch(r"step_(\d+)", name)
     return int(m.group(1)) if m else None
 
 
@@ -185,16 +181,9 @@ class Checkpoints:
         self.saved: Path | None = None    # the checkpoint the last save() completed
 
     # ------------------------------------------------------------------------------------- reading
-    def _read_root(self) -> Path:
-        """Where to resume from: ``checkpoints/``, or megamix 0.1's DeepSpeed ``ds_checkpoints/``."""
-        legacy = self.out_dir / "ds_checkpoints"
-        if not self.candidates(self.root) and (legacy / LATEST).is_file():
-            return legacy
-        return self.root
-
     def latest_tag(self) -> str | None:
         """The tag ``latest`` names, if it names an existing checkpoint (complete or not)."""
-        root = self._read_root()
+        root = self.root
         p = root / LATEST
         if not p.is_file():
             return None
@@ -208,19 +197,16 @@ class Checkpoints:
 
     @staticmethod
     def candidates(root: Path) -> list[str]:
-        """Checkpoint entries (directories and v0.1 ``.pt`` files) under ``root``, newest step first."""
+        """Checkpoint directories under ``root``, newest step first."""
         if not root.is_dir():
             return []
-        found = [(s, p.name) for p in root.iterdir() if (s := _step_of(p.name)) is not None
-                 and (p.is_dir() or p.suffix == ".pt")]
+        found = [(s, p.name) for p in root.iterdir() if (s := _step_of(p.name)) is not None and p.is_dir()]
         return [name for _, name in sorted(found, reverse=True)]
 
     @staticmethod
     def problem(root: Path, tag: str) -> str | None:
         """Why checkpoint ``root/tag`` is incomplete, or None when it is complete (this process's view)."""
         d = root / tag
-        if d.is_file():
-            return None  # a v0.1 single file: whether it reads is checked when it is read
         markers = {}
         for m in d.glob("megamix_rank*.done.json"):
             try:
@@ -243,39 +229,23 @@ class Checkpoints:
                     if have != size:
                         return f"{f} has {have} bytes, {size} were written (truncated)"
             return None
+        # no marker at all: a save that crashed before (or while) the ranks wrote them
         ranks = sorted(int(m.group(1)) for p in d.glob("megamix_rank*.pt") if (m := _OWN.search(p.name)))
         if not ranks:
             return f"it holds no megamix state ({SIDE_FILE.format(rank=0)} is missing)"
-        try:
-            fmt = _read_torch(d / SIDE_FILE.format(rank=ranks[0])).get("format", 1)
-        except _Unreadable as e:
-            return str(e)
-        if fmt >= FORMAT:  # a save of this layout crashed between the side file and the marker
-            return f"rank {ranks[0]} did not finish writing it ({DONE_FILE.format(rank=ranks[0])} is missing)"
-        # written before completion markers existed: complete when rank 0..n-1's side files are all there
-        gap = [r for r in range(ranks[-1] + 1) if r not in ranks]
-        if gap:
-            return f"{d / SIDE_FILE.format(rank=gap[0])} is missing"
-        return None
+        return f"rank {ranks[0]} did not finish writing it ({DONE_FILE.format(rank=ranks[0])} is missing)"
 
     @staticmethod
     def world_size_of(root: Path, tag: str) -> int | None:
-        """The world size checkpoint ``root/tag`` was written with (None for a v0.1 single file)."""
-        d = root / tag
-        if d.is_file():
-            return None
-        for m in sorted(d.glob("megamix_rank*.done.json")):
+        """The world size checkpoint ``root/tag`` was written with (from its completion markers; None without
+        one)."""
+        for m in sorted((root / tag).glob("megamix_rank*.done.json")):
             return int(json.loads(m.read_text())["world_size"])
-        side = _read_torch(d / SIDE_FILE.format(rank=0))
-        ws = side.get("world_size")
-        return int(ws) if ws is not None else len(list(d.glob("megamix_rank*.pt")))
+        return None
 
     def _read(self, root: Path, tag: str, backend: Any) -> tuple[dict, Any]:
         """(side state, model state) of this rank, read into memory; raises _Unreadable."""
         path = root / tag
-        if path.is_file():  # megamix 0.1 single-process file
-            state = _read_torch(path)
-            return state, state
         side = _read_torch(path / SIDE_FILE.format(rank=backend.rank))
         try:
             state = backend.read(root, tag)
@@ -289,7 +259,7 @@ class Checkpoints:
         """Restore the newest complete, readable checkpoint (``latest``'s when it is one) into ``backend`` and
         ``mixer``; returns its step (0 when there is none). Collective: every rank calls it. With ``cfg``,
         the checkpoint's config is compared with it first (see :func:`check_resume_config`)."""
-        root = self._read_root()
+        root = self.root
         tags = self.candidates(root)
         if not tags:
             return 0
@@ -331,18 +301,15 @@ class Checkpoints:
                     skipped.append(f"{tag} ({why or f'complete, but {LATEST} names {chosen}'})")
         if skipped and main:
             log.warning("megamix: resuming from %s: %s", root / chosen, "; ".join(f"skipped {s}" for s in skipped))
-        if (root / chosen).is_file():
-            backend.load_legacy(state)
-        else:
-            written_by = side.get("backend", "deepspeed")
-            if written_by != backend.name:
-                flag = str(written_by == "deepspeed").lower()
-                raise ConfigError(f"checkpoint {root / chosen} was written by the {written_by!r} backend, this run "
-                                  f"uses {backend.name!r}; set deepspeed.enabled={flag} to resume it, or start a new "
-                                  "train.out_dir")
-            if cfg is not None:
-                check_resume_config(side.get("config"), cfg, root / chosen, main=main)
-            backend.load(root, chosen, state)
+        written_by = side.get("backend", "deepspeed")
+        if written_by != backend.name:
+            flag = str(written_by == "deepspeed").lower()
+            raise ConfigError(f"checkpoint {root / chosen} was written by the {written_by!r} backend, this run "
+                              f"uses {backend.name!r}; set deepspeed.enabled={flag} to resume it, or start a new "
+                              "train.out_dir")
+        if cfg is not None:
+            check_resume_config(side.get("config"), cfg, root / chosen, main=main)
+        backend.load(root, chosen, state)
         mixer.load_state_dict(side["mixer"])
         restore_rng(side, getattr(backend, "device", None), where=root / chosen, main=main)
         self.loaded = root / chosen
@@ -397,10 +364,8 @@ class Checkpoints:
             side = {"format": FORMAT, "step": int(step), "mixer": mixer.state_dict(),
                     **rng_state(getattr(backend, "device", None)),
                     "world_size": backend.world_size, "backend": backend.name, "config": cfg.to_dict()}
-            path = d / SIDE_FILE.format(rank=rank)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(side, tmp)
-            os.replace(tmp, path)
+            with atomic_path(d / SIDE_FILE.format(rank=rank), tmp_suffix=".tmp") as tmp:
+                torch.save(side, tmp)
             if rank == 0:
                 atomic_write_text(d / CONFIG_COPY, cfg.to_yaml())
             self._phase("side_saved", step, rank)

@@ -21,15 +21,16 @@ import logging
 import math
 from typing import Any
 
-from megamix.configbase import ConfigError
+from megamix.configbase import ConfigError, RunError
 
 log = logging.getLogger("megamix")
 
 MAX_CONSECUTIVE_SKIPS = 10
 
 
-class NonFiniteError(ConfigError):
-    """Training met a NaN/Inf it must not train on or save (exit code 2 from the CLI)."""
+class NonFiniteError(RunError):
+    """Training met a NaN/Inf it must not train on or save (a run failure, not a config error: exit code 2
+    from the CLI, with the one-line message)."""
 
 
 class NonFiniteGuard:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from megamix.integrations.wandb import WandbRun
-from megamix.strategies.snapshot_io import save_snapshot_npz
+from megamix.io import atomic_path, read_jsonl
+from megamix.snapshot import save_snapshot_npz
 
 SNAPSHOT_DIR = "snapshots"
 LATEST_SNAPSHOT = "latest.npz"
@@ -102,14 +103,13 @@ class SnapshotArchive:
         if not files:
             latest.unlink(missing_ok=True)
             return
-        tmp = self.dir / f".latest.tmp{os.getpid()}.npz"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(files[-1][1], tmp)
-        except OSError:
-            import shutil
-            shutil.copyfile(files[-1][1], tmp)
-        os.replace(tmp, latest)
+        with atomic_path(latest) as tmp:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(files[-1][1], tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(files[-1][1], tmp)
 
     def save(self, snap) -> Path | None:
         if self.keep <= 0:
@@ -191,6 +191,5 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a ``metrics.jsonl`` file (a line that is not JSON is a ``ValueError`` naming it)."""
+    return read_jsonl(path)

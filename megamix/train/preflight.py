@@ -1,31 +1,38 @@
 """Pre-flight: check that a run can start, before a model is built or a process group formed.
 
-``megamix train --dry-run`` runs exactly this, and the real ``megamix train`` runs it first (then hands
-the opened token store to :func:`megamix.train.loop.train`), so a dry run checks everything the real
-run checks at start-up:
+``megamix train --dry-run`` runs exactly this, and the real run's :class:`~megamix.train.loop.Trainer` is built
+on its result (the opened stores and the Mixer), so a dry run checks everything the real run checks at start-up,
+and nothing is checked twice:
 
 - the config (``validate()``) and the backend's launch checks: devices, world size, and for DeepSpeed
   the batch geometry (global = micro x world x gradient accumulation) and ZeRO settings;
 - the data (:func:`megamix.data.backings.open_store`: ``data.paths`` in place, else ``data.data_dir``; and
   ``data.eval_data_dir``): the folder, the manifests, every ``.bin/.idx`` of every domain split the run reads,
   and the vocabulary against ``model.vocab_size``;
-- the domains (in the store, no duplicates, long enough for ``model.seq_len``);
-- the mixture (``mixture.file`` contents: JSON, domains, weights >= 0 summing to 1, ``meta.max_drift``;
-  explicit weights) and the strategy built from it (e.g. a ``mixing.min_weight`` floor that is
-  infeasible for the number of domains);
+- the domains (in the store, no duplicates, long enough for ``model.seq_len``), the mixture (``mixture.file``
+  contents: JSON, domains, weights >= 0 summing to 1, ``meta.max_drift``; explicit weights) and the strategy
+  built from it (e.g. a ``mixing.min_weight`` floor that is infeasible for the number of domains): all checked by
+  building the run's :class:`~megamix.mixer.Mixer`, which the run then trains with;
 - ``train.out_dir`` is a directory or can be created.
 
 Every failure is a :class:`megamix.configbase.ConfigError` naming the field or file and the fix.
 """
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
+from megamix.data.backings import open_store
+from megamix.data.store import TokenStore
+from megamix.integrations.deepspeed import build_ds_config
+from megamix.mixer import Mixer
 from megamix.train.backend import Backend, make_backend, resolve_device
+from megamix.train.model import resolve_hf_config
 
 
 @dataclass
@@ -33,7 +40,7 @@ class Preflight:
     """What the checks found: the opened store (reuse it for the run), domains and derived geometry."""
 
     store: Any
-    domains: list[str]
+    mixer: Any                       # the run's Mixer (megamix.mixer.Mixer), built on the store
     notes: list[str]
     geometry: dict[str, Any]
     ds_config: dict | None = None
@@ -48,9 +55,12 @@ class Preflight:
                  f"{g['gradient_accumulation_steps']}; {g['tokens_per_step']:,} tokens/step; "
                  f"{len(self.domains)} domains"]
         if self.ds_config is not None:
-            import json
             lines.append(f"# deepspeed config: {json.dumps(self.ds_config, sort_keys=True)}")
         return lines
+
+    @property
+    def domains(self) -> list[str]:
+        return self.mixer.domains
 
 
 def _check_data_dir(data_dir: str, field_name: str) -> Path:
@@ -81,8 +91,6 @@ def _opened(open_fn, where: str):
 def open_run_store(cfg: MegamixConfig):
     """The training store the run reads (``data.paths`` in place, else ``<data.data_dir>/tokens``), checked
     against ``model.vocab_size``."""
-    from megamix.data.backings import open_store
-
     if not getattr(cfg.data, "paths", None):
         _check_data_dir(cfg.data.data_dir, "data.data_dir")
     return _opened(lambda: open_store(cfg.data, model_vocab_size=cfg.model.vocab_size), "data.data_dir="
@@ -91,8 +99,6 @@ def open_run_store(cfg: MegamixConfig):
 
 def open_eval_store(eval_data_dir: str):
     """The store of ``data.eval_data_dir`` (what the loop evaluates on)."""
-    from megamix.data.store import TokenStore
-
     d = _check_data_dir(eval_data_dir, "data.eval_data_dir")
     return _opened(lambda: TokenStore(d / "tokens"), f"data.eval_data_dir={d}")
 
@@ -104,9 +110,9 @@ def _check_splits(store, domains: list[str], splits: tuple[str, ...]) -> None:
             store.dataset(d, split)
 
 
-def _initial_weights(cfg: MegamixConfig, domains: list[str], token_counts: list[int]) -> None:
-    from megamix.mixture import initial_weights, prior_max_drift
-
+@contextmanager
+def _mixture_errors(cfg: MegamixConfig):
+    """Name ``mixture.file`` / ``mixture.weights`` and the fix in any error reading the starting mixture."""
     m = cfg.mixture
     where = f"mixture.file={m.file}" if m.kind == "file" else f"mixture (kind={m.kind})"
     fix = ("write it as {\"weights\": {domain: weight, ...}} with one weight >= 0 per training domain, summing to 1 "
@@ -115,8 +121,9 @@ def _initial_weights(cfg: MegamixConfig, domains: list[str], token_counts: list[
     if m.kind == "file" and Path(m.file).is_dir():
         raise ConfigError(f"{where} is a directory; point mixture.file at a mixture JSON file")
     try:
-        initial_weights(m, domains, token_counts)
-        prior_max_drift(m)
+        yield
+    except ConfigError:
+        raise
     except FileNotFoundError:
         raise ConfigError(f"{where} does not exist; check the path, or use another mixture.kind") from None
     except (ValueError, OSError) as e:
@@ -125,12 +132,11 @@ def _initial_weights(cfg: MegamixConfig, domains: list[str], token_counts: list[
         raise ConfigError(f"{msg if name in msg else f'{where}: {msg}'}; {fix}") from None
 
 
-def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int = 0,
-              world_size: int = 1) -> Preflight:
-    """Run every start-up check of a training run (see the module docstring); raise ConfigError on the first
-    problem. Opens no process group and builds no model."""
-    from megamix.mixer import Mixer
-
+def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int = 0, world_size: int = 1,
+              store: Any = None) -> Preflight:
+    """Run every start-up check of a training run (see the module docstring) and build the run's data objects
+    (store, Mixer, evaluation store) for it; raise ConfigError on the first problem. Opens no process group and
+    builds no model. ``store``: an already open TokenStore (checked against ``model.vocab_size``)."""
     cfg.validate()
     backend = backend or make_backend(cfg, rank, world_size)
     world_size = backend.world_size
@@ -139,32 +145,21 @@ def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int =
             and resolve_device(cfg.train.device).type != "cuda"):
         raise ConfigError(f"projection.u_method=tiled is a Triton kernel but train.device={cfg.train.device} runs on "
                           "the CPU: set projection.u_method=gemm (or fused) there")
-
     out = Path(cfg.train.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.out_dir={out} is a file, not a directory; choose another train.out_dir")
 
-    store = open_run_store(cfg)
-    domains = list(cfg.data.domains or store.domains)
-    dup = sorted({d for d in domains if domains.count(d) > 1})
-    if dup:
-        raise ConfigError(f"data.domains lists {dup} more than once; remove the duplicates")
-    missing = [d for d in domains if d not in store.domains]
-    if missing:
-        raise ConfigError(f"domains {missing} are not in the token store {store.domains}; fix data.domains or "
-                          "rebuild the corpus (`megamix data build`)")
-    _opened(lambda: _check_splits(store, domains, ("train", "valid")), "the token store")
-    token_counts = [store.num_tokens(d, "train") for d in domains]
-    short = [d for d, n in zip(domains, token_counts) if n < cfg.model.seq_len + 1]
-    if short:
-        raise ConfigError(f"domains {short} have fewer than model.seq_len+1={cfg.model.seq_len + 1} training "
-                          "tokens, so no sample can be drawn from them; drop them via data.domains or lower "
-                          "model.seq_len")
-    _initial_weights(cfg, domains, token_counts)
-    # the run's own data objects: loader geometry, strategy (e.g. a min_weight floor infeasible for D domains)
-    Mixer(cfg, store, domains, rank=backend.rank, world_size=world_size, group=None)
+    if store is None:
+        store = open_run_store(cfg)
+    else:
+        store.check_vocab(cfg.model.vocab_size)  # a DataError (one line) names the mismatch and the fix
+    # the Mixer owns the domain checks (in the store, listed once, long enough), the mixture and the strategy
+    # (e.g. a min_weight floor infeasible for D domains); the run trains with this one
+    with _mixture_errors(cfg):
+        mixer = Mixer(cfg, store, rank=backend.rank, world_size=world_size, group=None)
+    _opened(lambda: _check_splits(store, mixer.domains, ("train", "valid")), "the token store")
 
-    eval_store, eval_domains = store, domains
+    eval_store, eval_domains = store, mixer.domains
     if cfg.data.eval_data_dir:
         eval_store = open_eval_store(cfg.data.eval_data_dir)
         eval_domains = list(eval_store.domains)
@@ -177,9 +172,10 @@ def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int =
                 "global_batch_size": t.global_batch_size, "tokens_per_step": t.global_batch_size * cfg.model.seq_len}
     ds_config = None
     if cfg.deepspeed.enabled:
-        from megamix.integrations.deepspeed import build_ds_config
-        ds_config = build_ds_config(cfg, world_size)
-    return Preflight(store=store, domains=domains, notes=notes, geometry=geometry, ds_config=ds_config,
+        # the same config the backend builds: "auto" sizes filled in from the model's hidden size
+        ds_config = build_ds_config(cfg, world_size, hidden_size=getattr(resolve_hf_config(cfg.model), "hidden_size",
+                                                                         None))
+    return Preflight(store=store, mixer=mixer, notes=notes, geometry=geometry, ds_config=ds_config,
                      eval_store=eval_store, eval_domains=eval_domains)
 
 
