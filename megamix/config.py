@@ -74,9 +74,12 @@ class ModelConfig(ConfigBase):
     n_embd: int = doc("GPT-2 only (ignored when model.hf_config is set): hidden size d.", 128)
     n_head: int = doc("GPT-2 only (ignored when model.hf_config is set): attention heads (must divide n_embd).", 4)
     seq_len: int = doc("Training sequence length in tokens.", 128)
-    vocab_size: int = doc("Vocabulary size of the model (50257 is GPT-2's BPE). With model.hf_config it must "
-                          "equal the HF config's vocab_size; an inline hf_config without vocab_size takes it "
-                          "from here.", 50257)
+    vocab_size: int | str = doc(
+        "Vocabulary size of the model. auto (default): the HF config's vocab_size (model.hf_config), else the "
+        "tokenizer's (recorded in the token store), else the store's largest token id + 1 (in-place data without a "
+        "tokenizer); GPT-2 built without data: 50257 (GPT-2's BPE). An explicit value must equal the HF config's and "
+        "be at least the data's (a larger one pads the vocabulary); a disagreement is a one-line error naming both.",
+        "auto")
     tie_embeddings: bool = doc("GPT-2 only (with model.hf_config, tie_word_embeddings of the HF config decides): "
                                "tie the LM head to the token embedding.", True)
     dropout: float = doc("GPT-2 only (ignored when model.hf_config is set): dropout probability.", 0.0)
@@ -100,7 +103,9 @@ class ModelConfig(ConfigBase):
 
     def validate(self):
         check(self.seq_len >= 8, "model.seq_len must be >= 8")
-        check(self.vocab_size >= 256, "model.vocab_size must be >= 256")
+        check(self.vocab_size == "auto" or (isinstance(self.vocab_size, int) and not isinstance(self.vocab_size, bool)
+                                            and self.vocab_size >= 256),
+              f"model.vocab_size must be auto or an integer >= 256 (got {self.vocab_size!r})")
         check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
               f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)} "
               f"(got {self.attn_implementation!r})")
@@ -437,10 +442,12 @@ class MegamixConfig(ConfigBase):
 
 # ------------------------------------------------------------------------------------ resume compatibility
 #: Fields a resume may change freely: where and how often things are logged, evaluated and saved, where the
-#: run executes, and train.steps (extending or shortening a run; the cosine LR schedule then spans the new
-#: length).
+#: run executes, train.steps (extending or shortening a run; the cosine LR schedule then spans the new
+#: length), and train.micro_batch_size (the launch geometry, like the world size: the sample stream depends on the
+#: global batch only, which may not change).
 RESUME_FREE = frozenset({
-    "train.out_dir", "train.resume", "train.threads", "train.device", "train.steps", "train.eval_every",
+    "train.out_dir", "train.resume", "train.threads", "train.device", "train.steps", "train.micro_batch_size",
+    "train.eval_every",
     "train.eval_batches", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.on_nonfinite", "train.resume_allow_changes", "data.cap_mb",
     "data.eval_data_dir", "data.vocab_check_mb", "loader.telemetry_window", "loader.verify_weights",

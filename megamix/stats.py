@@ -367,6 +367,50 @@ class DomainStats:
         self._counter = int(sd.get("counter", n))
         self.reduced = bool(sd["reduced"])
 
+    @staticmethod
+    def merge_states(states: list[dict], rank: int = 0) -> dict:
+        """The :meth:`state_dict` of rank ``rank`` of a new world size, from ``states``: the states of every rank
+        of the old one, in old-rank order, saved in the same round (a resume on another number of ranks).
+
+        A round's accumulators are per-rank partial sums that :meth:`all_reduce` adds at the round's end, so the new
+        rank 0 gets their sum (sums, counts, loss and token totals; the unkeyed-row counters) and the per-sample rows
+        of every old rank in rank order, with ``max_rows`` only the R smallest keys (ties: the earlier rank), in that
+        order: the rule :meth:`all_reduce` keeps rows by. Every other new rank gets an empty round (only
+        ``states[0]`` is read for it; pass just that). The round's final all-reduce then sums to what the old
+        ranks would have reached. States of a round already reduced (identical on every rank) are passed on
+        as rank 0's. Raises ValueError when the states do not belong together."""
+        if not states:
+            raise ValueError("merge_states needs the state of at least old rank 0")
+        first = states[0]
+        shape = ("num_domains", "k", "keep_per_sample", "max_rows", "reduced")
+        for i, sd in enumerate(states[1:], 1):
+            if any(sd.get(f) != first.get(f) for f in shape):
+                raise ValueError(f"DomainStats states of old ranks 0 and {i} differ in "
+                                 f"{[f for f in shape if sd.get(f) != first.get(f)]}: not one round of one run")
+        if first["reduced"]:
+            return {**first}
+        k = int(first["k"])
+        out = {**first, "counter": 0, "reduced": False,
+               "rows": torch.zeros(0, k), "row_domains": torch.zeros(0, dtype=torch.long),
+               "row_ids": torch.zeros(0, dtype=torch.long), "row_keys": torch.zeros(0, dtype=torch.long),
+               "row_loss": torch.zeros(0, 2, dtype=torch.float64)}
+        for f in ("sums", "counts", "loss_sum", "token_count"):
+            out[f] = torch.zeros_like(first[f], dtype=torch.float64)
+        if rank != 0:
+            return out
+        for f in ("sums", "counts", "loss_sum", "token_count"):
+            out[f] = torch.stack([sd[f].to(torch.float64) for sd in states]).sum(0)
+        out["counter"] = sum(int(sd.get("counter", sd["rows"].shape[0])) for sd in states)
+        full = [sd for sd in states if sd["rows"].shape[0]]
+        if not full:
+            return out
+        cat = {f: torch.cat([sd[f] for sd in full]) for f in ("rows", "row_domains", "row_ids", "row_keys", "row_loss")}
+        R = first["max_rows"]
+        if R is not None and cat["rows"].shape[0] > R:   # _shrink's and all_reduce's rule: the R smallest keys
+            keep = torch.sort(cat["row_keys"], stable=True).indices[:R].sort().values
+            cat = {f: v[keep] for f, v in cat.items()}
+        return out | cat
+
 
 def _pack(rows, doms, ids, loss) -> torch.Tensor:
     """``[n, k + 4]`` float64: the row, its domain, its sample id, its loss sum and token count (exact:

@@ -134,6 +134,15 @@ def _enospc(tmp: Path, data: Path) -> None:
     os.symlink("/dev/full", ckpt / "model.pt.tmp")
 
 
+def _old_run(tmp: Path, data: Path) -> None:
+    """An earlier run's checkpoint in ``{tmp}/run`` (a new run there must not mix with it)."""
+    ckpt = tmp / "run" / "checkpoints" / "step_0000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "megamix_rank00000.done.json").write_text(json.dumps({
+        "format": 2, "step": 2, "rank": 0, "world_size": 1, "backend": "plain", "run_id": "0" * 32, "files": {}}))
+    (ckpt.parent / "latest").write_text("step_0000002")
+
+
 def T(id: str, sets: list[str], names: tuple[str, ...], **kw) -> Case:
     """A `megamix train` case: the base config plus ``--set`` overrides."""
     argv = ["train"]
@@ -292,8 +301,21 @@ CASES: list[Case] = [
     T("global_batch_not_divisible_by_ranks", ["deepspeed.enabled=true", "train.global_batch_size=6",
                                               "train.micro_batch_size=1"],
       ("train.global_batch_size",), env={"WORLD_SIZE": "4", "RANK": "0"}, real=False),
+    # a rank other than 0 whose rank 0 reported nothing (it failed alone): it still prints its error
+    T("data_dir_missing_on_rank_1_of_2", ["data.data_dir={tmp}/nodata"], ("{tmp}/nodata",),
+      env={"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}),
+    # --- a DeepSpeed config file (deepspeed.config), e.g. one of the Hugging Face templates ---------------------
+    T("deepspeed_config_auto_megamix_cannot_fill", ["deepspeed.enabled=true", "deepspeed.config={tmp}/ds.json"],
+      ("zero_optimization.stage3_max_live_parameters", "{tmp}/ds.json"),
+      setup=_w("ds.json", json.dumps({"zero_optimization": {"stage": "auto", "stage3_max_live_parameters": "auto"}}))),
+    T("deepspeed_config_stage_differs", ["deepspeed.enabled=true", "deepspeed.config={tmp}/ds.json"],
+      ("zero_optimization.stage", "deepspeed.zero_stage", "{tmp}/ds.json"),
+      setup=_w("ds.json", json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3}}))),
     # --- the disk fills up ---------------------------------------------------------------------------------
     T("disk_full", ["train.resume=false"], ("{tmp}/run", "space"), setup=_enospc, dry=False),
+    # --- one run per out_dir -------------------------------------------------------------------------------
+    T("new_run_over_an_earlier_runs_checkpoints", ["train.resume=false"],
+      ("{tmp}/run", "step_0000002", "--overwrite", "train.out_dir"), setup=_old_run),
     # --- megamix data --------------------------------------------------------------------------------------
     C("import_empty_parquet", ["data", "import", "--data-dir", "{tmp}/d", "--domain", "web", "--from",
                                "{tmp}/empty.parquet"], ("{tmp}/empty.parquet",), setup=_w("empty.parquet", b"")),
@@ -509,6 +531,9 @@ def test_bad_input_is_one_clear_line(variant, store_root, tmp_path):
     assert not why, f"{argv}: {why}\n--- stderr ---\n{o.stderr[-3000:]}"
     if case.id == "disk_full":   # it trains, then its first checkpoint hits the full device: none is published
         assert not (tmp_path / "run" / "checkpoints" / "latest").exists(), "a failed checkpoint must not be latest"
+    elif case.setup is _old_run:  # refused: the earlier run's checkpoint is left as it was, nothing new written
+        assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+        assert not (tmp_path / "run" / "run.json").exists()
     elif case.is_train and not dry:
         assert not (tmp_path / "run" / "checkpoints").exists(), "a refused run must not train"
 

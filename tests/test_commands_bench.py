@@ -87,7 +87,7 @@ def test_bench_loader_runs_the_benchmarks_script_into_a_run_folder(tmp_path, mon
 def test_bench_gram_cpu_writes_the_named_folder_and_ends_with_a_table(tmp_path, capsys):
     before = _snapshot()
     out = tmp_path / "g"
-    assert main(["bench", "gram", "--cpu", "--shapes", "64:16", "--k", "4x4", "--D", "2", "--iters", "1",
+    assert main(["bench", "gram", "--cpu", "--shapes", "64:16", "--k", "4x4", "--iters", "1",
                  "--warmup", "0", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert _snapshot() == before

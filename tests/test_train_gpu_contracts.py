@@ -62,7 +62,8 @@ def _instrument(monkeypatch, sim: DeviceSim) -> dict:
     monkeypatch.setattr(L.LMHead, "loss", labelled(L.LMHead.loss, lambda: f"m{cur['step']}"))
     monkeypatch.setattr(Mixer, "step", labelled(Mixer.step, lambda: f"r{cur['step']}"))
     monkeypatch.setattr(torch.optim.AdamW, "step", labelled(torch.optim.AdamW.step, lambda: f"o{cur['step']}"))
-    monkeypatch.setattr(L, "evaluate", labelled(L.evaluate, "eval"))
+    import megamix.train.callbacks as C
+    monkeypatch.setattr(C, "evaluate", labelled(C.evaluate, "eval"))
     monkeypatch.setattr(Checkpoints, "save", labelled(Checkpoints.save, "ckpt"))
     return cur
 

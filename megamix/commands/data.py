@@ -6,6 +6,7 @@ Examples::
     megamix data build --domains code_python,legal --no-tokenize
     megamix data tokenize --data-dir data
     megamix data tokenize --data-dir data_minilm --tokenizer path/to/tokenizer_folder
+    megamix data tokenizer --data-dir data --vocab 8192 --out data_8k   # train a BPE, tokenize into a new store
     megamix data import --data-dir data --domain mine --from my.jsonl --text-field text
     megamix data import --data-dir data --domain web --from /data/web_text_document --format megatron
     megamix data stats --data-dir data
@@ -56,6 +57,18 @@ def register(sub) -> None:
     _common(t, with_tokenizer=True)
     t.add_argument("--force", action="store_true", help="Re-tokenize even if the corpus is unchanged.")
     t.set_defaults(func=run_tokenize)
+
+    k = dsub.add_parser("tokenizer", help="Train a byte-level BPE on the corpus' train split and tokenize the "
+                                          "corpus with it into a new data dir (resumable).")
+    _common(k)
+    k.add_argument("--out", required=True, help="The new data dir: tokenizer/, corpus/ (links) and tokens/.")
+    k.add_argument("--vocab", type=int, default=None, help="Vocabulary size of the BPE to train (e.g. 8192).")
+    k.add_argument("--tokenizer", default=None,
+                   help="Use this existing tokenizer folder instead of training one (e.g. another store's "
+                        "tokenizer/, to tokenize a regrouped corpus the same way).")
+    k.add_argument("--min-frequency", type=int, default=2, help="BPE: a pair must occur this often to merge.")
+    k.add_argument("--force", action="store_true", help="Retrain the tokenizer and re-tokenize everything.")
+    k.set_defaults(func=run_tokenizer)
 
     i = dsub.add_parser("import", help="Import your own data as one domain (jsonl, parquet, hf, megatron).")
     _common(i, with_domains=False, with_tokenizer=True)
@@ -153,6 +166,24 @@ def run_tokenize(args) -> int:
     total = sum(v["train_tokens"] + v["valid_tokens"] for v in man["domains"].values())
     print(f"tokens: {len(man['domains'])} domains, {total:,} tokens in {data_dir / 'tokens'} "
           f"(tokenizer {man['tokenizer']}, vocab {man['vocab_size']}, {man['dtype']})")
+    return 0
+
+
+def run_tokenizer(args) -> int:
+    from megamix.data.errors import DataError
+    from megamix.data.tokenizer_train import build_tokenized_store
+
+    _, data_dir, domains = _resolve(args)
+    t0 = time.perf_counter()
+    try:
+        man = build_tokenized_store(data_dir, args.out, vocab_size=args.vocab, tokenizer=args.tokenizer,
+                                    domains=domains, min_frequency=args.min_frequency, force=args.force,
+                                    progress=sys.stderr.isatty())
+    except (DataError, FileNotFoundError) as e:
+        return _fail(str(e))
+    total = sum(v["train_tokens"] + v["valid_tokens"] for v in man["domains"].values())
+    print(f"tokens: {len(man['domains'])} domains, {total:,} tokens in {Path(args.out) / 'tokens'} (tokenizer "
+          f"{man['tokenizer']}, vocab {man['vocab_size']}, {man['dtype']}; {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -19,7 +19,11 @@ def register(sub) -> None:
     r = s.add_parser("run", help="Run a suite (resumable: finished runs are reused) and write REPORT.md.")
     add_config_args(r)
     r.add_argument("--out", required=True, help="Output folder (runs/, REPORT.md, PNG plots).")
-    r.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (>= 3 for mean ± std).")
+    r.add_argument("--scenario", default="standard", choices=["standard", "junk", "repeat", "target"],
+                   help="standard: every method on the store (default); junk / repeat / target: the known-answer "
+                        "scenarios of docs/evaluation.md (their data is built next to data.data_dir, once; "
+                        "--prior, --regrouped and the overhead probe are for standard only).")
+    r.add_argument("--seeds", default="0,1,2,3,4", help="Comma-separated seeds (>= 3 for mean ± std).")
     r.add_argument("--methods", default="", help="Comma-separated subset of method names (default: all "
                                                   "whose prerequisites exist).")
     r.add_argument("--prior", default="", help="Domain2Vec mixture JSON (enables da2 and rnb+da2).")
@@ -27,6 +31,18 @@ def register(sub) -> None:
     r.add_argument("--overhead-steps", type=int, default=40,
                    help="Steps per variant of the interleaved step-time overhead probe (0 = skip).")
     r.add_argument("--d2v-eval", default=D2V_EVAL_DEFAULT, help="`megamix d2v evaluate` JSON to cite.")
+    r.add_argument("--repeat-domain", default="code_c", help="repeat: the domain replaced by one repeated document.")
+    r.add_argument("--target", default="docs_python", help="target: the domain evaluated on and not trained on.")
+    r.add_argument("--relatives", default="code_python,manpages",
+                   help="target: domains each trained on alone as the single-relative baselines.")
+    r.add_argument("--vectors", default="benchmarks/results/d2v/vectors.json",
+                   help="target: Domain2Vec vectors.json for the target's DA² prior ('' = no da2 method).")
+    r.add_argument("--eval-grad-batches", type=int, default=2,
+                   help="target: held-out batches of the target per R&B update for `rnb-heldout`.")
+    r.add_argument("--scenario-seed", type=int, default=0,
+                   help="junk / repeat: seed of the random ids / of the repeated document (not the training seed).")
+    r.add_argument("--max-runs", type=int, default=0,
+                   help="Train at most this many new runs in this call, then report what is finished (0 = all).")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=run)
     rep = s.add_parser("report", help="Re-render REPORT.md and plots from an existing suite folder.")
@@ -41,10 +57,15 @@ def _conditions(cfg, seeds) -> dict:
 
     import torch
     m, t = cfg.model, cfg.train
+    vocab = m.vocab_size
+    if vocab == "auto":
+        from megamix.data.manifest import load_manifest
+        man = load_manifest(Path(cfg.data.data_dir) / "tokens") or {}
+        vocab = f"{man.get('vocab_size', 'auto')} (auto: the store's tokenizer {man.get('tokenizer', '?')})"
     return {
-        "model": (f"GPT-2 style, {m.n_layer} layers, d={m.n_embd}, {m.n_head} heads, vocab {m.vocab_size}, "
+        "model": (f"GPT-2 style, {m.n_layer} layers, d={m.n_embd}, {m.n_head} heads, vocab {vocab}, "
                   f"seq {m.seq_len}") if m.hf_config in ("", {}) else
-                 f"model.hf_config={m.hf_config}, vocab {m.vocab_size}, seq {m.seq_len}",
+                 f"model.hf_config={m.hf_config}, vocab {vocab}, seq {m.seq_len}",
         "budget": f"{t.steps} steps x {t.global_batch_size} sequences x {m.seq_len} tokens = "
                   f"{t.steps * t.global_batch_size * m.seq_len:,} tokens per run",
         "seeds": ",".join(map(str, seeds)),
@@ -60,11 +81,15 @@ def _conditions(cfg, seeds) -> dict:
 
 def run(args) -> int:
     from megamix.evaluation.harness import default_methods, run_suite, write_report
+    from megamix.evaluation.scenarios import Scenario, summarise_scenario_run
+    from megamix.io import atomic_write_json
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.scenario != "standard":
+        return _run_scenario(args, cfg, seeds)
     methods = default_methods(prior=args.prior or None, regrouped_dir=args.regrouped or None)
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -76,8 +101,11 @@ def run(args) -> int:
                               "needs --regrouped)")
         methods = [m for m in methods if m.name in wanted]
     out = Path(args.out)
-    summaries = run_suite(cfg, methods, seeds, out, eval_data_dir=cfg.data.data_dir,
-                          progress=not args.no_progress)
+    sc = Scenario("standard", methods, "avg valid loss over domains", info={"data_dir": cfg.data.data_dir})
+    summaries = run_suite(cfg, methods, seeds, out, eval_data_dir=cfg.data.data_dir, progress=not args.no_progress,
+                          summarise=lambda rd, m, seed: summarise_scenario_run(rd, m, seed, sc),
+                          max_runs=args.max_runs or None)
+    atomic_write_json(out / "scenario.json", sc.to_json())
     overhead = None
     if args.overhead_steps > 0:
         from megamix.evaluation.harness import measure_overhead
@@ -86,9 +114,72 @@ def run(args) -> int:
     cond = _conditions(cfg, seeds)
     (out / "conditions.json").write_text(json.dumps(cond, indent=1))
     path = write_report(summaries, out, title="megamix evaluation: static vs online mixing",
-                        conditions=cond, paper_numbers=_paper_table(summaries, out, args.d2v_eval), overhead=overhead)
+                        conditions=cond, paper_numbers=_paper_table(summaries, out, args.d2v_eval), overhead=overhead,
+                        extra_plots=_standard_plot(summaries, sc.to_json(), out))
     print(f"report: {path}")
     return 0
+
+
+def _standard_plot(summaries, sc: dict, out: Path) -> list:
+    from megamix.evaluation.scenario_report import plot_scenario
+
+    if not summaries or "metric" not in summaries[0]:      # summaries of an older harness
+        return []
+    p = plot_scenario(summaries, sc, out / "standard.png")
+    return [p] if p is not None else []
+
+
+def _scenario_callbacks(sc):
+    from megamix.evaluation.scenarios import WatchFactors
+
+    def make(method, seed):
+        dograph = "mixing.strategy=dograph" in method.overrides
+        return [WatchFactors(sc.watch)] if sc.watch and dograph else []
+    return make
+
+
+def _run_scenario(args, cfg, seeds) -> int:
+    """`eval run --scenario junk|repeat|target`: build (or reuse) the data, train what is missing, report."""
+    from megamix.configbase import ConfigError
+    from megamix.evaluation.harness import run_suite
+    from megamix.evaluation.scenarios import prepare_scenario, summarise_scenario_run
+    from megamix.io import atomic_write_json
+
+    out = Path(args.out)
+    sc = prepare_scenario(args.scenario, cfg, out, seed=args.scenario_seed, repeat_domain=args.repeat_domain,
+                          target=args.target, relatives=[r.strip() for r in args.relatives.split(",") if r.strip()],
+                          vectors=args.vectors, eval_grad_batches=args.eval_grad_batches)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = set(wanted) - {m.name for m in sc.methods}
+        if unknown:
+            raise ConfigError(f"--methods {sorted(unknown)} are not methods of the {sc.name} scenario; it has "
+                              f"{[m.name for m in sc.methods]}")
+        sc.methods = [m for m in sc.methods if m.name in wanted]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "scenario.json", sc.to_json())
+    summaries = run_suite(cfg, sc.methods, seeds, out, progress=not args.no_progress,
+                          callbacks=_scenario_callbacks(sc), max_runs=args.max_runs or None,
+                          summarise=lambda rd, m, seed: summarise_scenario_run(rd, m, seed, sc))
+    cond = {**_conditions(cfg, seeds), "knobs": list(args.overrides)}
+    atomic_write_json(out / "conditions.json", cond)
+    path = _scenario_report(summaries, out, sc.to_json(), cond)
+    print(f"report: {path}")
+    return 0
+
+
+def _scenario_report(summaries, out: Path, sc: dict, cond: dict) -> Path:
+    from megamix.evaluation.scenario_report import write_scenario_report
+
+    cond = dict(cond)
+    knobs = cond.pop("knobs", [])
+    steps = int(cond.pop("steps", 0)) or max([r["curve"][-1][0] for r in summaries if r.get("curve")] or [0])
+    walls = [r["wall_seconds"] for r in summaries if r.get("wall_seconds")]
+    if walls:
+        cond["wall per run"] = (f"median {sorted(walls)[len(walls) // 2]:.0f} s (min {min(walls):.0f}, max "
+                                f"{max(walls):.0f}) over {len(walls)} runs; other jobs may have shared the cores")
+    return write_scenario_report(summaries, out, sc, title=f"megamix evaluation, scenario `{sc['name']}`",
+                                 conditions=cond, steps=steps, knobs=knobs)
 
 
 D2V_EVAL_DEFAULT = "benchmarks/results/d2v/evaluate.json"
@@ -177,8 +268,13 @@ def report(args) -> int:
     out = Path(args.out)
     summaries = json.loads((out / "summaries.json").read_text())
     cond = json.loads((out / "conditions.json").read_text()) if (out / "conditions.json").exists() else {}
+    sc = json.loads((out / "scenario.json").read_text()) if (out / "scenario.json").exists() else None
+    if sc is not None and sc["name"] != "standard":
+        print(f"report: {_scenario_report(summaries, out, sc, cond)}")
+        return 0
     ov = json.loads((out / "overhead.json").read_text()) if (out / "overhead.json").exists() else None
     path = write_report(summaries, out, title="megamix evaluation: static vs online mixing",
-                        conditions=cond, paper_numbers=_paper_table(summaries, out, args.d2v_eval), overhead=ov)
+                        conditions=cond, paper_numbers=_paper_table(summaries, out, args.d2v_eval), overhead=ov,
+                        extra_plots=_standard_plot(summaries, sc, out) if sc else [])
     print(f"report: {path}")
     return 0

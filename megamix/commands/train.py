@@ -3,7 +3,9 @@
 Both ``--dry-run`` and the real run first run :func:`megamix.train.preflight.check_run` (config, devices,
 launch geometry, data dir, every domain's token files, the mixture), so a dry run checks everything the
 real run checks at start-up. SIGUSR1 and SIGTERM ask the run to save a checkpoint at the next step
-boundary and stop (a second signal kills at once); run the same command again to resume.
+boundary and stop (a second signal kills at once); run the same command again to resume. One run per
+``train.out_dir``: a new run (``train.resume=false``) refuses a folder holding an earlier run's checkpoints
+unless ``--overwrite`` (delete them first) is given (:meth:`megamix.train.checkpoint.Checkpoints.claim`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ def register(sub) -> None:
                    help="Run every start-up check of the real run (config, devices, launch geometry, data dir, "
                         "token files, mixture) and print the config and derived geometry, without training.")
     p.add_argument("--no-progress", action="store_true", help="Disable the progress bar.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Start a new run in train.out_dir even though it holds an earlier run's checkpoints: delete "
+                        "them and that run's metrics and results first (without it, a new run, train.resume=false, "
+                        "refuses such a folder; a resume continues the run there).")
     p.set_defaults(func=run)
 
 
@@ -121,6 +127,7 @@ def run(args) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(args)
+    args.shared_dir = cfg.train.out_dir   # every rank sees it: the CLI prints a start-up error there once
     rank, world, local_rank = dist_env()
     if world > 1 and not args.dry_run and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         raise ConfigError(f"world size {world} (from WORLD_SIZE/SLURM_NTASKS) but MASTER_ADDR/MASTER_PORT are not "
@@ -132,6 +139,13 @@ def run(args) -> int:
     backend = make_backend(cfg, rank, world, local_rank=local_rank)
     pre = check_run(cfg, backend)
     if args.dry_run:
+        from megamix.train.checkpoint import Checkpoints
+
+        ckpts = Checkpoints(cfg.train.out_dir)
+        ckpts.check_claim(cfg.train.resume, args.overwrite)   # what the real run refuses at start-up
+        if args.overwrite and ckpts.held():
+            pre.notes.append(f"--overwrite: the run will delete the {len(ckpts.held())} checkpoint(s) in "
+                             f"{ckpts.root} and the earlier run's metrics and results")
         if rank == 0:  # every rank checks, rank 0 reports
             for note in pre.notes:
                 print(f"# note: {note}")
@@ -145,7 +159,8 @@ def run(args) -> int:
 
     flag = StopFlag(rank).install()
     try:
-        train(cfg, backend=backend, progress=not args.no_progress, plan=pre, stop_requested=flag)
+        train(cfg, backend=backend, progress=not args.no_progress, plan=pre, stop_requested=flag,
+              overwrite=args.overwrite)
     except StopRequested as e:
         if rank == 0:
             print(f"megamix: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from megamix.config import MegamixConfig
+from megamix.io import atomic_write_json
 
 
 @dataclass
@@ -69,20 +70,30 @@ def run_dir(out_root: Path, method: str, seed: int) -> Path:
 
 
 def run_suite(base: MegamixConfig, methods: list[Method], seeds: list[int], out_root: str | Path,
-              *, eval_data_dir: str | None = None, progress: bool = True) -> list[dict]:
-    """Train every (method, seed); returns one summary dict per run. Existing results are reused."""
-    from megamix.train.loop import train
+              *, eval_data_dir: str | None = None, progress: bool = True, callbacks=None, summarise=None,
+              max_runs: int | None = None) -> list[dict]:
+    """Train every (method, seed); returns one summary dict per finished run. Existing results are reused.
+
+    ``callbacks(method, seed) -> list``: extra training callbacks for a run (run before the default ones);
+    ``summarise(run_dir, method, seed) -> dict``: the per-run summary (default :func:`summarise_run`);
+    ``max_runs``: train at most this many new runs in this call (the others wait for the next call)."""
+    from megamix.train.callbacks import default_callbacks
+    from megamix.train.loop import Trainer
 
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    summaries = []
+    summarise = summarise or summarise_run
+    summaries, pending = [], []
     total = len(methods) * len(seeds)
-    i = 0
+    i = trained = 0
     for m in methods:
         for s in seeds:
             i += 1
             rd = run_dir(out_root, m.name, s)
             res_path = rd / "result.json"
+            if not res_path.exists() and max_runs is not None and trained >= max_runs:
+                pending.append(f"{m.name}__seed{s}")
+                continue
             if not res_path.exists():
                 ov = list(m.overrides) + [f"train.seed={s}", f"train.out_dir={rd}", "train.resume=true"]
                 if eval_data_dir and any(o.startswith("data.data_dir=") for o in m.overrides):
@@ -92,10 +103,14 @@ def run_suite(base: MegamixConfig, methods: list[Method], seeds: list[int], out_
                     cfg = cfg.with_override(o)
                 print(f"[{i}/{total}] {m.name} seed={s} -> {rd}", flush=True)
                 t0 = time.time()
-                train(cfg, progress=progress, log_to_stdout=False)
+                extra = list(callbacks(m, s)) if callbacks else []
+                Trainer(cfg, progress=progress, log_to_stdout=False, callbacks=extra + default_callbacks()).fit()
+                trained += 1
                 print(f"    done in {time.time() - t0:.0f}s", flush=True)
-            summaries.append(summarise_run(rd, m.name, s))
-    (out_root / "summaries.json").write_text(json.dumps(summaries, indent=1))
+            summaries.append(summarise(rd, m.name, s))
+    if pending:
+        print(f"{len(pending)} runs left for a later call (--max-runs): {', '.join(pending)}", flush=True)
+    atomic_write_json(out_root / "summaries.json", summaries)
     return summaries
 
 
@@ -162,11 +177,11 @@ def aggregate(summaries: list[dict], baseline: str = "uniform", static: str = "u
 
 def write_report(summaries: list[dict], out_root: str | Path, *, title: str, conditions: dict,
                  paper_numbers: dict | None = None, baseline: str = "uniform",
-                 overhead: dict | None = None) -> Path:
+                 overhead: dict | None = None, extra_plots: list[Path] | None = None) -> Path:
     """Markdown report + PNG plots under ``out_root``. Returns the report path."""
     out_root = Path(out_root)
     agg = aggregate(summaries, baseline=baseline)
-    plots = _plots(summaries, out_root)
+    plots = _plots(summaries, out_root) + list(extra_plots or [])
     lines = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
              "`megamix eval run`. Every number below was measured in this run; nothing is copied.", "",
              "## Conditions", ""]
@@ -199,8 +214,9 @@ def write_report(summaries: list[dict], out_root: str | Path, *, title: str, con
         for k, v in overhead["median_step_seconds"].items():
             lines.append(f"| {k} | {v:.3f} | {100 * overhead[key][k]:+.1f}% |")
     lines += ["", "## Verdict (computed, not written by hand)", "",
-              "Paired by seed; 'better/worse' = the mean paired difference is beyond 2 standard errors. With "
-              "n=3 seeds this is a weak test: treat a single 'better' as a hint, not a result.", ""]
+              "Paired by seed; 'better/worse' = the mean paired difference is beyond 2 standard errors (the 95% "
+              "interval is t-based over the seeds). With few seeds this is a weak test: treat a single 'better' "
+              "as a hint, not a result.", ""]
     lines += _verdicts(agg, baseline)
     if paper_numbers:
         lines += ["", "## Our numbers next to the papers'", "", "| claim | paper | ours |", "|---|---|---|"]
@@ -212,25 +228,46 @@ def write_report(summaries: list[dict], out_root: str | Path, *, title: str, con
     return path
 
 
+def paired_difference(x, b, level: float = 0.95) -> dict:
+    """Paired (by position: seed) difference ``x - b``: n, mean, standard error and the t-based ``level``
+    interval over the pairs (None where n < 2). The rule of the standard comparison is ``verdict_2se``: the
+    mean beyond 2 standard errors; the scenarios use ``verdict_ci``: the interval excludes 0."""
+    from scipy.stats import t as student_t
+
+    x, b = np.asarray(x, dtype=float), np.asarray(b, dtype=float)
+    n = min(len(x), len(b))
+    d = x[:n] - b[:n]
+    d = d[np.isfinite(d)]
+    n = len(d)
+    out = {"n": n, "mean": float(d.mean()) if n else float("nan"), "se": None, "lo": None, "hi": None,
+           "verdict_2se": "one seed" if n == 1 else "no data" if n == 0 else None, "verdict_ci": None}
+    if n < 2:
+        out["verdict_ci"] = out["verdict_2se"]
+        return out
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * se
+    m = out["mean"]
+    out.update(se=se, lo=m - half, hi=m + half,
+               verdict_2se="better" if m < -2 * se else "worse" if m > 2 * se else "within noise",
+               verdict_ci="better" if m + half < 0 else "worse" if m - half > 0 else "within noise")
+    return out
+
+
 def _verdicts(agg: dict, baseline: str) -> list[str]:
     """For each method: is its mean avg loss better than the baseline by more than the seed noise?"""
     out = []
     if baseline not in agg:
         return ["- no baseline runs"]
-    b = np.asarray(agg[baseline]["avg"], dtype=float)
+    words = {"better": "better than", "worse": "worse than", "within noise": "within noise of"}
     for m, a in sorted(agg.items()):
         if m == baseline:
             continue
-        x = np.asarray(a["avg"], dtype=float)
-        n = min(len(x), len(b))
-        if n < 2:
-            out.append(f"- {m}: {x.mean() - b.mean():+.4f} vs {baseline} (one seed; no noise estimate)")
+        p = paired_difference(a["avg"], agg[baseline]["avg"])
+        if p["n"] < 2:
+            out.append(f"- {m}: {p['mean']:+.4f} vs {baseline} (one seed; no noise estimate)")
             continue
-        diff = x[:n] - b[:n]  # paired by seed
-        se = diff.std(ddof=1) / math.sqrt(n)
-        verdict = ("better than" if diff.mean() < -2 * se else "worse than" if diff.mean() > 2 * se
-                   else "within noise of")
-        out.append(f"- {m}: {verdict} {baseline} (paired Δ = {diff.mean():+.4f} ± {se:.4f} s.e., n={n})")
+        out.append(f"- {m}: {words[p['verdict_2se']]} {baseline} (paired Δ = {p['mean']:+.4f} ± {p['se']:.4f} s.e., "
+                   f"95% CI [{p['lo']:+.4f}, {p['hi']:+.4f}], n={p['n']})")
     return out
 
 
@@ -313,7 +350,7 @@ def measure_overhead(base: MegamixConfig, out_root: str | Path, *, steps: int = 
             for o in ov + [f"train.steps={steps}", "train.eval_every=0", "train.log_every=1",
                            f"train.out_dir={rd}", "train.resume=false", "train.checkpoint_every=0"]:
                 cfg = cfg.with_override(o)
-            train(cfg, progress=False, log_to_stdout=False)
+            train(cfg, progress=False, log_to_stdout=False, overwrite=True)   # a re-run re-measures
             recs = [r for r in read_metrics(rd / "metrics.jsonl") if r["kind"] == "train"]
             times[name] += [r["step_seconds"] for r in recs[2:]]  # skip warm-up steps
     base_name = variants[0][0]

@@ -1,5 +1,6 @@
 """DeepSpeed glue: the ds_config, launch validation, process-group start, engine creation, ZeRO-3
-parameter handling and engine checkpoint files. Only this module imports ``deepspeed`` (inside functions).
+parameter handling and engine checkpoint files. Only this module and its universal-checkpoint part
+(:mod:`megamix.integrations.ds_universal`, resuming on another world size) import ``deepspeed`` (inside functions).
 
 The training loop's DeepSpeed backend (:class:`megamix.train.backend.DeepSpeedBackend`) is built from
 these pieces; so is the fused LM head's ZeRO-3 support (:func:`megamix.integrations.hf.apply_megamix`).
@@ -185,11 +186,21 @@ def merge_ds_config(cfg: MegamixConfig, world_size: int, user: dict | None = Non
     m.default(("steps_per_print",), 10 ** 9)
     m.default(("wall_clock_breakdown",), False)
     for key in m.leftover_autos():
-        m.conflicts.append(f"{key}=\"auto\" in {source}: megamix has no value to fill in; set it explicitly")
+        m.conflicts.append(_unfilled_auto(key, source, hidden_size))
     if m.conflicts:
         raise ConfigError(f"deepspeed.config {source} conflicts with the megamix config ({len(m.conflicts)}):\n  - "
                           + "\n  - ".join(m.conflicts))
     return m.conf, m.notes
+
+
+def _unfilled_auto(key: str, source: str, hidden_size: int | None) -> str:
+    """The one line for an "auto" megamix cannot fill: the key, and what to write instead."""
+    if key.split(".")[-1] in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                              "stage3_param_persistence_threshold") and not hidden_size:
+        return (f'{key}="auto" in {source}: megamix fills it from the model\'s hidden size, which is not known here; '
+                f"set it to a number in {source} (e.g. hidden_size x hidden_size)")
+    return (f'{key}="auto" in {source}: megamix has no value to fill in for this key; set it to a value in {source}, '
+            "or remove it to use DeepSpeed's default")
 
 
 def _merge_batch(m: _Merge, cfg: MegamixConfig, world_size: int) -> None:
@@ -216,6 +227,10 @@ def _merge_precision(m: _Merge, dtype: str) -> None:
         m.require((sec, "enabled"), False, "train.dtype", only_if_present=True, shown=f"train.dtype={dtype}",
                   fix=f"megamix trains in fp32 or bf16 (train.dtype); set {sec}.enabled to false in {source} "
                       "and use train.dtype=bf16 for mixed precision")
+    for node in (m.conf.get(sec) for sec in (bf16, "fp16", "amp")):  # "auto" in a section that is off sets nothing
+        if isinstance(node, dict) and node.get("enabled") is False:  # (e.g. HF's amp.opt_level): DeepSpeed's default
+            for key in [k for k, v in node.items() if v == AUTO]:
+                del node[key]
 
 
 def _merge_zero(m: _Merge, ds, hidden_size: int | None) -> None:
@@ -224,7 +239,7 @@ def _merge_zero(m: _Merge, ds, hidden_size: int | None) -> None:
     if ds.zero_stage >= 1:
         m.default(("zero_optimization", "overlap_comm"), ds.backend == "nccl")
         m.default(("zero_optimization", "contiguous_gradients"), True)
-    if ds.zero_stage == 3:
+    if ds.zero_stage == 3 or m.get(("zero_optimization", "stage3_gather_16bit_weights_on_model_save")) == AUTO:
         m.default(("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False)
     off = ("zero_optimization", "offload_optimizer")
     if ds.offload_optimizer:
@@ -332,8 +347,8 @@ def validate_launch(cfg: MegamixConfig, world_size: int, *, check_devices: bool 
                      "the strategy never runs")
     if t.checkpoint_every and t.checkpoint_every % cfg.mixing.update_every != 0:
         notes.append("checkpoint_every is not a multiple of mixing.update_every: checkpoints fall inside a "
-                     "round; each rank's accumulators are saved in its side file so resume stays exact, "
-                     "but the world size must then stay the same")
+                     "round; each rank's accumulators are saved in its side file so resume stays exact (on another "
+                     "world size they are merged onto rank 0)")
     return {"world_size": world_size, "gradient_accumulation_steps": gas, "ds_config": ds_config, "notes": notes}
 
 
@@ -488,20 +503,38 @@ def save_engine(engine, ckpt_root: str | Path, tag: str) -> None:
     engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
 
 
-def load_engine(engine, ckpt_root: str | Path, tag: str) -> None:
+def load_engine(engine, ckpt_root: str | Path, tag: str, *, universal: bool = False) -> None:
     """Load the engine's files of checkpoint ``ckpt_root/tag`` (the tag is always explicit: DeepSpeed's own
-    ``latest`` is not used). The caller has checked that the checkpoint is complete (megamix.train.checkpoint)."""
+    ``latest`` is not used). The caller has checked that the checkpoint is complete (megamix.train.checkpoint).
+
+    ``universal``: load the universal checkpoint in ``ckpt_root/tag/universal`` instead (a resume on a different
+    number of ranks; :func:`megamix.integrations.ds_universal.ensure_universal` made it), through DeepSpeed's
+    universal loading path (the engine's ``checkpoint.load_universal`` setting, switched on for this load only)."""
+    from megamix.integrations.ds_universal import UNIVERSAL_DIR, repair_zero3_load
+
     where = Path(ckpt_root) / tag
+    load_dir, load_tag = (where, UNIVERSAL_DIR) if universal else (Path(ckpt_root), tag)
+    conf = engine._config
+    before = conf.load_universal_checkpoint
+    conf.load_universal_checkpoint = bool(universal)
     try:
-        path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag)
+        path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag)
     except Exception as e:
         path, why = None, f" ({type(e).__name__}: {str(e).strip()[:160]})"
     else:
         why = ""
+    finally:
+        conf.load_universal_checkpoint = before
+    if path is None and universal:
+        raise ConfigError(f"DeepSpeed could not load the universal checkpoint {where / UNIVERSAL_DIR}{why}: delete "
+                          "that folder to convert it again, or resume with the world size the checkpoint was written "
+                          "with")
     if path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {where}{why}; its files are all there, so they are "
                           f"damaged or were written by an incompatible engine: move {where} aside to resume from the "
                           "previous checkpoint, or start a new train.out_dir")
+    if universal and engine.zero_optimization_partition_weights():
+        repair_zero3_load(engine, load_dir / load_tag)   # two slips of DeepSpeed 0.19.8
 
 
 __all__ = ["gradient_accumulation_steps", "load_user_ds_config", "user_ds_config", "merge_ds_config",

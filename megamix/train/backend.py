@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -25,8 +26,9 @@ from megamix import comm
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
 from megamix.integrations import deepspeed as ds_glue
+from megamix.integrations import ds_universal
 from megamix.io import atomic_path, atomic_write_json
-from megamix.train import optim
+from megamix.train import markers as mk, optim
 from megamix.train.model import check_attn_implementation, resolve_hf_config
 
 MODEL_FILE = "model.pt"
@@ -48,6 +50,28 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
     return torch.device(name)
+
+
+def read_model_file(path: Path, rank: int = 0, world_size: int = 1) -> dict:
+    """``model.pt`` (a ``torch.save`` zip) for a resume, mapped (``torch.load(mmap=True)``), not copied: its pages
+    are the page cache, one copy per node however many ranks read it; a rank's own memory gets only the copies the
+    backend makes (parameters, optimizer state). A torn or corrupt file is still found before anything is restored:
+    the zip directory is read (a truncated file has none) and the CRC-32 of this rank's share of the records checked
+    (:func:`megamix.train.markers.share`: the ranks check disjoint shares covering the file, and the resume's
+    collective decision makes one failure everyone's; a record without one, CRC 0, is not checked: torch.save
+    computes them unless told not to). Raises OSError naming the file."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            for name in mk.share({n: i.file_size for n, i in infos.items()}, rank, world_size):
+                if infos[name].CRC:
+                    with zf.open(name) as f:      # verifies the CRC-32 at the end of the record
+                        while f.read(1 << 20):
+                            pass
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # missing, truncated, garbled: name the file
+        lines = str(e).strip().splitlines()
+        raise OSError(f"{path} cannot be read ({type(e).__name__}: {lines[0][:160] if lines else ''})") from None
 
 
 class Backend:
@@ -258,17 +282,24 @@ class PlainBackend(Backend):
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, tmp)
 
     def read(self, ckpt_root, tag):
-        path = Path(ckpt_root) / tag / MODEL_FILE
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # missing, truncated, garbled: name the file
-            lines = str(e).strip().splitlines()
-            raise OSError(f"{path} cannot be read ({type(e).__name__}: {lines[0][:160] if lines else ''})") from None
+        """``model.pt`` mapped, not copied (:func:`read_model_file`): this rank's share of its records checked."""
+        return read_model_file(Path(ckpt_root) / tag / MODEL_FILE, self.rank, self.world_size)
 
     def load(self, ckpt_root, tag, state=None):
         state = self.read(ckpt_root, tag) if state is None else state
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])      # copies into the parameters (on their device)
         self.optimizer.load_state_dict(state["optimizer"])
+        # the optimizer keeps a CPU tensor it is given as it is, here a view of the mapped file: give it its own
+        # copy (the file may be pruned later; on a GPU the state was already copied to the device)
+        for st in self.optimizer.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.device.type == "cpu":
+                    st[k] = v.clone()
+
+    def resize_note(self, ckpt_root, tag) -> str:
+        """For the line a resume on another world size logs (:mod:`megamix.train.elastic`; this method marks the
+        backend as able to): ``model.pt`` is not sharded, every rank loads all of it."""
+        return f"every rank loads {MODEL_FILE} (the whole model and optimizer state, not sharded) as it is"
 
 
 class DDPBackend(PlainBackend):
@@ -289,8 +320,8 @@ class DDPBackend(PlainBackend):
     reads it: the fused LM-head patch reads the (tied) head weight by attribute inside the model's
     forward, and its gradient reaches DDP's reducer like any other.
 
-    Checkpoints: ``model.pt`` (model + optimizer, identical on all ranks) is written by rank 0 only;
-    every rank reads it on resume.
+    Checkpoints: ``model.pt`` (model + optimizer, identical on all ranks), the plain backend's file, written by rank 0
+    only; either backend resumes the other's on any world size. Every rank maps it on resume (:func:`read_model_file`).
     """
 
     name = "ddp"
@@ -409,12 +440,16 @@ class DeepSpeedBackend(Backend):
     user_schedule = False    # the ds_config's scheduler section drives the LR (not megamix's lr_at)
     _lr: float | None = None
 
+    #: the merged DeepSpeed config, built once by :meth:`check` (what the dry run prints and the engine gets)
+    ds_config: dict | None = None
+
     def check(self, cfg: MegamixConfig) -> list[str]:
         check_attn_implementation(cfg.model.attn_implementation)
         hidden = getattr(resolve_hf_config(cfg.model), "hidden_size", None)
-        notes = ds_glue.validate_launch(cfg, self.world_size, hidden_size=hidden)
+        launch = ds_glue.validate_launch(cfg, self.world_size, hidden_size=hidden)
         optim.resolve_optimizer(cfg)
-        return notes["notes"]
+        self.ds_config = launch["ds_config"]
+        return launch["notes"]
 
     def init(self, cfg: MegamixConfig) -> None:
         ds_glue.init_distributed(cfg.deepspeed.backend, rank=self.rank, world_size=self.world_size,
@@ -422,8 +457,10 @@ class DeepSpeedBackend(Backend):
 
     def setup(self, model, optimizer, lr_at, cfg) -> None:
         base = cfg.train.lr
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        ds_config = ds_glue.build_ds_config(cfg, self.world_size, hidden_size=hidden)
+        ds_config = self.ds_config
+        if ds_config is None:   # setup without check (a caller's own engine set-up): build it here, the same way
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            ds_config = self.ds_config = ds_glue.build_ds_config(cfg, self.world_size, hidden_size=hidden)
         self.lr_at = lr_at
         self.user_schedule = "scheduler" in ds_config
         params = optim.param_groups(model, cfg.train.weight_decay) if optimizer is None else None
@@ -488,8 +525,13 @@ class DeepSpeedBackend(Backend):
     def save(self, ckpt_root, tag):
         ds_glue.save_engine(self.engine, ckpt_root, tag)
 
-    def load(self, ckpt_root, tag, state=None):
-        ds_glue.load_engine(self.engine, ckpt_root, tag)
+    def resize_note(self, ckpt_root, tag) -> str:
+        """How the engine state is restored on this run's different world size (for the line Checkpoints.load
+        logs); its presence marks the backend as able to resume on one (:mod:`megamix.train.elastic`)."""
+        return ds_universal.resize_note(Path(ckpt_root) / tag, self.world_size)
+
+    def load(self, ckpt_root, tag, state=None):   # another world size: DeepSpeed's universal checkpoint
+        ds_universal.load_engine_files(self.engine, Path(ckpt_root), tag, self.rank, self.world_size, self.group)
 
 
 def make_backend(cfg: MegamixConfig, rank: int = 0, world_size: int = 1, local_rank: int | None = None) -> Backend:
@@ -503,4 +545,4 @@ def make_backend(cfg: MegamixConfig, rank: int = 0, world_size: int = 1, local_r
 
 
 __all__ = ["Backend", "StepReport", "PlainBackend", "DDPBackend", "DeepSpeedBackend", "make_backend", "resolve_device",
-           "MODEL_FILE"]
+           "MODEL_FILE", "read_model_file"]

@@ -27,7 +27,7 @@ import torch
 
 from megamix import comm
 from megamix.config import MegamixConfig
-from megamix.configbase import RunError
+from megamix.configbase import ConfigError, RunError
 from megamix.io import atomic_write_json, atomic_write_text
 from megamix.train.backend import Backend, make_backend
 from megamix.train.callbacks import Callback, default_callbacks, evaluate, mean_finite, print_summary
@@ -85,12 +85,16 @@ class Trainer:
         stop_requested: asked at every step boundary (e.g. set by a signal handler); when it returns True on
             any rank, the step's checkpoint is saved and :class:`megamix.train.stop.StopRequested` is raised.
         checkpoint_hook: ``f(phase, step, rank)`` called inside each checkpoint save (tests: kill points).
+        overwrite: delete the checkpoints and files of an earlier run in ``train.out_dir`` and start a new run
+            (``megamix train --overwrite``); without it a new run refuses a folder holding checkpoints
+            (:meth:`megamix.train.checkpoint.Checkpoints.claim`).
     """
 
     def __init__(self, cfg: MegamixConfig, *, backend: Backend | None = None, rank: int = 0, world_size: int = 1,
                  plan: Preflight | None = None, store: Any = None, callbacks: list[Callback] | None = None,
                  progress: bool = True, log_to_stdout: bool = True, stop_at_step: int | None = None,
-                 stop_requested: Callable[[], bool] | None = None, checkpoint_hook: Any = None):
+                 stop_requested: Callable[[], bool] | None = None, checkpoint_hook: Any = None,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.backend = backend = backend or make_backend(cfg, rank, world_size)
         plan = plan or check_run(cfg, backend, store=store)   # every start-up check, once
@@ -109,13 +113,20 @@ class Trainer:
                     log.info("megamix: %s", note)
         self.store, self.mixer = plan.store, plan.mixer
         self.eval_store, self.eval_domains = plan.eval_store, plan.eval_domains
+        self.ckpt = Checkpoints(self.out_dir, on_phase=checkpoint_hook)
+        self.ckpt.claim(t.resume, overwrite, self.main, backend.group)   # one run per out_dir; its run id
+        expect = self.ckpt.resumable() if t.resume else None    # model.init_from is read only at step 0
         torch.manual_seed(t.seed)
-        model = build_model(cfg.model, seed=t.seed)
+        model = build_model(cfg.model, seed=t.seed, load_init=expect is None)
         self.n_params = count_parameters(model)
         backend.setup(model, build_optimizer(model, cfg), lambda s: lr_at(s, cfg), cfg)
         self.head = LMHead(cfg, backend, self.mixer)
-        self.ckpt = Checkpoints(self.out_dir, on_phase=checkpoint_hook)
         self.start = self.ckpt.load(backend, self.mixer, cfg) if t.resume else 0
+        if expect is not None and self.start == 0 and cfg.model.init_from:
+            raise ConfigError(f"checkpoint {self.out_dir / 'checkpoints' / expect} looked complete but no checkpoint "
+                              f"could be resumed (see the warning above), and model.init_from={cfg.model.init_from} was "
+                              "not loaded because a resume was expected: fix or remove the checkpoints, or start a new "
+                              "train.out_dir")
         self.end = t.steps if stop_at_step is None else min(t.steps, stop_at_step)
         self.reporter = StepReporter(backend.progress_label(cfg), self.start, self.end, t.steps,
                                      bar=progress and self.main, lines=self.main and (progress or log_to_stdout))
@@ -147,7 +158,9 @@ class Trainer:
             if self.main:
                 if self.start:
                     _truncate_metrics(metrics_path, self.start)
-                    self.say(f"resumed from {self.ckpt.loaded} at step {self.start}")
+                    self.say(f"resumed from {self.ckpt.loaded} at step {self.start}" +
+                             (f" (its weights; model.init_from={self.cfg.model.init_from} is read only at step 0)"
+                              if self.cfg.model.init_from else ""))
                 elif metrics_path.exists():
                     metrics_path.unlink()  # a fresh run: drop records of an earlier, unfinished one
                 atomic_write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
@@ -175,7 +188,8 @@ class Trainer:
             gnorm = report.grad_norm
         if skip:
             self.mixer.discard_step()  # the skipped step's statistics never reach the strategy
-        update = None if skip else self.mixer.step(step, **self.step_kwargs)
+        # a skipped step still closes its round on schedule: the strategy updates from the statistics it has
+        update = self.mixer.step(step, **self.step_kwargs)
         self.step_seconds.append(time.perf_counter() - ts)
         self.step_losses.append(report.loss)
         self.last_loss = report.loss
@@ -243,12 +257,12 @@ class Trainer:
 def train(cfg: MegamixConfig, *, rank: int = 0, world_size: int = 1, backend: Backend | None = None,
           progress: bool = True, log_to_stdout: bool = True, stop_at_step: int | None = None,
           store: Any = None, stop_requested: Callable[[], bool] | None = None,
-          checkpoint_hook: Any = None, plan: Preflight | None = None) -> TrainResult:
+          checkpoint_hook: Any = None, plan: Preflight | None = None, overwrite: bool = False) -> TrainResult:
     """Pretrain as configured; every rank calls it: ``Trainer(cfg, ...).fit()`` (see :class:`Trainer` for the
     arguments). Returns the :class:`TrainResult` on every rank."""
     return Trainer(cfg, backend=backend, rank=rank, world_size=world_size, plan=plan, store=store,
                    progress=progress, log_to_stdout=log_to_stdout, stop_at_step=stop_at_step,
-                   stop_requested=stop_requested, checkpoint_hook=checkpoint_hook).fit()
+                   stop_requested=stop_requested, checkpoint_hook=checkpoint_hook, overwrite=overwrite).fit()
 
 
 __all__ = ["train", "Trainer", "TrainResult", "StepOutput", "lr_at", "build_optimizer", "evaluate", "LMHead",

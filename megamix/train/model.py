@@ -57,7 +57,8 @@ def _inline_config(spec: dict, cfg: ModelConfig):
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"model.hf_config.{key} is not a field of transformers' {type(default).__name__}.{hint}")
-    spec.setdefault("vocab_size", cfg.vocab_size)
+    if explicit_vocab(cfg) is not None:
+        spec.setdefault("vocab_size", cfg.vocab_size)
     if "max_position_embeddings" not in spec and "n_positions" not in spec:
         npos = getattr(default, "max_position_embeddings", None)
         if npos is not None and npos < cfg.seq_len:
@@ -96,15 +97,52 @@ def _named_config(spec: str):
                           "architecture transformers ships)") from None
 
 
+GPT2_VOCAB = 50257   # GPT-2's BPE: the built-in model's vocabulary when model.vocab_size=auto meets no data
+
+
+def explicit_vocab(cfg: ModelConfig) -> int | None:
+    """``model.vocab_size`` when the user set a number, None for ``auto``."""
+    return None if cfg.vocab_size == "auto" else int(cfg.vocab_size)
+
+
+def hf_vocab(cfg: ModelConfig) -> int | None:
+    """The vocabulary ``model.hf_config`` itself names (a folder's or cached config, or an inline one with
+    vocab_size), or None (the built-in GPT-2, or an inline architecture without vocab_size)."""
+    spec = cfg.hf_config
+    if spec in ("", {}, None) or (isinstance(spec, dict) and "vocab_size" not in spec):
+        return None
+    return int(spec["vocab_size"]) if isinstance(spec, dict) else int(_named_config(str(spec)).vocab_size)
+
+
+def resolve_vocab(cfg: ModelConfig, store) -> tuple[int, str]:
+    """``(vocabulary size, where it came from)`` for a run over ``store``: ``model.vocab_size`` when set, else the
+    HF config's, the tokenizer's (the store's manifest), or the store's largest token id + 1. The store is checked
+    against the result by the caller (``TokenStore.check_vocab``)."""
+    if explicit_vocab(cfg) is not None:
+        return explicit_vocab(cfg), "model.vocab_size"
+    v = hf_vocab(cfg)
+    if v is not None:
+        return v, "model.hf_config"
+    if store.vocab_size is not None:
+        return int(store.vocab_size), f"the tokenizer of the token data ({store.tokenizer or 'recorded'})"
+    hi = store.max_token_id
+    if hi is None:
+        raise ConfigError("model.vocab_size=auto: the token data records neither its tokenizer's vocabulary nor its "
+                          "largest token id; set model.vocab_size explicitly")
+    return max(int(hi) + 1, 256), "the token data's largest token id + 1"
+
+
 def resolve_hf_config(cfg: ModelConfig):
     """The transformers config ``cfg`` describes (see the module docstring). Raises ConfigError."""
     from transformers import GPT2Config
 
     spec = cfg.hf_config
     if spec in ("", {}, None):
-        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        vocab = explicit_vocab(cfg) or GPT2_VOCAB
+        eos = GPT2_VOCAB - 1 if vocab >= GPT2_VOCAB else None    # GPT-2's <|endoftext|>; not in a smaller vocabulary
+        hf = GPT2Config(vocab_size=vocab, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=50256, eos_token_id=50256)
+                        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eos, eos_token_id=eos)
     elif isinstance(spec, dict):
         hf = _inline_config(spec, cfg)
     else:
@@ -112,9 +150,9 @@ def resolve_hf_config(cfg: ModelConfig):
     if getattr(hf, "is_encoder_decoder", False):
         raise ConfigError(f"model.hf_config: {type(hf).__name__} is an encoder-decoder; megamix pretrains "
                           "decoder-only causal LMs")
-    if hf.vocab_size != cfg.vocab_size:
+    if explicit_vocab(cfg) is not None and hf.vocab_size != cfg.vocab_size:
         raise ConfigError(f"model.hf_config has vocab_size={hf.vocab_size} but model.vocab_size={cfg.vocab_size}; "
-                          f"set model.vocab_size={hf.vocab_size} (the token store's ids must be below it)")
+                          f"set model.vocab_size={hf.vocab_size} or auto (the token store's ids must be below it)")
     npos = getattr(hf, "max_position_embeddings", None)
     if isinstance(npos, int) and npos < cfg.seq_len:
         raise ConfigError(f"model.seq_len={cfg.seq_len} exceeds the HF config's max_position_embeddings={npos}; "
@@ -150,16 +188,17 @@ def _instantiate(hf, attn: str, seed: int, device: str | None = None) -> nn.Modu
         torch.random.set_rng_state(state)
 
 
-def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
+def build_model(cfg: ModelConfig, seed: int, *, load_init: bool = True) -> nn.Module:
     """The model of ``cfg``, randomly initialised with ``seed`` (identical on every rank), fp32.
 
-    Then, as configured: weights from ``model.init_from`` (:func:`load_weights`), gradient checkpointing
+    Then, as configured: weights from ``model.init_from`` (:func:`load_weights`; not with ``load_init=False``, as
+    when a run resumes from a checkpoint, whose weights replace them anyway), gradient checkpointing
     (non-reentrant), and ``torch.compile`` of the body (``model.base_model.compile()``, in place, so parameter
     names and the fused LM-head patch are unchanged)."""
     hf = resolve_hf_config(cfg)
     check_attn_implementation(cfg.attn_implementation)
     model = _instantiate(hf, cfg.attn_implementation, seed)
-    if cfg.init_from:
+    if cfg.init_from and load_init:
         load_weights(model, cfg.init_from)
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):

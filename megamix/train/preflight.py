@@ -20,6 +20,7 @@ Every failure is a :class:`megamix.configbase.ConfigError` naming the field or f
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,11 @@ from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
 from megamix.data.backings import open_store
 from megamix.data.store import TokenStore
-from megamix.integrations.deepspeed import build_ds_config
 from megamix.mixer import Mixer
 from megamix.train.backend import Backend, make_backend, resolve_device
-from megamix.train.model import resolve_hf_config
+from megamix.train.model import explicit_vocab, resolve_vocab
+
+log = logging.getLogger("megamix")
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Preflight:
                  f"{g['micro_batch_size']} x world_size {g['world_size']} x gradient_accumulation_steps "
                  f"{g['gradient_accumulation_steps']}; {g['tokens_per_step']:,} tokens/step; "
                  f"{len(self.domains)} domains"]
+        if "vocab_size" in g:
+            lines.append(f"# model.vocab_size: {g['vocab_size']}")
         if self.ds_config is not None:
             lines.append(f"# deepspeed config: {json.dumps(self.ds_config, sort_keys=True)}")
         return lines
@@ -93,7 +97,7 @@ def open_run_store(cfg: MegamixConfig):
     against ``model.vocab_size``."""
     if not getattr(cfg.data, "paths", None):
         _check_data_dir(cfg.data.data_dir, "data.data_dir")
-    return _opened(lambda: open_store(cfg.data, model_vocab_size=cfg.model.vocab_size), "data.data_dir="
+    return _opened(lambda: open_store(cfg.data, model_vocab_size=explicit_vocab(cfg.model)), "data.data_dir="
                    f"{cfg.data.data_dir}")
 
 
@@ -132,6 +136,18 @@ def _mixture_errors(cfg: MegamixConfig):
         raise ConfigError(f"{msg if name in msg else f'{where}: {msg}'}; {fix}") from None
 
 
+def _settle_vocab(cfg: MegamixConfig, store) -> str:
+    """Resolve ``model.vocab_size=auto`` (:func:`megamix.train.model.resolve_vocab`) into the config, so the model,
+    ``config.yaml`` and a resume's comparison all see the number; check the store against it (a DataError names
+    both numbers and the fix). Returns where the number came from (for the dry run's geometry lines)."""
+    vocab, source = resolve_vocab(cfg.model, store)
+    auto = explicit_vocab(cfg.model) is None
+    cfg.model.vocab_size = vocab
+    store.check_vocab(vocab)
+    log.debug("megamix: model.vocab_size=%s: %d from %s", "auto" if auto else vocab, vocab, source)
+    return f"auto: {vocab} from {source}" if auto else f"{vocab} (model.vocab_size)"
+
+
 def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int = 0, world_size: int = 1,
               store: Any = None) -> Preflight:
     """Run every start-up check of a training run (see the module docstring) and build the run's data objects
@@ -149,10 +165,8 @@ def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int =
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.out_dir={out} is a file, not a directory; choose another train.out_dir")
 
-    if store is None:
-        store = open_run_store(cfg)
-    else:
-        store.check_vocab(cfg.model.vocab_size)  # a DataError (one line) names the mismatch and the fix
+    store = open_run_store(cfg) if store is None else store
+    vocab_source = _settle_vocab(cfg, store)
     # the Mixer owns the domain checks (in the store, listed once, long enough), the mixture and the strategy
     # (e.g. a min_weight floor infeasible for D domains); the run trains with this one
     with _mixture_errors(cfg):
@@ -170,11 +184,9 @@ def check_run(cfg: MegamixConfig, backend: Backend | None = None, *, rank: int =
     gas = t.global_batch_size // (t.micro_batch_size * world_size)
     geometry = {"world_size": world_size, "micro_batch_size": t.micro_batch_size, "gradient_accumulation_steps": gas,
                 "global_batch_size": t.global_batch_size, "tokens_per_step": t.global_batch_size * cfg.model.seq_len}
-    ds_config = None
-    if cfg.deepspeed.enabled:
-        # the same config the backend builds: "auto" sizes filled in from the model's hidden size
-        ds_config = build_ds_config(cfg, world_size, hidden_size=getattr(resolve_hf_config(cfg.model), "hidden_size",
-                                                                         None))
+    # the DeepSpeed config the backend built in its check (once; "auto" sizes filled in from the hidden size)
+    ds_config = getattr(backend, "ds_config", None) if cfg.deepspeed.enabled else None
+    geometry["vocab_size"] = vocab_source
     return Preflight(store=store, mixer=mixer, notes=notes, geometry=geometry, ds_config=ds_config,
                      eval_store=eval_store, eval_domains=eval_domains)
 
