@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"rank": rank, "start": start, "weights": mixer.weights.tolist(),
                "weight_history": [list(x) for x in mixer.weight_history], "fused_forwards": patch.calls}
     Path(args.out_dir, f"summary_rank{rank}.json").write_text(json.dumps(summary))
+    torch.distributed.barrier()                 # every rank is done with the process group ...
+    torch.distributed.destroy_process_group()   # ... and its threads stop before the interpreter exits
     return summary
 
 

@@ -247,6 +247,8 @@ def test_torchrun_start_up_error_prints_once_and_both_ranks_exit_2(small_store, 
     assert re.findall(r"^\s*exitcode\s+:\s*(-?\d+)", out, re.M) == ["2", "2"], out[-3000:]
 
 
+# slow (about 25 s: it waits out the non-zero rank's 3 s comparison window in several launches)
+@pytest.mark.slow
 def test_rank_specific_start_up_errors_are_each_printed(small_store, tmp_path):
     """Plain processes with RANK/WORLD_SIZE (what a launcher sets), `megamix train --dry-run` on one out_dir:
     (a) ranks 0 and 1 fail differently: both lines; (b) rank 1 fails and rank 0 reports nothing (it passed, or

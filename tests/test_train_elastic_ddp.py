@@ -216,6 +216,8 @@ def test_model_file_is_mapped_checked_and_not_aliased(tiny_store, tmp_path):
     assert set(read_model_file(path)) == {"model", "optimizer"}
 
 
+# slow (about 25 s idle): it re-runs benchmarks/ddp_resume_memory.py, whose committed result is the measurement
+@pytest.mark.slow
 def test_ddp_resume_holds_no_private_copy_of_model_pt(tiny_store, tmp_path):
     """benchmarks/ddp_resume_memory.py, small: a 2-rank DDP resume of a model.pt of ~180 MB (GPT-2 vocabulary,
     d=256, 4 layers, AdamW). Before (torch.load) each rank's private memory grew by the whole file during the

@@ -245,6 +245,8 @@ def _ds_worker(rank: int, port: int, data_dir: str, root: str) -> None:
         "first": first.step_losses, "start": second.start_step, "second": second.step_losses, "warnings": seen}))
 
 
+# slow (about 25 s idle): the plain-backend garble tests above run in the default suite
+@pytest.mark.slow
 def test_deepspeed_same_size_garbled_engine_file_falls_back(tiny_store, tmp_path):
     pytest.importorskip("deepspeed")
     mp = pytest.importorskip("torch.multiprocessing")

@@ -155,6 +155,13 @@ def run_build(args) -> int:
     return run_stats(args)
 
 
+def _store_line(man: dict, where: Path, extra: str = "") -> str:
+    """The one-line summary of a token store's manifest."""
+    total = sum(v["train_tokens"] + v["valid_tokens"] for v in man["domains"].values())
+    return (f"tokens: {len(man['domains'])} domains, {total:,} tokens in {where} (tokenizer {man['tokenizer']}, "
+            f"vocab {man['vocab_size']}, {man['dtype']}{extra})")
+
+
 def run_tokenize(args) -> int:
     from megamix.data.tokenize import tokenize_corpus
 
@@ -163,9 +170,7 @@ def run_tokenize(args) -> int:
         man = tokenize_corpus(data_dir, domains, force=args.force, tokenizer=_tokenizer(args, cfg))
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
-    total = sum(v["train_tokens"] + v["valid_tokens"] for v in man["domains"].values())
-    print(f"tokens: {len(man['domains'])} domains, {total:,} tokens in {data_dir / 'tokens'} "
-          f"(tokenizer {man['tokenizer']}, vocab {man['vocab_size']}, {man['dtype']})")
+    print(_store_line(man, data_dir / "tokens"))
     return 0
 
 
@@ -181,9 +186,7 @@ def run_tokenizer(args) -> int:
                                     progress=sys.stderr.isatty())
     except (DataError, FileNotFoundError) as e:
         return _fail(str(e))
-    total = sum(v["train_tokens"] + v["valid_tokens"] for v in man["domains"].values())
-    print(f"tokens: {len(man['domains'])} domains, {total:,} tokens in {Path(args.out) / 'tokens'} (tokenizer "
-          f"{man['tokenizer']}, vocab {man['vocab_size']}, {man['dtype']}; {time.perf_counter() - t0:.1f} s)")
+    print(_store_line(man, Path(args.out) / "tokens", f"; {time.perf_counter() - t0:.1f} s"))
     return 0
 
 
