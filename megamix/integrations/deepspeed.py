@@ -1,6 +1,7 @@
 """DeepSpeed glue: the ds_config, launch validation, process-group start, engine creation, ZeRO-3
 parameter handling and engine checkpoint files. Only this module and its universal-checkpoint part
-(:mod:`megamix.integrations.ds_universal`, resuming on another world size) import ``deepspeed`` (inside functions).
+(:mod:`megamix.integrations.ds_universal`, resuming on another world size, builds on this one) import ``deepspeed``
+(inside functions).
 
 The training loop's DeepSpeed backend (:class:`megamix.train.backend.DeepSpeedBackend`) is built from
 these pieces; so is the fused LM head's ZeRO-3 support (:func:`megamix.integrations.hf.apply_megamix`).
@@ -503,43 +504,38 @@ def save_engine(engine, ckpt_root: str | Path, tag: str) -> None:
     engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
 
 
-def load_engine(engine, ckpt_root: str | Path, tag: str, *, universal: bool = False) -> None:
-    """Load the engine's files of checkpoint ``ckpt_root/tag`` (the tag is always explicit: DeepSpeed's own
-    ``latest`` is not used). The caller has checked that the checkpoint is complete (megamix.train.checkpoint).
-
-    ``universal``: load the universal checkpoint in ``ckpt_root/tag/universal`` instead (a resume on a different
-    number of ranks; :func:`megamix.integrations.ds_universal.ensure_universal` made it), through DeepSpeed's
-    universal loading path (the engine's ``checkpoint.load_universal`` setting, switched on for this load only)."""
-    from megamix.integrations.ds_universal import UNIVERSAL_DIR, repair_zero3_load
-
-    where = Path(ckpt_root) / tag
-    load_dir, load_tag = (where, UNIVERSAL_DIR) if universal else (Path(ckpt_root), tag)
+def engine_load(engine, load_dir: Path, load_tag: str, *, universal: bool = False) -> tuple[str | None, str]:
+    """``engine.load_checkpoint(load_dir, tag=load_tag)`` (the tag is always explicit: DeepSpeed's own ``latest`` is
+    not used), with DeepSpeed's universal loading path switched on for this load only when ``universal``. Returns
+    (the path loaded, or None, and why not)."""
     conf = engine._config
     before = conf.load_universal_checkpoint
     conf.load_universal_checkpoint = bool(universal)
     try:
         path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag)
     except Exception as e:
-        path, why = None, f" ({type(e).__name__}: {str(e).strip()[:160]})"
-    else:
-        why = ""
+        return None, f" ({type(e).__name__}: {str(e).strip()[:160]})"
     finally:
         conf.load_universal_checkpoint = before
-    if path is None and universal:
-        raise ConfigError(f"DeepSpeed could not load the universal checkpoint {where / UNIVERSAL_DIR}{why}: delete "
-                          "that folder to convert it again, or resume with the world size the checkpoint was written "
-                          "with")
+    return path, ""
+
+
+def load_engine(engine, ckpt_root: str | Path, tag: str) -> None:
+    """Load the engine's files of checkpoint ``ckpt_root/tag``. The caller has checked that the checkpoint is
+    complete (megamix.train.checkpoint). On another number of ranks:
+    :func:`megamix.integrations.ds_universal.load_engine_files`."""
+    where = Path(ckpt_root) / tag
+    path, why = engine_load(engine, Path(ckpt_root), tag)
     if path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {where}{why}; its files are all there, so they are "
                           f"damaged or were written by an incompatible engine: move {where} aside to resume from the "
                           "previous checkpoint, or start a new train.out_dir")
-    if universal and engine.zero_optimization_partition_weights():
-        repair_zero3_load(engine, load_dir / load_tag)   # two slips of DeepSpeed 0.19.8
 
 
 __all__ = ["gradient_accumulation_steps", "load_user_ds_config", "user_ds_config", "merge_ds_config",
            "ds_config_and_notes", "build_ds_config", "offloads_optimizer", "validate_launch", "patch_cpu_op_builds",
            "init_distributed", "create_engine", "fused_adam", "cpu_adam", "skippable", "align_lr_schedule",
-           "is_zero3_param", "register_external", "local_shard", "gathered_parameter", "save_engine", "load_engine"]
+           "is_zero3_param", "register_external", "local_shard", "gathered_parameter", "save_engine", "load_engine",
+           "engine_load"]
 
 

@@ -7,7 +7,7 @@ engine files load only on the world size that wrote them. DeepSpeed's ``ds_to_un
 as one folder per parameter (fp32 value, Adam's ``exp_avg``/``exp_avg_sq``, step) that its universal loading
 path partitions for any world size. megamix converts a checkpoint once, into ``<checkpoint>/universal``
 (:func:`ensure_universal`), and loads it with
-:func:`megamix.integrations.deepspeed.load_engine` (``universal=True``).
+:func:`megamix.integrations.deepspeed.engine_load` (``universal=True``).
 """
 from __future__ import annotations
 
@@ -60,7 +60,12 @@ def load_engine_files(engine, ckpt_root: Path, tag: str, rank: int, world_size: 
     with comm.together(f"converting checkpoint {d} to DeepSpeed's universal format", group):
         if rank == 0:
             ensure_universal(d)
-    ds_glue.load_engine(engine, ckpt_root, tag, universal=True)
+    path, why = ds_glue.engine_load(engine, d, UNIVERSAL_DIR, universal=True)
+    if path is None:
+        raise ConfigError(f"DeepSpeed could not load the universal checkpoint {d / UNIVERSAL_DIR}{why}: delete that "
+                          "folder to convert it again, or resume with the world size the checkpoint was written with")
+    if engine.zero_optimization_partition_weights():
+        repair_zero3_load(engine, d / UNIVERSAL_DIR)   # two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader
 
 
 def universal_complete(folder: str | Path) -> bool:
