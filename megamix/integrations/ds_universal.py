@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from megamix import comm
 from megamix.configbase import ConfigError
+from megamix.integrations import deepspeed as ds_glue
 
 #: the folder inside a checkpoint directory that holds its DeepSpeed universal checkpoint (the output of
 #: ``deepspeed.checkpoint.ds_to_universal``): megamix converts into it when a run resumes on a different number
@@ -50,9 +52,6 @@ def load_engine_files(engine, ckpt_root: Path, tag: str, rank: int, world_size: 
     """Load checkpoint ``ckpt_root/tag`` into ``engine`` (collective): as it is, or on a world size other than
     the one that partitioned its optimizer states through its universal checkpoint, which rank 0 makes first
     (:func:`ensure_universal`; one already complete is used, also one the user put there) while the others wait."""
-    from megamix import comm
-    from megamix.integrations import deepspeed as ds_glue
-
     d = Path(ckpt_root) / tag
     if not needs_universal(d, world_size):
         ds_glue.load_engine(engine, ckpt_root, tag)

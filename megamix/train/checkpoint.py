@@ -285,10 +285,14 @@ class Checkpoints:
         """The checkpoint a resume would try first, as seen from this process without reading it (the tag
         ``latest`` names when it is complete, else the newest complete one), or None when there is none. The run
         uses it before building the model: ``model.init_from`` is read only when nothing will be resumed."""
+        return next((t for t in self.resume_order() if self.problem(self.root, t, self.run_id) is None), None)
+
+    def resume_order(self) -> list[str]:
+        """The checkpoint tags in the order a resume tries them: the one ``latest`` names, then the others, newest
+        first."""
         tags = self.candidates(self.root)
         named = self.latest_tag()
-        order = ([named] if named in tags else []) + [t for t in tags if t != named]
-        return next((t for t in order if self.problem(self.root, t, self.run_id) is None), None)
+        return ([named] if named in tags else []) + [t for t in tags if t != named]
 
     def _read(self, root: Path, tag: str, backend: Any) -> tuple[dict, Any]:
         """(side state, model state) of this rank, read into memory; raises _Unreadable. On a world size other than
@@ -316,11 +320,10 @@ class Checkpoints:
         ``mixer``; returns its step (0 when there is none). Collective: every rank calls it. With ``cfg``,
         the checkpoint's config is compared with it first (see :func:`check_resume_config`)."""
         root = self.root
-        tags = self.candidates(root)
-        if not tags:
+        order = self.resume_order()
+        if not order:
             return 0
-        named = self.latest_tag()
-        order = ([named] if named in tags else []) + [t for t in tags if t != named]
+        tags = self.candidates(root)
         skipped: list[str] = []
         chosen = side = state = None
         for tag in order:
@@ -519,8 +522,7 @@ class Checkpoints:
                 self.check_claim(resume, overwrite)
                 if overwrite:
                     mk.delete_run(self.out_dir, self.root)
-                named, tags = self.latest_tag(), self.candidates(self.root)
-                order = [self.root / t for t in ([named] if named in tags else []) + tags]
+                order = [self.root / t for t in self.resume_order()]
                 rid = mk.continued_run(self.out_dir, order) if resume and not overwrite else None
                 if rid is None or rid != mk.recorded_run_id(self.out_dir):
                     rid = rid or mk.new_run_id()

@@ -93,11 +93,11 @@ def _opened(open_fn, where: str):
 
 
 def open_run_store(cfg: MegamixConfig):
-    """The training store the run reads (``data.paths`` in place, else ``<data.data_dir>/tokens``), checked
-    against ``model.vocab_size``."""
+    """The training store the run reads (``data.paths`` in place, else ``<data.data_dir>/tokens``); :func:`check_run`
+    then checks it against the model's vocabulary once ``model.vocab_size`` is settled."""
     if not getattr(cfg.data, "paths", None):
         _check_data_dir(cfg.data.data_dir, "data.data_dir")
-    return _opened(lambda: open_store(cfg.data, model_vocab_size=explicit_vocab(cfg.model)), "data.data_dir="
+    return _opened(lambda: open_store(cfg.data), "data.data_dir="
                    f"{cfg.data.data_dir}")
 
 
