@@ -414,7 +414,7 @@ def build_items(ctx: Ctx) -> dict[str, Item]:
         problems = list(res.get("problems", []))
         if not res.get("ok") and not problems:
             problems.append("the driver reported not ok")
-        return problems, {"ranks": res.get("ranks")}
+        return problems, {"ranks": res.get("ranks"), "exit_warnings": res.get("exit_warnings", [])}
 
     items["stats_allreduce_cuda_gloo"] = Item(
         "stats_allreduce_cuda_gloo",

@@ -74,6 +74,7 @@ def test_outside_a_distributed_job_comm_is_the_identity():
     assert comm.size() == 1 and comm.rank() == 0 and comm.src_rank() == 0
     assert comm.all_reduce(t) is t and comm.broadcast(t) is t and comm.all_gather(t) == [t]
     assert comm.broadcast_object({"a": 1}) == {"a": 1} and comm.all_gather_object(5) == [5]
+    comm.shutdown()                                  # no job: nothing to end
     assert comm.device_for() == torch.device("cpu") and comm.device_for(prefer="meta") == torch.device("meta")
     with pytest.raises(ValueError, match="op must be"):
         comm.all_reduce(t, "mean")
@@ -292,6 +293,9 @@ def _recorder_worker(rank: int, port: int, data_dir: str, root: str) -> None:
     paths = _paths(data_dir, root)
     for name in ("hf_trainer_accelerate_feed", "checkpoints", "nonfinite_guard", "deepspeed_backend", "regroup"):
         paths[name]()
+    comm.shutdown()                       # the job's end: a barrier (recorded, through comm), then no group left
+    assert not comm.active()
+    comm.shutdown()                       # and again: a no-op
     Path(root, f"records_rank{rank}.json").write_text(json.dumps(records))
 
 

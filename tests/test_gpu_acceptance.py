@@ -36,6 +36,16 @@ def _driver():
 ga = _driver()
 
 
+def _failed_items(result_file: Path) -> str:
+    """The failing items' problems and output tails, first in an assertion message (the log shows its end)."""
+    try:
+        rep = json.loads(result_file.read_text())
+    except (OSError, ValueError) as e:
+        return f"[no result file: {e}]\n"
+    return "".join(f"[{i['name']}: {i['status']}] problems={i.get('problems')}\n{i.get('output_tail', '')}\n"
+                   for i in rep.get("items", []) if i.get("status") not in ("pass", "dry-run-ok"))
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_dry_run_plans_and_checks_every_item_without_cuda(tmp_path):
     out = tmp_path / "acceptance.json"
@@ -47,7 +57,7 @@ def test_dry_run_plans_and_checks_every_item_without_cuda(tmp_path):
                         "--work-dir", str(tmp_path / "work")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - t0
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert p.returncode == 0, _failed_items(out) + p.stdout[-4000:] + p.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["dry_run"] is True and rep["complete"] is True and rep["summary"]["all_passed"] is True
     assert rep["environment"]["cuda_available"] is False          # the dry run needed no CUDA

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from megamix import comm
 from megamix.commands.train import dist_env
 from megamix.configbase import ConfigError
 
@@ -81,11 +82,12 @@ def run(args) -> int:
                       silhouette_sample=args.silhouette_sample, tokenize=not args.no_tokenize,
                       overwrite=args.overwrite, progress=not args.no_progress, rank=rank, world_size=world,
                       group=group)
-    except (FileExistsError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from None
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException as e:
+        comm.shutdown(wait=False)   # the other ranks may not be at the same point: no barrier
+        if isinstance(e, (FileExistsError, FileNotFoundError)):
+            raise ConfigError(str(e)) from None
+        raise
+    comm.shutdown()
     if rank:
         return 0
     print("k  silhouette")

@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from megamix import comm
 from megamix.commands.config import add_config_args, load_config
 from megamix.configbase import ConfigError
 
@@ -162,6 +163,7 @@ def run(args) -> int:
         train(cfg, backend=backend, progress=not args.no_progress, plan=pre, stop_requested=flag,
               overwrite=args.overwrite)
     except StopRequested as e:
+        comm.shutdown()   # every rank stopped at the same step
         if rank == 0:
             print(f"megamix: {e}", file=sys.stderr)
         return 0
@@ -172,4 +174,7 @@ def run(args) -> int:
         raise ConfigError(msg) from e
     finally:
         flag.restore()
+    # the process's job ends here: a barrier, then the group (DeepSpeed's; DDP's backend ended its own) is
+    # destroyed, so gloo's threads stop before the interpreter exits instead of aborting it now and then
+    comm.shutdown()
     return 0

@@ -414,9 +414,8 @@ class DDPBackend(PlainBackend):
 
     def close(self) -> None:
         self._sync_off.close()
-        if self._owns_group and torch.distributed.is_initialized():
-            comm.barrier()
-            torch.distributed.destroy_process_group()
+        if self._owns_group:
+            comm.shutdown()
         self._owns_group = False
 
 
