@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 from megamix import comm
+from ranks import free_port as _free_port, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -42,11 +42,6 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"
                "all_to_all_single", "send", "recv", "isend", "irecv", "gather_object", "scatter_object_list",
                "monitored_barrier", "reduce_scatter")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup_rank(rank: int, port: int) -> None:
@@ -227,11 +222,10 @@ def _cuda_gloo_worker(rank: int, port: int, data_dir: str, root: str) -> None:
 def test_every_path_hands_nccl_device_tensors(tiny_store, tmp_path):
     """On a group that, like NCCL, has no CPU backend, every path fails asking for CUDA (absent on this machine),
     never with the CPU-backend error; the device choice is megamix.comm's."""
-    mp = pytest.importorskip("torch.multiprocessing")
     if torch.cuda.is_available():
         pytest.skip("with a GPU this would run for real: the GPU acceptance script covers it")
     _fake_corpus(tmp_path / "corpus_src")
-    mp.spawn(_cuda_gloo_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_cuda_gloo_worker, (_free_port(), str(tiny_store.parent), str(tmp_path)), WORLD)
     for r in range(WORLD):
         res = json.loads((tmp_path / f"cuda_gloo_rank{r}.json").read_text())
         assert set(res) == set(_paths("x", "y")), res
@@ -300,10 +294,9 @@ def _recorder_worker(rank: int, port: int, data_dir: str, root: str) -> None:
 
 
 def test_every_collective_megamix_issues_goes_through_comm_on_a_served_device(tiny_store, tmp_path):
-    mp = pytest.importorskip("torch.multiprocessing")
     pytest.importorskip("deepspeed")
     _fake_corpus(tmp_path / "corpus_src")
-    mp.spawn(_recorder_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_recorder_worker, (_free_port(), str(tiny_store.parent), str(tmp_path)), WORLD)
     for r in range(WORLD):
         records = json.loads((tmp_path / f"records_rank{r}.json").read_text())
         ours = [x for x in records if "/megamix/" in x["file"] or "/kernels/" in x["file"]]
@@ -415,10 +408,9 @@ def _failure_worker(rank: int, port: int, data_dir: str, root: str) -> None:
 
 
 def test_rank_zero_failures_stop_every_rank_with_the_same_line(tiny_store, tmp_path):
-    mp = pytest.importorskip("torch.multiprocessing")
     _fake_corpus(tmp_path / "corpus_src")
     t0 = time.time()
-    mp.spawn(_failure_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_failure_worker, (_free_port(), str(tiny_store.parent), str(tmp_path)), WORLD)
     assert time.time() - t0 < 240
     res = [json.loads((tmp_path / f"failures_rank{r}.json").read_text()) for r in range(WORLD)]
     for name in ("together", "checkpoint", "regroup", "startup"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -22,14 +21,10 @@ pytest.importorskip("deepspeed")
 from megamix.config import MegamixConfig  # noqa: E402
 from megamix.configbase import ConfigError  # noqa: E402
 from megamix.integrations.deepspeed import build_ds_config, gradient_accumulation_steps, validate_launch  # noqa: E402
+from ranks import free_port as _free_port, spawn
 
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(data_dir: str, out_dir: str, zero: int, *extra: str) -> MegamixConfig:
@@ -72,9 +67,7 @@ def _resume_worker(rank: int, port: int, zeros: list[int], data_dir: str, root: 
 
 def _run_resume(tmp_path: Path, tiny_store: Path, zeros: list[int], extra: tuple = ()) -> dict:
     """Runs all stages in one 2-process spawn (one import / process-group setup); results per stage."""
-    mp = pytest.importorskip("torch.multiprocessing")
-    mp.spawn(_resume_worker, args=(_free_port(), zeros, str(tiny_store.parent), str(tmp_path), extra),
-             nprocs=WORLD, join=True)
+    spawn(_resume_worker, (_free_port(), zeros, str(tiny_store.parent), str(tmp_path), extra), WORLD)
     out = {}
     for z in zeros:
         root = tmp_path / f"z{z}"
@@ -203,8 +196,7 @@ def _runs_worker(rank: int, port: int, data_dir: str, root: str, runs: list) -> 
 
 
 def _spawn_runs(tmp_path: Path, tiny_store: Path, runs: list) -> dict:
-    mp = pytest.importorskip("torch.multiprocessing")
-    mp.spawn(_runs_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path), runs), nprocs=WORLD, join=True)
+    spawn(_runs_worker, (_free_port(), str(tiny_store.parent), str(tmp_path), runs), WORLD)
     return {name: [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in range(WORLD)]
             for name, *_ in runs}
 
@@ -295,10 +287,8 @@ def _attach_worker(rank: int, port: int, data_dir: str, root: str, steps: int, r
 
 
 def test_deepspeed_attach_grads_unchanged_and_overhead(tmp_path, tiny_store):
-    mp = pytest.importorskip("torch.multiprocessing")
     steps = 6
-    mp.spawn(_attach_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path), steps), nprocs=WORLD,
-             join=True)
+    spawn(_attach_worker, (_free_port(), str(tiny_store.parent), str(tmp_path), steps), WORLD)
     r = [torch.load(tmp_path / f"attach_rank{k}.pt") for k in range(WORLD)]
     for k in range(WORLD):
         assert torch.equal(r[k]["plain"]["params"], r[k]["megamix"]["params"]), "megamix changed training"
@@ -352,12 +342,10 @@ def test_gpu_configs_validate(path, world):
 def test_deepspeed_overhead_benchmark(tmp_path, tiny_store):
     """Step-time overhead on the tiny-cpu model shape (GPT-2 2x128, seq 128, vocab 50257), ZeRO-1, 2 ranks,
     global batch 16 = 2 ranks x micro 4 x 2 accumulation; k = 32x16. Interleaved plain/megamix runs."""
-    mp = pytest.importorskip("torch.multiprocessing")
     extra = ("model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.seq_len=128",
              "train.global_batch_size=16", "train.micro_batch_size=4", "projection.k1=32", "projection.k2=16")
     steps, repeats = 8, 2
-    mp.spawn(_attach_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path), steps, repeats, extra),
-             nprocs=WORLD, join=True)
+    spawn(_attach_worker, (_free_port(), str(tiny_store.parent), str(tmp_path), steps, repeats, extra), WORLD)
     r = torch.load(tmp_path / "attach_rank0.pt")
     plain = float(np.median(r["plain"]["times"]))
     mm = float(np.median(r["megamix"]["times"]))

@@ -17,6 +17,7 @@ from megamix.config import MegamixConfig  # noqa: E402
 from megamix.configbase import ConfigError  # noqa: E402
 from megamix.integrations.deepspeed import build_ds_config, merge_ds_config, validate_launch  # noqa: E402
 from test_integration_deepspeed import WORLD, _cfg, _free_port, _setup_rank  # noqa: E402
+from ranks import spawn
 
 
 def _c(*extra: str) -> MegamixConfig:
@@ -167,10 +168,9 @@ def test_two_ranks_with_a_user_ds_config(tmp_path, tiny_store):
     """ZeRO-2 on 2 gloo ranks. (1) A ds_config whose optimizer section DeepSpeed builds (torch AdamW, "auto"
     hyper-parameters) trains exactly like megamix's own optimizer. (2) With its WarmupCosineLR scheduler as well,
     stopped at step 2 and resumed: the LR of every step is DeepSpeed's schedule, continued across the resume."""
-    mp = pytest.importorskip("torch.multiprocessing")
     _write(tmp_path, DS_CONFIG, "opt.json")
     _write(tmp_path, {**DS_CONFIG, "scheduler": SCHEDULER}, "sched.json")
-    mp.spawn(_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, (_free_port(), str(tiny_store.parent), str(tmp_path)), WORLD)
     r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(WORLD)]
     assert r[0]["user_opt"]["history"] == r[1]["user_opt"]["history"]
     np.testing.assert_allclose(r[0]["user_opt"]["losses"], r[0]["megamix"]["losses"], rtol=1e-6)

@@ -12,7 +12,6 @@ tests compare them with the unsharded computation done here in the parent proces
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from megamix.kernels.testing import assert_close
 from megamix.integrations.hook import LMHeadGradCapture
 from megamix.integrations.megatron import (attach_megatron, vocab_parallel_capture, vocab_parallel_lm_head_loss,
                                            vocab_range)
+from ranks import free_port as _free_port, spawn
 
 TP = 2
 D, B, T, K1, K2 = 12, 3, 8, 5, 3
@@ -44,11 +44,6 @@ GRAD_OUT = 0.75                                  # backward through loss * GRAD_
 GLUE_S = GLUE_B = 8                              # the glue's micro-batch: seq_len == micro-batch, as in Megatron tests
 GLUE_V, GLUE_V_PAD, GLUE_D = 37, 40, 16
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kernel_data(v_real: int, v_pad: int):
@@ -218,9 +213,8 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, store_dir: str) -
 @pytest.fixture(scope="module")
 def tp_runs(tiny_store, tmp_path_factory):
     """Results of both TP ranks: ``[rank0, rank1]``."""
-    import torch.multiprocessing as mp
     out = tmp_path_factory.mktemp("tp_runs")
-    mp.spawn(_tp_worker, args=(TP, _free_port(), str(out), str(tiny_store)), nprocs=TP, join=True)
+    spawn(_tp_worker, (TP, _free_port(), str(out), str(tiny_store)), TP)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(TP)]
 
 

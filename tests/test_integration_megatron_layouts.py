@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import free_port as _free_port, spawn
 
 pytest.importorskip("megatron.core")
 
@@ -33,11 +33,6 @@ V, D = 256, 16      # a 256-row vocabulary (token ids folded), divisible by TP=2
 # cluster table is broadcast on the pipeline layout, whose deciding DP group {2, 3} does not hold global rank 0 either
 STRATEGIES = {"tp2_dp2": ("rnb", "dograph-sample"), "pp2_dp2": ("rnb", "dograph")}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mixer(data_dir: str, strategy: str):
@@ -136,10 +131,9 @@ def _worker(rank: int, port: int, data_dir: str, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def layouts(tiny_store, tmp_path_factory):
-    import torch.multiprocessing as mp
 
     root = tmp_path_factory.mktemp("megatron_layouts")
-    mp.spawn(_worker, args=(_free_port(), str(tiny_store.parent), str(root)), nprocs=WORLD, join=True)
+    spawn(_worker, (_free_port(), str(tiny_store.parent), str(root)), WORLD)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megamix.data.store import TokenStore
 from megamix.loader import MixtureLoader, broadcast_weights, verify_consistent
 from megamix.loader.testing import build_synthetic_store
+from ranks import spawn
 
 STEPS, CKPT_STEP = 14, 6
 SCHED = {0: [0.4, 0.3, 0.3, 0.0], 3: [0.1, 0.5, 0.2, 0.2], 8: [0.25, 0.25, 0.25, 0.25], 11: [0.0, 0.6, 0.4, 0.0]}
@@ -99,7 +99,7 @@ def _reference(store_dir):
 def test_four_ranks_then_resume_on_two(store_dir, tmp_path):
     """One spawn of 4 processes covers both world sizes (one spawn instead of two)."""
     ref, ref_loader = _reference(store_dir)
-    mp.spawn(_worker, args=(4, str(tmp_path / "init"), str(store_dir), str(tmp_path)), nprocs=4, join=True)
+    spawn(_worker, (4, str(tmp_path / "init"), str(store_dir), str(tmp_path)), 4)
     four = [np.load(tmp_path / f"w4_rank{r}.npz") for r in range(4)]
     two = [np.load(tmp_path / f"w2_rank{r}.npz") for r in range(2)]
     assert all(int(r["detected"]) == 2 for r in four), "diverged weights were not detected"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import warnings
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ranks import free_port as _free_port, spawn
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install --no-deps megatron-core)")
 
@@ -43,11 +43,6 @@ projection: {{k1: 4, k2: 3, k: 5, backend: torch}}
 mixing: {{strategy: dograph-sample}}
 """
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_shims() -> None:
@@ -242,9 +237,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, store_dir: str) -> N
 
 @pytest.fixture(scope="module")
 def megatron_runs(tiny_store, tmp_path_factory):
-    import torch.multiprocessing as mp
     out = tmp_path_factory.mktemp("megatron_core")
-    mp.spawn(_worker, args=(2, _free_port(), str(out), str(tiny_store)), nprocs=2, join=True)
+    spawn(_worker, (2, _free_port(), str(out), str(tiny_store)), 2)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

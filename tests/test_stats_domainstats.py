@@ -1,12 +1,13 @@
 """DomainStats: accumulation across micro-steps, snapshot, state_dict, and a real 2-process gloo all_reduce."""
 import os
-import socket
+import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import free_port, spawn
 
 from megamix.kernels.testing import domain_stats_ref
 from megamix.stats import DomainStats
@@ -82,7 +83,13 @@ def test_rejects_bad_input():
         st.update(torch.zeros(2, K), torch.tensor([0, 1]))
 
 
-def _worker(rank, world, port, q):
+def _put(out_dir, rank, result) -> None:
+    """The rank's result, for the parent (a file: a spawned rank leaves with os._exit, which a queue may not survive)."""
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def _worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -92,28 +99,18 @@ def _worker(rank, world, port, q):
             st.update(**s)
         st.all_reduce()
         snap = st.snapshot(3, list("abcd"))
-        q.put((rank, snap.sums, snap.gram, snap.counts, snap.domain_loss, snap.per_sample,
+        _put(out_dir, rank, (rank, snap.sums, snap.gram, snap.counts, snap.domain_loss, snap.per_sample,
                snap.per_sample_domain, snap.extra["per_sample_ids"]))
     finally:
         dist.destroy_process_group()
 
 
-def test_all_reduce_two_process_gloo_equals_single_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict()
-    for _ in range(2):
-        r = q.get(timeout=120)
+def test_all_reduce_two_process_gloo_equals_single_process(tmp_path):
+    spawn(_worker, (2, free_port(), str(tmp_path)), 2)
+    results = {}
+    for rank in range(2):
+        r = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
         results[r[0]] = r[1:]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
     single = DomainStats(D, K)
     for seed, n in ((0, 2), (1, 3)):
         for s in _micro_steps(seed=seed, steps=n):

@@ -2,13 +2,14 @@
 from): the R smallest keys of the round, never more than R rows held, and the same rows on 2 gloo ranks
 as in one process over the same samples split differently."""
 import os
-import socket
+import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import free_port, spawn
 
 from megamix.stats import DomainStats, sample_keys
 
@@ -70,7 +71,13 @@ def test_reservoir_keeps_the_smallest_keys_in_arrival_order():
         DomainStats(D, K, max_rows=R + 1).load_state_dict(st.state_dict())
 
 
-def _worker(rank, world, port, q):
+def _put(out_dir, rank, result) -> None:
+    """The rank's result, for the parent (a file: a spawned rank leaves with os._exit, which a queue may not survive)."""
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def _worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -79,27 +86,17 @@ def _worker(rank, world, port, q):
         half = PER_STEP // world
         _feed(st, _round(), slice(rank * half, (rank + 1) * half), micro=2)   # this rank's contiguous slice
         st.all_reduce()
-        q.put((rank, _sorted(st.snapshot(STEPS, list("abc"))), st.snapshot(STEPS, list("abc")).sums))
+        _put(out_dir, rank, (rank, _sorted(st.snapshot(STEPS, list("abc"))), st.snapshot(STEPS, list("abc")).sums))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_hold_the_single_process_reservoir():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
+def test_two_gloo_ranks_hold_the_single_process_reservoir(tmp_path):
+    spawn(_worker, (2, free_port(), str(tmp_path)), 2)
     res = {}
-    for _ in range(2):
-        r = q.get(timeout=120)
+    for rank in range(2):
+        r = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
         res[r[0]] = r[1:]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
     single = DomainStats(D, K, max_rows=R)
     _feed(single, _round(), slice(None), micro=8)
     ref = _sorted(single.snapshot(STEPS, list("abc")))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +22,11 @@ import torch
 from megamix.config import MegamixConfig
 from megamix.configbase import ConfigError
 from megamix.train.checkpoint import CONFIG_COPY, DONE_FILE, SIDE_FILE
+from ranks import free_port as _free_port, spawn
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(data_dir: str, out_dir: str) -> list[str]:
@@ -130,12 +125,11 @@ def _worker(rank: int, port: int, data_dir: str, root: str) -> None:
 
 
 def test_ddp_two_ranks_matches_single_process_and_resumes_exactly(tmp_path, tiny_store):
-    import torch.multiprocessing as mp
 
     from megamix.train.loop import train
 
     data_dir = str(tiny_store.parent)
-    mp.spawn(_worker, args=(_free_port(), data_dir, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, (_free_port(), data_dir, str(tmp_path)), WORLD)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
 
     # no_sync on the first micro-step, all-reduce on the last; head (tied embedding) and body gradients equal

@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from test_integration_deepspeed import WORLD, _cfg, _free_port, _setup_rank  # noqa: E402
+from ranks import spawn
 
 DOGRAPH = ("mixing.strategy=dograph", "mixing.dograph_reservoir=12", "train.steps=4")
 
@@ -40,8 +41,7 @@ def _worker(rank: int, port: int, data_dir: str, root: str) -> None:
 def test_dograph_two_ranks_equal_single_process(tmp_path, tiny_store):
     from megamix.train.loop import train
 
-    mp = pytest.importorskip("torch.multiprocessing")
-    mp.spawn(_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, (_free_port(), str(tiny_store.parent), str(tmp_path)), WORLD)
     ds = [json.loads((tmp_path / f"ds_rank{r}.json").read_text()) for r in range(WORLD)]
     data = str(tiny_store.parent)
     plain = train(_cfg(data, str(tmp_path / "plain"), 1, "deepspeed.enabled=false", *DOGRAPH), progress=False,

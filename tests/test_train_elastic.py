@@ -33,6 +33,7 @@ from test_integration_deepspeed import _cfg, _free_port  # noqa: E402
 
 from megamix.configbase import ConfigError  # noqa: E402
 from megamix.stats import DomainStats, sample_keys  # noqa: E402
+from ranks import spawn
 
 #: train.steps of every run, and the step the interrupted run stops (and checkpoints) at: mid-round (update_every=2)
 STEPS, STOP = 5, 3
@@ -116,8 +117,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, root: str, jobs: li
 
 
 def _spawn(world: int, root: Path, data_dir: Path, jobs: list) -> dict:
-    mp = pytest.importorskip("torch.multiprocessing")
-    mp.spawn(_worker, args=(world, _free_port(), str(data_dir), str(root), jobs), nprocs=world, join=True)
+    spawn(_worker, (world, _free_port(), str(data_dir), str(root), jobs), world)
     return {name: [torch.load(root / f"{name}_rank{r}.pt", weights_only=False) for r in range(world)]
             for name, *_ in jobs}
 

@@ -35,6 +35,7 @@ import torch
 from megamix.configbase import ConfigError
 from megamix.loader.sampler import Q_BITS
 from test_train_ddp import ROOT, WORLD, _cfg, _free_port, _param_digest
+from ranks import spawn
 
 STEPS = 8
 
@@ -68,9 +69,8 @@ def _worker(rank: int, port: int, data_dir: str, root: str, label: str, jobs: li
 
 
 def _spawn(tmp_path: Path, data_dir: str, label: str, jobs: list) -> list[dict]:
-    import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), data_dir, str(tmp_path), label, jobs), nprocs=WORLD, join=True)
+    spawn(_worker, (_free_port(), data_dir, str(tmp_path), label, jobs), WORLD)
     return [json.loads((tmp_path / f"{label}.rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 from megamix.config import MegamixConfig
 from megamix.train.backend import DeepSpeedBackend, PlainBackend
 from megamix.train.guard import NonFiniteError
+from ranks import free_port as _free_port, spawn
 
 
 def _cfg(data_dir: Path, out_dir: Path, *extra: str) -> MegamixConfig:
@@ -153,12 +153,6 @@ def test_cli_stops_with_exit_code_2_and_one_line(tiny_store, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- DeepSpeed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ds_worker(rank: int, port: int, data_dir: str, root: str, zeros: list[int]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -180,9 +174,8 @@ def _ds_worker(rank: int, port: int, data_dir: str, root: str, zeros: list[int])
 
 def test_deepspeed_ranks_agree_to_skip(tiny_store, tmp_path):
     pytest.importorskip("deepspeed")
-    mp = pytest.importorskip("torch.multiprocessing")
     zeros = [1, 3]
-    mp.spawn(_ds_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path), zeros), nprocs=2, join=True)
+    spawn(_ds_worker, (_free_port(), str(tiny_store.parent), str(tmp_path), zeros), 2)
     r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     for z in map(str, zeros):
         for i in range(2):

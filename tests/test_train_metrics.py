@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from megamix.config import MegamixConfig
+from ranks import spawn
 
 DOMAINS = ["changelogs", "code_python", "legal", "manpages"]
 
@@ -227,13 +228,12 @@ def test_deepspeed_resume_no_duplicate_records_and_same_pngs(tmp_path, tiny_stor
     each record appears once in metrics.jsonl, TensorBoard shows each step once, the snapshots are steps 1-6;
     the run writes the same PNGs and the same mixture telemetry as the single-process run."""
     pytest.importorskip("deepspeed")
-    import torch.multiprocessing as mp
     from test_integration_deepspeed import WORLD, _cfg as ds_cfg, _free_port
 
     from megamix.train.loop import train
 
     data_dir = str(tiny_store.parent)
-    mp.spawn(_ds_worker, args=(_free_port(), data_dir, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_ds_worker, (_free_port(), data_dir, str(tmp_path)), WORLD)
     res = json.loads((tmp_path / "ds_rank0.json").read_text())
     assert res["start"] == 4 and len(res["losses"]) == 2
     ds = tmp_path / "ds"

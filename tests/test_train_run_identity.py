@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from megamix.config import MegamixConfig
+from ranks import free_port as _free_port, spawn
 
 BASE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.seq_len=32", "train.global_batch_size=8",
         "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_batches=1", "train.eval_every=0",
@@ -212,11 +212,6 @@ def test_checksums_split_over_ranks_and_cover_every_file():
 GARBLED = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ds_worker(rank: int, port: int, data_dir: str, root: str) -> None:
     import logging
@@ -249,8 +244,7 @@ def _ds_worker(rank: int, port: int, data_dir: str, root: str) -> None:
 @pytest.mark.slow
 def test_deepspeed_same_size_garbled_engine_file_falls_back(tiny_store, tmp_path):
     pytest.importorskip("deepspeed")
-    mp = pytest.importorskip("torch.multiprocessing")
-    mp.spawn(_ds_worker, args=(_free_port(), str(tiny_store.parent), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ds_worker, (_free_port(), str(tiny_store.parent), str(tmp_path)), 2)
     r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     bad = tmp_path / "run" / "checkpoints" / "step_0000004" / GARBLED
     warn = [w for w in r[0]["warnings"] if "resuming from" in w]

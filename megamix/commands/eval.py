@@ -80,7 +80,7 @@ def _conditions(cfg, seeds) -> dict:
 
 
 def run(args) -> int:
-    from megamix.evaluation.harness import default_methods, run_suite, write_report
+    from megamix.evaluation.harness import conditions_summary, default_methods, run_suite, write_report
     from megamix.evaluation.scenarios import Scenario, summarise_scenario_run
     from megamix.io import atomic_write_json
 
@@ -112,7 +112,8 @@ def run(args) -> int:
         print("overhead probe ...", flush=True)
         overhead = measure_overhead(cfg, out, steps=args.overhead_steps)
     cond = _conditions(cfg, seeds)
-    (out / "conditions.json").write_text(json.dumps(cond, indent=1))
+    atomic_write_json(out / "conditions.json", cond)
+    cond = {**cond, "runs": conditions_summary(summaries) + f" (of {len(methods) * len(seeds)} planned)"}
     path = write_report(summaries, out, title="megamix evaluation: static vs online mixing",
                         conditions=cond, paper_numbers=_paper_table(summaries, out, args.d2v_eval), overhead=overhead,
                         extra_plots=_standard_plot(summaries, sc.to_json(), out))
@@ -168,16 +169,18 @@ def _run_scenario(args, cfg, seeds) -> int:
     return 0
 
 
+def _seeds(cond: dict) -> list[str]:
+    return [x for x in str(cond.get("seeds", "")).split(",") if x.strip()]
+
+
 def _scenario_report(summaries, out: Path, sc: dict, cond: dict) -> Path:
+    from megamix.evaluation.harness import conditions_summary
     from megamix.evaluation.scenario_report import write_scenario_report
 
     cond = dict(cond)
     knobs = cond.pop("knobs", [])
     steps = int(cond.pop("steps", 0)) or max([r["curve"][-1][0] for r in summaries if r.get("curve")] or [0])
-    walls = [r["wall_seconds"] for r in summaries if r.get("wall_seconds")]
-    if walls:
-        cond["wall per run"] = (f"median {sorted(walls)[len(walls) // 2]:.0f} s (min {min(walls):.0f}, max "
-                                f"{max(walls):.0f}) over {len(walls)} runs; other jobs may have shared the cores")
+    cond["runs"] = conditions_summary(summaries) + f" (of {len(sc['methods']) * len(_seeds(cond))} planned)"
     return write_scenario_report(summaries, out, sc, title=f"megamix evaluation, scenario `{sc['name']}`",
                                  conditions=cond, steps=steps, knobs=knobs)
 

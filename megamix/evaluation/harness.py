@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,10 @@ def run_suite(base: MegamixConfig, methods: list[Method], seeds: list[int], out_
     summaries, pending = [], []
     total = len(methods) * len(seeds)
     i = trained = 0
-    for m in methods:
-        for s in seeds:
+    # seed-major: every method at the first seed, then the next seed, ..., so a suite cut short by --max-runs
+    # already holds whole seeds, which the paired comparisons need
+    for s in seeds:
+        for m in methods:
             i += 1
             rd = run_dir(out_root, m.name, s)
             res_path = rd / "result.json"
@@ -102,16 +105,65 @@ def run_suite(base: MegamixConfig, methods: list[Method], seeds: list[int], out_
                 for o in ov:
                     cfg = cfg.with_override(o)
                 print(f"[{i}/{total}] {m.name} seed={s} -> {rd}", flush=True)
-                t0 = time.time()
                 extra = list(callbacks(m, s)) if callbacks else []
-                Trainer(cfg, progress=progress, log_to_stdout=False, callbacks=extra + default_callbacks()).fit()
+                with RunConditions(rd) as rc:
+                    Trainer(cfg, progress=progress, log_to_stdout=False, callbacks=extra + default_callbacks()).fit()
                 trained += 1
-                print(f"    done in {time.time() - t0:.0f}s", flush=True)
+                print(f"    done in {rc.record['wall_seconds']:.0f}s (1-min load {rc.record['load_start']:.2f} -> "
+                      f"{rc.record['load_end']:.2f})", flush=True)
             summaries.append(summarise(rd, m.name, s))
     if pending:
         print(f"{len(pending)} runs left for a later call (--max-runs): {', '.join(pending)}", flush=True)
     atomic_write_json(out_root / "summaries.json", summaries)
     return summaries
+
+
+class RunConditions:
+    """Context manager around one run's training: writes ``<run>/run_conditions.json`` with the wall time, the
+    machine's 1-minute load average at the start and the end, the CPU count and the UTC start, so a report can
+    state under what load its runs were timed (written only when the run finished)."""
+
+    FILE = "run_conditions.json"
+
+    def __init__(self, rd: Path):
+        self.rd = Path(rd)
+        self.record: dict = {}
+
+    def __enter__(self) -> "RunConditions":
+        self._t0 = time.time()
+        self.record = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "load_start": _load1(), "cpus": os.cpu_count()}
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.record.update(wall_seconds=round(time.time() - self._t0, 2), load_end=_load1())
+            atomic_write_json(self.rd / self.FILE, self.record)
+
+    @staticmethod
+    def read(rd: Path) -> dict | None:
+        f = Path(rd) / RunConditions.FILE
+        return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _load1() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:   # not available on this platform
+        return float("nan")
+
+
+def conditions_summary(summaries: list[dict]) -> str:
+    """One line on the finished runs' wall times and load: what a report states next to its numbers."""
+    rcs = [s["run_conditions"] for s in summaries if s.get("run_conditions")]
+    if not rcs:
+        return f"{len(summaries)} runs; their wall time and load were not recorded"
+    walls = [r["wall_seconds"] for r in rcs]
+    loads = [x for r in rcs for x in (r["load_start"], r["load_end"]) if x == x]
+    when = sorted(r["started_utc"] for r in rcs)
+    return (f"{len(summaries)} runs ({len(rcs)} timed): wall median {np.median(walls):.0f} s (min {min(walls):.0f}, "
+            f"max {max(walls):.0f}), total {sum(walls) / 3600:.2f} h; 1-min load average {min(loads):.2f}–"
+            f"{max(loads):.2f} on {rcs[0]['cpus']} CPUs; started {when[0]} to {when[-1]}")
 
 
 def summarise_run(rd: Path, method: str, seed: int) -> dict:
@@ -131,6 +183,7 @@ def summarise_run(rd: Path, method: str, seed: int) -> dict:
         "weights": [(r["step"], r["weights"]) for r in weights],
         "last_gram": grams[-1]["gram"] if grams else None,
         "domains": list(res["valid_loss"].keys()),
+        "run_conditions": RunConditions.read(rd),
     }
 
 
