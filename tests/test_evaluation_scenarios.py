@@ -72,7 +72,13 @@ def test_junk_scenario_runs_reports_and_resumes(small, capsys):
         assert w[0][1] == (0.0 if r["method"] == "oracle" else pytest.approx(0.2))
     dog = [r for r in rows if r["method"] == "dograph"]
     assert all(r["watch_factor"]["mean"] > 0 and r["watch_factor"]["samples"] > 0 for r in dog)
+    for r in dog:   # what the statistics said about junk: a score per round, R&B's Balance input
+        g = r["watch_gram"]
+        assert g["rounds"] >= 1 and g["norm_ratio"] > 0 and -1 <= g["cos_others"] <= 1
+        assert -1 <= g["score"] <= 1 and -1 <= g["score_others"] <= 1
+    assert all(r["watch_gram"] is None for r in rows if r["method"] == "oracle")   # junk not trained on
     report = (out / "REPORT.md").read_text()
+    assert "## Why, from the statistics: `junk` in the domain Gram" in report
     assert "Δ vs uniform [95% CI] verdict" in report and "Δ vs oracle [95% CI] verdict" in report
     assert "## Weight of `junk` over time" in report and "junk.png" in report and (out / "junk.png").is_file()
     # resumable: finished runs are reused (nothing trains again), and the report re-renders from the rows

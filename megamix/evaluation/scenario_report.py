@@ -115,6 +115,29 @@ def _watch_table(sc: dict, by: dict, steps: int) -> list[str]:
     return lines
 
 
+def _gram_table(sc: dict, by: dict) -> list[str]:
+    """Why each method moved (or kept) the watched domain's weight, from the mixing statistics it saw."""
+    w = sc["watch"]
+    rows = []
+    for m, runs in sorted(by.items()):
+        gs = [r["watch_gram"] for r in runs.values() if r.get("watch_gram")]
+        if not gs:
+            continue
+        mean = {k: float(np.mean([g[k] for g in gs])) for k in ("norm_ratio", "cos_others", "score", "score_others")}
+        rows.append(f"| {m} | {len(gs)} × {gs[0]['rounds']} | {mean['norm_ratio']:.2f} | {mean['cos_others']:+.3f} | "
+                    f"{mean['score']:+.3f} | {mean['score_others']:+.3f} |")
+    if not rows:
+        return []
+    return ["", f"## Why, from the statistics: `{w}` in the domain Gram", "",
+            f"Per round, from the Gram G of the projected per-domain gradients and the weights p in force; averaged "
+            f"over rounds, then seeds. ‖g‖² ratio: G[{w},{w}] over the other domains' median diagonal (median over "
+            f"rounds). cos: mean cosine of `{w}`'s gradient with each other domain's. Score: (Gp)/‖Gp‖, R&B's "
+            f"Balance input; its next weights are ∝ exp(λ·score), so a gap Δ between `{w}`'s score and the others' "
+            f"scales `{w}`'s weight relative to theirs by exp(λ·Δ) per round (before any EMA or floor).", "",
+            f"| method | seeds × rounds | ‖g_{w}‖² / median others | cos({w}, others) | score of `{w}` | "
+            "mean score of others |", "|---|---|---|---|---|---|"] + rows
+
+
 def _target_tables(sc: dict, by: dict, steps: int) -> list[str]:
     info, base = sc["info"], sc["baseline"]
     singles = [m for m in by if m.startswith("only-")]
@@ -166,6 +189,7 @@ def scenario_tables(summaries: list[dict], sc: dict, steps: int) -> list[str]:
     lines += _main_table(sc, by)
     if sc.get("watch"):
         lines += ["", f"## Weight of `{sc['watch']}` over time", ""] + _watch_table(sc, by, steps)
+        lines += _gram_table(sc, by)
     if sc["name"] == "target":
         lines += ["", "## The target", ""] + _target_tables(sc, by, steps)
     return lines

@@ -44,7 +44,7 @@ DYNAMIC = [("rnb", "R&B Balance as in the paper (uniform start, no EMA, no floor
            ("dograph", "DoGraph: in-step gradient reweighting (weights stay uniform)"),
            ("dograph-sample", "DoGraph variant: cluster weights as domain sampling weights")]
 
-__all__ = ["Scenario", "SCENARIOS", "prepare_scenario", "WatchFactors", "target_da2_prior", "summarise_scenario_run"]
+__all__ = ["Scenario", "SCENARIOS", "prepare_scenario", "WatchFactors", "target_da2_prior", "summarise_scenario_run", "watch_gram"]
 
 
 @dataclass
@@ -254,6 +254,40 @@ def _mean(vals) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def watch_gram(records: list[dict], watch: str) -> dict | None:
+    """What the mixing statistics said about the watched domain, averaged over the run's rounds (None when the
+    run recorded no Gram, or the domain was not trained on).
+
+    Per round, from the domain Gram G of the projected gradients and the weights p in force during the round:
+    ``norm_ratio`` = G[w,w] / median G[o,o] over the other domains (its gradient's squared length, relative);
+    ``cos_others`` = mean over o of G[w,o] / sqrt(G[w,w] G[o,o]) (does it point where the others point);
+    ``score`` = (G p)[w] / ‖G p‖ and ``score_others`` = the mean of the others': R&B's Balance sets the next
+    weights ∝ exp(λ·score), so a score gap Δ scales the watched domain's weight ratio by exp(λ·Δ)."""
+    weights = sorted(((r["step"], r["weights"]) for r in records if r["kind"] == "weights"), key=lambda x: x[0])
+    rows = []
+    for r in records:
+        if r["kind"] != "mixing" or not r.get("gram") or watch not in r.get("domain_train_loss", {}):
+            continue
+        names = list(r["domain_train_loss"])
+        G = np.asarray(r["gram"], dtype=np.float64)
+        if G.shape != (len(names), len(names)):
+            continue
+        before = [w for st, w in weights if st < r["step"]]
+        cur = before[-1] if before else {}
+        p = np.array([cur.get(n, 0.0) for n in names]) if cur else np.full(len(names), 1.0 / len(names))
+        j, o = names.index(watch), [i for i, n in enumerate(names) if n != watch]
+        d = np.clip(np.diag(G), 1e-30, None)
+        gp = G @ p
+        sc = gp / max(np.linalg.norm(gp), 1e-30)
+        rows.append((d[j] / np.median(d[o]), float(np.mean(G[j, o] / np.sqrt(d[j] * d[o]))), sc[j],
+                     float(np.mean(sc[o]))))
+    if not rows:
+        return None
+    a = np.asarray(rows)
+    return {"rounds": len(rows), "norm_ratio": float(np.median(a[:, 0])), "cos_others": float(a[:, 1].mean()),
+            "score": float(a[:, 2].mean()), "score_others": float(a[:, 3].mean())}
+
+
 def summarise_scenario_run(rd: Path, method: str, seed: int, sc: Scenario) -> dict:
     """:func:`~megamix.evaluation.harness.summarise_run` plus the scenario's metric (final and per evaluation),
     the watched domain's weights, loss and DoGraph factor."""
@@ -270,6 +304,7 @@ def summarise_scenario_run(rd: Path, method: str, seed: int, sc: Scenario) -> di
              final_weights=res.get("weights", {}), wall_seconds=res.get("wall_seconds"))
     if sc.watch:
         s["watch"] = sc.watch
+        s["watch_gram"] = watch_gram(read_metrics(rd / "metrics.jsonl"), sc.watch)
         s["watch_loss"] = s["valid_loss"].get(sc.watch)
         s["watch_weight"] = [(st, w.get(sc.watch, 0.0)) for st, w in s["weights"]]
         f = rd / WATCH_FILE
