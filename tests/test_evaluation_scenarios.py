@@ -77,8 +77,12 @@ def test_junk_scenario_runs_reports_and_resumes(small, capsys):
         assert g["rounds"] >= 1 and g["norm_ratio"] > 0 and -1 <= g["cos_others"] <= 1
         assert -1 <= g["score"] <= 1 and -1 <= g["score_others"] <= 1
     assert all(r["watch_gram"] is None for r in rows if r["method"] == "oracle")   # junk not trained on
+    for r in rows:   # each run's wall time and the machine's load, recorded by the harness
+        rc = r["run_conditions"]
+        assert rc["wall_seconds"] > 0 and rc["cpus"] >= 1 and rc["started_utc"].endswith("Z"), rc
     report = (out / "REPORT.md").read_text()
     assert "## Why, from the statistics: `junk` in the domain Gram" in report
+    assert "- runs: 6 runs (6 timed): wall median" in report and "(of 6 planned)" in report
     assert "Δ vs uniform [95% CI] verdict" in report and "Δ vs oracle [95% CI] verdict" in report
     assert "## Weight of `junk` over time" in report and "junk.png" in report and (out / "junk.png").is_file()
     # resumable: finished runs are reused (nothing trains again), and the report re-renders from the rows

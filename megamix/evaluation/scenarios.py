@@ -297,14 +297,15 @@ def summarise_scenario_run(rd: Path, method: str, seed: int, sc: Scenario) -> di
     s = summarise_run(rd, method, seed)
     doms = sc.metric_domains
     pick = (lambda vl: _mean([vl.get(d) for d in doms])) if doms else (lambda vl: _mean(list(vl.values())))
-    evals = [r for r in read_metrics(rd / "metrics.jsonl") if r["kind"] == "eval"]
+    recs = read_metrics(rd / "metrics.jsonl")
+    evals = [r for r in recs if r["kind"] == "eval"]
     res = json.loads((rd / "result.json").read_text())
     s.update(scenario=sc.name, metric=pick(s["valid_loss"]),
              metric_curve=[(r["step"], pick(r["valid_loss"])) for r in evals],
              final_weights=res.get("weights", {}), wall_seconds=res.get("wall_seconds"))
     if sc.watch:
         s["watch"] = sc.watch
-        s["watch_gram"] = watch_gram(read_metrics(rd / "metrics.jsonl"), sc.watch)
+        s["watch_gram"] = watch_gram(recs, sc.watch)
         s["watch_loss"] = s["valid_loss"].get(sc.watch)
         s["watch_weight"] = [(st, w.get(sc.watch, 0.0)) for st, w in s["weights"]]
         f = rd / WATCH_FILE
